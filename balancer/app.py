@@ -1,0 +1,323 @@
+"""Assembly and lifecycle: build the proxy and admin apps, run them, drain on SIGTERM.
+
+Everything is built from the settings and passed in (router, metrics registry, endpoint
+source); nothing is global, so tests build as many independent balancers as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from balancer.config import Settings, as_dict
+from balancer.discovery import EndpointSource, StaticDiscovery
+from balancer.errors import error_body
+from balancer.metrics import Metrics, PoolState
+from balancer.proxy import KEYED_PATHS, Proxy
+from balancer.router import Router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Balancer:
+    """One balancer instance: its state, its two apps and its background work."""
+
+    settings: Settings
+    router: Router
+    metrics: Metrics
+    proxy: Proxy
+    source: EndpointSource
+    app: web.Application = field(init=False)
+    admin: web.Application = field(init=False)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the first endpoint snapshot has been applied."""
+
+    def __post_init__(self) -> None:
+        self.app = self._build_proxy_app()
+        self.admin = self._build_admin_app()
+
+    # -- proxy app -------------------------------------------------------------------------
+
+    def _build_proxy_app(self) -> web.Application:
+        limits = self.settings.limits
+        app = web.Application(client_max_size=limits.max_body_bytes)
+        proxy = self.proxy
+        for path in KEYED_PATHS:
+            app.router.add_route("*", path, proxy.handle_keyed)
+        app.router.add_get("/v1/models", proxy.handle_models)
+        app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
+        app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
+        app.cleanup_ctx.append(self._client_session)
+        app.cleanup_ctx.append(self._discovery)
+        return app
+
+    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
+        limits = self.settings.limits
+        connector = aiohttp.TCPConnector(
+            limit=0,  # no cap: in-flight work is bounded by the clients, not by the pool
+            keepalive_timeout=60,
+            ttl_dns_cache=30,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout),
+            auto_decompress=False,  # bytes pass through untouched, Content-Encoding and all
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.proxy.session = session
+        try:
+            yield
+        finally:
+            self.proxy.session = None
+            await session.close()
+
+    async def _discovery(self, app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._consume_snapshots(), name="balancer-discovery")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _consume_snapshots(self) -> None:
+        async for snapshot in self.source.snapshots():
+            changed = self.router.apply(snapshot)
+            for name in changed:
+                pool = self.router.pools[name]
+                log.info("pool %s: %d routable endpoints (%s), %d known", name,
+                         len(pool.routable), ", ".join(pool.routable) or "none",
+                         len(pool.endpoints))
+            self.synced.set()
+
+    # -- admin app -------------------------------------------------------------------------
+
+    def _build_admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/endpoints", self._debug_endpoints)
+        app.router.add_get("/debug/config", self._debug_config)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.proxy.draining:
+            return web.json_response({"ready": False, "reason": "draining"}, status=503)
+        empty = [name for name, pool in self.router.pools.items() if not pool.routable]
+        if empty:
+            return web.json_response(
+                {"ready": False, "reason": "pools without endpoints", "pools": empty},
+                status=503,
+            )
+        return web.json_response({"ready": True})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _debug_endpoints(self, request: web.Request) -> web.Response:
+        pools: dict[str, Any] = {}
+        for name, pool in self.router.pools.items():
+            shares = pool.ring.shares()
+            pools[name] = {
+                "models": list(pool.models),
+                "total_in_flight": pool.total_load,
+                "endpoints": [
+                    {
+                        "id": endpoint.id,
+                        "url": endpoint.url,
+                        "zone": endpoint.zone,
+                        "routable": endpoint.id in pool.routable,
+                        "in_flight": pool.load.get(endpoint.id, 0),
+                        "ring_share": round(shares.get(endpoint.id, 0.0), 6),
+                    }
+                    for endpoint in sorted(pool.endpoints.values(), key=lambda e: e.id)
+                ],
+            }
+        return web.json_response({"pools": pools}, dumps=lambda o: json.dumps(o, indent=2))
+
+    async def _debug_config(self, request: web.Request) -> web.Response:
+        return web.json_response(as_dict(self.settings),
+                                 dumps=lambda o: json.dumps(o, indent=2))
+
+
+def pool_state(router: Router) -> Iterable[PoolState]:
+    for name, pool in router.pools.items():
+        for endpoint_id in pool.endpoints.keys() | pool.load.keys():
+            yield (name, endpoint_id, pool.load.get(endpoint_id, 0),
+                   endpoint_id in pool.routable)
+
+
+def build(
+    settings: Settings,
+    *,
+    source: EndpointSource | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Balancer:
+    """Build a balancer from settings; static endpoints unless another source is given."""
+    router = Router(settings)
+    metrics = Metrics(registry or CollectorRegistry(), lambda: pool_state(router))
+    return Balancer(
+        settings=settings,
+        router=router,
+        metrics=metrics,
+        proxy=Proxy(settings, router, metrics),
+        source=source or StaticDiscovery(settings.pools),
+    )
+
+
+# -- running --------------------------------------------------------------------------------
+
+
+class _JsonErrorHandler(RequestHandler):
+    """Answers HTTP-level parse errors (oversized headers, bad request lines) with an
+    OpenAI-style JSON body instead of aiohttp's plain text, so every 4xx a client sees from
+    balancer has the same shape."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            return response
+        on_error = getattr(self._manager, "on_client_error", None)
+        if on_error is not None:
+            on_error("malformed_http")
+        text = getattr(exc, "message", None) or message or "bad request"
+        body = error_body(f"malformed HTTP request: {text}", "invalid_request_error", status)
+        json_response = web.json_response(body, status=status)
+        json_response.force_close()
+        return json_response
+
+
+class _JsonErrorServer(web.Server):
+    on_client_error: Callable[[str], None] | None = None
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    def __init__(self, app: web.Application, *,
+                 on_client_error: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._on_client_error = on_client_error
+
+    # WORKAROUND: aiohttp has no public hook for the low-level handler class, so this
+    # repeats AppRunner._make_server (aiohttp 3.10-3.14) with our server class.
+    async def _make_server(self) -> web.Server:
+        loop = asyncio.get_running_loop()
+        app = self.app
+        app._set_loop(loop)
+        app.on_startup.freeze()
+        await app.startup()
+        app.freeze()
+        server = _JsonErrorServer(app._handle,  # type: ignore[arg-type]
+                                  request_factory=app._make_request, loop=loop,
+                                  **self._kwargs)
+        server.on_client_error = self._on_client_error
+        return server
+
+
+def make_runner(app: web.Application, settings: Settings, *, proxy: bool,
+                on_client_error: Callable[[str], None] | None = None) -> web.AppRunner:
+    """A runner with the options the proxy needs (handler cancellation frees a disconnected
+    client's endpoint at once; header limits from the settings)."""
+    kwargs: dict[str, Any] = {"access_log": None, "handle_signals": False}
+    if proxy:
+        kwargs.update(
+            handler_cancellation=True,
+            max_field_size=settings.limits.max_header_bytes,
+            max_line_size=settings.limits.max_header_bytes,
+        )
+    return _Runner(app, on_client_error=on_client_error, **kwargs)
+
+
+@dataclass
+class Running:
+    """A started balancer: its bound ports and how to stop it."""
+
+    balancer: Balancer
+    runners: list[web.AppRunner]
+    port: int
+    admin_port: int
+
+    async def stop(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("site has no bound socket")
+
+
+async def start(balancer: Balancer, *, host: str | None = None, port: int | None = None,
+                admin_port: int | None = None) -> Running:
+    """Start both listeners (port 0 picks a free port; the bound ports are returned)."""
+    server = balancer.settings.server
+    host = server.host if host is None else host
+    runners: list[web.AppRunner] = []
+    try:
+        proxy_runner = make_runner(balancer.app, balancer.settings, proxy=True,
+                                   on_client_error=balancer.metrics.reject)
+        await proxy_runner.setup()
+        runners.append(proxy_runner)
+        await web.TCPSite(proxy_runner, host, server.port if port is None else port,
+                          reuse_address=True).start()
+        admin_runner = make_runner(balancer.admin, balancer.settings, proxy=False)
+        await admin_runner.setup()
+        runners.append(admin_runner)
+        await web.TCPSite(admin_runner, host,
+                          server.admin_port if admin_port is None else admin_port,
+                          reuse_address=True).start()
+    except BaseException:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        raise
+    return Running(balancer, runners, _bound_port(proxy_runner), _bound_port(admin_runner))
+
+
+async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> None:
+    """Run until SIGTERM/SIGINT, then fail readiness and let in-flight requests finish."""
+    balancer = build(settings)
+    running = await start(balancer)
+    log.info("balancer listening on %s:%d (admin %d), %d pool(s), strategy %s",
+             settings.server.host, running.port, running.admin_port, len(settings.pools),
+             settings.routing.strategy.value)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    balancer.proxy.draining = True
+    log.info("shutting down: waiting up to %g s for in-flight requests", drain_timeout)
+    try:
+        await asyncio.wait_for(balancer.proxy.idle.wait(), drain_timeout)
+    except TimeoutError:
+        log.warning("drain timeout: %d requests still in flight", balancer.proxy.in_flight)
+    await running.stop()

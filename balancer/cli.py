@@ -1,0 +1,253 @@
+"""Command line: ``balancer serve``, ``balancer check-config``, ``balancer route``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from balancer import __version__
+from balancer.config import ConfigError, PoolSettings, Settings, as_dict, load
+from balancer.discovery import StaticDiscovery
+from balancer.errors import BalancerError
+from balancer.prefix import Kind, model_of, routing_key, session_key, validate
+from balancer.ring import hash_key
+from balancer.router import Router
+from balancer.strategy import chwbl_bound
+
+EXIT_CONFIG = 2
+
+# Shortcut flags: flag name → dotted setting.
+_SHORTCUTS = {
+    "host": "server.host",
+    "port": "server.port",
+    "admin_port": "server.admin_port",
+    "log_level": "server.log_level",
+    "strategy": "routing.strategy",
+    "load_factor": "routing.load_factor",
+    "virtual_nodes": "routing.virtual_nodes",
+    "key": "routing.key",
+    "prefix_chars": "routing.prefix_chars",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+    parser.add_argument("--config", "-c", required=config_required, metavar="FILE",
+                        help="YAML configuration file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set routing.load_factor=1.5 "
+                             "(repeatable; wins over the file and BALANCER_* variables)")
+    parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                        help="add a static endpoint to a pool named 'default' (repeatable)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="model served by the --endpoint pool (repeatable)")
+    group = parser.add_argument_group("shortcuts for common settings")
+    group.add_argument("--host", help="listen address (server.host)")
+    group.add_argument("--port", type=int, help="proxy port (server.port)")
+    group.add_argument("--admin-port", type=int, help="admin port (server.admin_port)")
+    group.add_argument("--log-level", help="debug, info, warning or error (server.log_level)")
+    group.add_argument("--strategy", help="chwbl, least-request, round-robin or random")
+    group.add_argument("--load-factor", type=float, help="CHWBL load factor c (>= 1.0)")
+    group.add_argument("--virtual-nodes", type=int, help="ring points per endpoint")
+    group.add_argument("--key", help="first-user-message or prompt-prefix")
+    group.add_argument("--prefix-chars", type=int, help="characters of text in the key")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: list[tuple[str, Any]] = []
+    for item in args.set:
+        dotted, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        overrides.append((dotted.strip(), yaml.safe_load(value) if value else value))
+    for flag, dotted in _SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append((dotted, value))
+    extra: tuple[PoolSettings, ...] = ()
+    if args.endpoint:
+        if not args.model:
+            raise ConfigError("--endpoint: give the model(s) it serves with --model NAME")
+        extra = (PoolSettings("default", tuple(args.model), tuple(args.endpoint)),)
+    return load(args.config, overrides=overrides, extra_pools=extra)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from balancer.app import serve
+
+    settings = settings_from_args(args)
+    _configure_logging(settings.server.log_level)
+    uvloop.run(serve(settings))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    sys.stdout.write(yaml.safe_dump(as_dict(settings), sort_keys=False))
+    return 0
+
+
+def _kind_for(body: dict[str, Any], path: str | None) -> Kind:
+    if path:
+        from balancer.proxy import KEYED_PATHS
+
+        if path not in KEYED_PATHS:
+            raise ConfigError(f"--path: {path!r} is not one of {', '.join(KEYED_PATHS)}")
+        return KEYED_PATHS[path]
+    if "messages" in body:
+        return Kind.CHAT
+    if "prompt" in body:
+        return Kind.COMPLETIONS
+    if "input" in body:
+        return Kind.EMBEDDINGS
+    raise BalancerError("cannot tell the request kind: no messages, prompt or input field")
+
+
+def explain_route(
+    settings: Settings,
+    body: dict[str, Any],
+    *,
+    path: str | None = None,
+    session: str | None = None,
+    loads: dict[str, int] | None = None,
+    walk_limit: int = 8,
+) -> dict[str, Any]:
+    """Where a request would go, and why: the pure routing path without sending anything."""
+    kind = _kind_for(body, path)
+    validate(kind, body)
+    router = Router(settings)
+    router.apply(StaticDiscovery(settings.pools).snapshot())
+    pool = router.pool_for_model(model_of(body))
+    for endpoint_id, load_ in (loads or {}).items():
+        if endpoint_id in pool.endpoints:
+            pool.load[endpoint_id] = load_
+            pool.total_load += load_
+    explicit = session_key(session, body)
+    key = explicit or routing_key(kind, body, settings.routing.key, settings.routing.prefix_chars)
+    key_hash = hash_key(key)
+    choice = pool.choose(key_hash, session=explicit is not None)
+    walk = []
+    for i, endpoint_id in enumerate(pool.ring.walk(key_hash)):
+        if i >= walk_limit:
+            break
+        walk.append({"endpoint": endpoint_id, "in_flight": pool.load.get(endpoint_id, 0)})
+    bound = chwbl_bound(pool.total_load, len(pool.routable), settings.routing.load_factor,
+                        settings.routing.min_bound)
+    reasons = {
+        "primary": "the key's first endpoint on the ring is within the load bound",
+        "session": "explicit session key; its first endpoint is within the load bound",
+        "overflow": "earlier endpoints on the ring were at the load bound",
+        "fallback": "no endpoint was within the bound; the least loaded was taken",
+    }
+    return {
+        "pool": pool.name,
+        "strategy": settings.routing.strategy.value,
+        "key_source": "session" if explicit else settings.routing.key.value,
+        "key": key,
+        "key_hash": f"{key_hash:016x}",
+        "bound": bound,
+        "ring_walk": walk,
+        "endpoint": choice.endpoint,
+        "url": pool.endpoints[choice.endpoint].url,
+        "outcome": choice.outcome,
+        "reason": reasons[choice.outcome]
+        if settings.routing.strategy.value == "chwbl"
+        else f"{settings.routing.strategy.value} ignores the key",
+        "probes": [{"endpoint": p.endpoint, "in_flight": p.load} for p in choice.probes],
+    }
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        with open(args.request, encoding="utf-8") as f:
+            body = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read request {args.request}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(body, dict):
+        print(f"error: {args.request} must hold a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+    loads: dict[str, int] = {}
+    for item in args.load:
+        endpoint_id, _, count = item.rpartition("=")
+        if not endpoint_id or not (count.isascii() and count.isdigit()):
+            print(f"error: --load {item!r}: expected ENDPOINT=N with N >= 0", file=sys.stderr)
+            return EXIT_CONFIG
+        loads[endpoint_id] = int(count)
+    try:
+        result = explain_route(settings, body, path=args.path, session=args.session,
+                               loads=loads)
+    except BalancerError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"pool:      {result['pool']} (strategy {result['strategy']})")
+    print(f"key:       {result['key']!r} ({result['key_source']})")
+    print(f"key hash:  {result['key_hash']}")
+    print(f"bound:     {result['bound']} in-flight requests per endpoint")
+    print("ring walk:")
+    for i, step in enumerate(result["ring_walk"], 1):
+        mark = "  <- chosen" if step["endpoint"] == result["endpoint"] else ""
+        print(f"  {i}. {step['endpoint']} (in flight {step['in_flight']}){mark}")
+    print(f"endpoint:  {result['endpoint']} {result['url']}")
+    print(f"route:     {result['outcome']}: {result['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancer",
+        description="KV-cache-aware load balancer for OpenAI-compatible LLM servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"balancer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_config_flags(serve, config_required=False)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a configuration and print it")
+    check.add_argument("file", metavar="FILE", help="YAML configuration file")
+    _add_config_flags(check, config_required=False)
+    check.set_defaults(func=cmd_check_config)
+
+    route = sub.add_parser("route", help="show where a request would be routed, and why")
+    _add_config_flags(route, config_required=True)
+    route.add_argument("request", metavar="REQUEST.json", help="an OpenAI request body")
+    route.add_argument("--path", help="API path (default: guessed from the body)")
+    route.add_argument("--session", help="value of the session header")
+    route.add_argument("--load", action="append", default=[], metavar="ENDPOINT=N",
+                       help="pretend ENDPOINT has N requests in flight (repeatable)")
+    route.add_argument("--json", action="store_true", help="print JSON")
+    route.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        args.config = args.file
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG

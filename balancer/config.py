@@ -1,0 +1,390 @@
+"""Settings: grouped, frozen, validated.
+
+Configuration comes from three layers, later ones winning: the YAML file, environment variables
+(``BALANCER_<SECTION>_<KEY>``, e.g. ``BALANCER_ROUTING_LOAD_FACTOR=1.5``) and command-line flags
+(``--set routing.load_factor=1.5`` and a few shortcuts). Every problem is reported as a
+:class:`ConfigError` naming the key, the value and what is allowed, so a bad deployment fails at
+start instead of misrouting traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "BALANCER_"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key, the value and what is allowed."""
+
+
+class Strategy(enum.StrEnum):
+    CHWBL = "chwbl"
+    LEAST_REQUEST = "least-request"
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+
+
+class KeyMode(enum.StrEnum):
+    FIRST_USER_MESSAGE = "first-user-message"
+    PROMPT_PREFIX = "prompt-prefix"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    """Address the proxy listens on."""
+    port: int = 8080
+    """Port of the OpenAI-compatible proxy."""
+    admin_port: int = 9090
+    """Port of /healthz, /readyz, /metrics and /debug; kept apart so probes and scrapes never
+    queue behind inference traffic and the admin surface can stay off the Service."""
+    route_headers: bool = True
+    """Add ``x-balancer-endpoint`` and ``x-balancer-route`` to responses (useful for debugging
+    affinity; turn off to hide topology from clients)."""
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    name: str
+    """Pool name, used in metrics labels and logs."""
+    models: tuple[str, ...]
+    """Model names (the request's ``model`` field) this pool serves."""
+    endpoints: tuple[str, ...] = ()
+    """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000``."""
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    strategy: Strategy = Strategy.CHWBL
+    """chwbl (prefix affinity under a load bound), least-request (power of two choices),
+    round-robin or random."""
+    load_factor: float = 1.25
+    """CHWBL's c: no endpoint takes more than ceil(c * (in-flight + 1) / n) requests while
+    another is under that bound. 1.0 is strict balance; higher keeps more affinity."""
+    virtual_nodes: int = 256
+    """Points per endpoint on the hash ring; 256 keeps each endpoint's share within ~10%."""
+    min_bound: int = 2
+    """Floor on the CHWBL bound, in requests. Without it a pool of hundreds of endpoints has a
+    bound of 1 at low load and every concurrent request for one prefix lands on a new endpoint
+    (the hot-key cascade); an inference server batches many sequences, so a few in flight on
+    one endpoint are never an overload."""
+    key: KeyMode = KeyMode.FIRST_USER_MESSAGE
+    """What the prefix key is made of: the first user message (chat) or the prompt
+    (completions), or the whole rendered prompt prefix (system prompt included)."""
+    prefix_chars: int = 100
+    """How many characters of that text go into the key."""
+    session_header: str = "x-session-id"
+    """Request header whose value, when present, is the key (then the body's ``user``)."""
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest request body accepted, in bytes (413 above it). 10 MiB holds a 128k-token prompt
+    several times over and a few inline images."""
+    max_header_bytes: int = 16 * 1024
+    """Largest single request header line, in bytes."""
+    connect_timeout: float = 5.0
+    """Seconds to open a TCP connection to an endpoint."""
+    first_byte_timeout: float = 300.0
+    """Seconds from sending the request to the first response byte. Generous: a long prompt
+    behind a queue legitimately takes minutes to prefill."""
+    idle_timeout: float = 120.0
+    """Seconds allowed between two response chunks once the response has started."""
+    total_timeout: float = 0.0
+    """Seconds for the whole request; 0 turns it off (generations can be long)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    pools: tuple[PoolSettings, ...] = ()
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+
+    def pool_for_model(self, model: str) -> PoolSettings | None:
+        for pool in self.pools:
+            if model in pool.models:
+                return pool
+        return None
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "routing": RoutingSettings,
+    "limits": LimitsSettings,
+}
+
+
+def _convert(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce one scalar from YAML or a string (env, flags) to the field's type."""
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in annotation)
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    raise AssertionError(f"unsupported setting type for {key}: {annotation!r}")
+
+
+def _build_section(name: str, cls: type[Any], raw: Any) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of settings, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown setting; allowed: {', '.join(sorted(known))}"
+        )
+    values = {k: _convert(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _string_list(key: str, raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise ConfigError(f"{key}: {raw!r} is not a list of non-empty strings")
+    return tuple(raw)
+
+
+def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"pools: expected a list of pools, got {raw!r}")
+    pools = []
+    for i, item in enumerate(raw):
+        where = f"pools[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with name, models, endpoints")
+        unknown = sorted(set(item) - {"name", "models", "endpoints"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown setting; allowed: "
+                              "endpoints, models, name")
+        name = item.get("name", f"pool-{i}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name: {name!r} is not a non-empty string")
+        pools.append(
+            PoolSettings(
+                name=name,
+                models=_string_list(f"{where}.models", item.get("models")),
+                endpoints=_string_list(f"{where}.endpoints", item.get("endpoints")),
+            )
+        )
+    return tuple(pools)
+
+
+def validate(settings: Settings) -> Settings:
+    """Check ranges and cross-field rules; returns the settings for chaining."""
+    s, r, lim = settings.server, settings.routing, settings.limits
+    for key, port in (("server.port", s.port), ("server.admin_port", s.admin_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{key}: {port} is not a port number (0-65535)")
+    if s.port == s.admin_port and s.port != 0:
+        raise ConfigError(f"server.admin_port: {s.admin_port} is the same as server.port")
+    if s.log_level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(
+            f"server.log_level: {s.log_level!r} is not one of debug, info, warning, error"
+        )
+    if not (math.isfinite(r.load_factor) and r.load_factor >= 1.0):
+        raise ConfigError(f"routing.load_factor: {r.load_factor} must be a number >= 1.0")
+    if not 1 <= r.virtual_nodes <= 4096:
+        raise ConfigError(f"routing.virtual_nodes: {r.virtual_nodes} must be in 1..4096")
+    if r.min_bound < 1:
+        raise ConfigError(f"routing.min_bound: {r.min_bound} must be >= 1")
+    if r.prefix_chars < 1:
+        raise ConfigError(f"routing.prefix_chars: {r.prefix_chars} must be >= 1")
+    if lim.max_body_bytes < 1024:
+        raise ConfigError(f"limits.max_body_bytes: {lim.max_body_bytes} must be >= 1024")
+    if lim.max_header_bytes < 1024:
+        raise ConfigError(f"limits.max_header_bytes: {lim.max_header_bytes} must be >= 1024")
+    for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+        value = getattr(lim, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"limits.{key}: {value} must be a number of seconds > 0")
+    if not (math.isfinite(lim.total_timeout) and lim.total_timeout >= 0):
+        raise ConfigError(f"limits.total_timeout: {lim.total_timeout} must be >= 0 (0 = off)")
+    if not settings.pools:
+        raise ConfigError("pools: at least one pool is required")
+    names: set[str] = set()
+    models: dict[str, str] = {}
+    for i, pool in enumerate(settings.pools):
+        if pool.name in names:
+            raise ConfigError(f"pools[{i}].name: {pool.name!r} is used by another pool")
+        names.add(pool.name)
+        if not pool.models:
+            raise ConfigError(f"pools[{i}].models: a pool must list at least one model")
+        for model in pool.models:
+            if model in models:
+                raise ConfigError(
+                    f"pools[{i}].models: {model!r} is already served by pool {models[model]!r}"
+                )
+            models[model] = pool.name
+        for j, url in enumerate(pool.endpoints):
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ConfigError(
+                    f"pools[{i}].endpoints[{j}]: {url!r} is not an http(s)://host:port URL"
+                )
+            try:
+                parts.port  # noqa: B018 - raises on a malformed port
+            except ValueError:
+                raise ConfigError(
+                    f"pools[{i}].endpoints[{j}]: {url!r} has an invalid port"
+                ) from None
+            if parts.path not in {"", "/"} or parts.query:
+                raise ConfigError(
+                    f"pools[{i}].endpoints[{j}]: {url!r} must be a base URL without a path"
+                )
+    return settings
+
+
+def from_mapping(raw: Mapping[str, Any]) -> Settings:
+    """Build settings from a parsed YAML document (without validating pools' presence)."""
+    unknown = sorted(set(raw) - {*_SECTIONS, "pools"})
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown section; allowed: limits, pools, routing, server"
+        )
+    return Settings(
+        server=_build_section("server", ServerSettings, raw.get("server")),
+        pools=_build_pools(raw.get("pools")),
+        routing=_build_section("routing", RoutingSettings, raw.get("routing")),
+        limits=_build_section("limits", LimitsSettings, raw.get("limits")),
+    )
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in _SECTIONS or not key:
+        raise ConfigError(
+            f"{source}: {dotted!r} must be SECTION.KEY with SECTION one of "
+            "limits, routing, server"
+        )
+    current = raw.get(section)
+    if current is None:
+        # An empty section in the file (``routing:``) means all defaults, like a missing one.
+        current = raw[section] = {}
+    if not isinstance(current, dict):
+        raise ConfigError(f"{section}: expected a mapping of settings")
+    current[key] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``BALANCER_ROUTING_LOAD_FACTOR=1.5`` → ``("routing.load_factor", "1.5")``."""
+    out = []
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                out.append((f"{section}.{rest[len(section) + 1 :]}", value))
+                break
+    return sorted(out)
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    overrides: list[tuple[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    extra_pools: tuple[PoolSettings, ...] = (),
+) -> Settings:
+    """Read the file, apply environment then flag overrides, validate."""
+    raw: dict[str, Any] = read_file(path) if path is not None else {}
+    env = os.environ if environ is None else environ
+    for dotted, value in env_overrides(env):
+        _set_dotted(raw, dotted, value, f"environment {ENV_PREFIX}{dotted.upper()}")
+    for dotted, value in overrides or []:
+        _set_dotted(raw, dotted, value, "--set")
+    settings = from_mapping(raw)
+    if extra_pools:
+        settings = dataclasses.replace(settings, pools=settings.pools + extra_pools)
+    return validate(settings)
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    """The effective configuration in the file's shape (enums as their strings)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+
+    result: dict[str, Any] = plain(settings)
+    return result

@@ -1,0 +1,91 @@
+"""Errors that reach the client, each with its HTTP status and OpenAI error type."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BalancerError(Exception):
+    """Base class: an error answered to the client as an OpenAI-style error body."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    reason: ClassVar[str] = "internal"
+    """Short label for the rejections metric."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequestError(BalancerError):
+    status = 400
+    type = "invalid_request_error"
+    reason = "bad_request"
+
+
+class InvalidJSONError(BadRequestError):
+    reason = "invalid_json"
+
+
+class UnsupportedMediaTypeError(BalancerError):
+    status = 415
+    type = "invalid_request_error"
+    reason = "unsupported_media_type"
+
+
+class BodyTooLargeError(BalancerError):
+    status = 413
+    type = "invalid_request_error"
+    reason = "body_too_large"
+
+
+class ModelNotFoundError(BalancerError):
+    status = 404
+    type = "invalid_request_error"
+    reason = "model_not_found"
+
+
+class NotFoundError(BalancerError):
+    status = 404
+    type = "invalid_request_error"
+    reason = "not_found"
+
+
+class MethodNotAllowedError(BalancerError):
+    status = 405
+    type = "invalid_request_error"
+    reason = "method_not_allowed"
+
+
+class NoEndpointsError(BalancerError):
+    """The pool has no routable endpoint (none discovered, or all draining)."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "no_endpoints"
+
+
+class UpstreamConnectError(BalancerError):
+    status = 502
+    type = "upstream_error"
+    reason = "upstream_connect"
+
+
+class UpstreamTimeoutError(BalancerError):
+    status = 504
+    type = "upstream_timeout"
+    reason = "upstream_timeout"
+
+
+class ShuttingDownError(BalancerError):
+    status = 503
+    type = "service_unavailable"
+    reason = "shutting_down"
+
+
+def error_body(message: str, type_: str, code: int | str | None, param: str | None = None
+               ) -> dict[str, object]:
+    """The OpenAI error envelope, which OpenAI clients parse into their exceptions."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

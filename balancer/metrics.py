@@ -1,0 +1,137 @@
+"""Every metric balancer exports, in one place.
+
+Metrics live in a registry passed in (no global registry), so each app instance and each test
+has its own. Label children are cached on first use: the request path pays a dict lookup and
+an increment, not prometheus-client's locked label resolution. Values that are state rather
+than events (in-flight per endpoint, endpoint counts) are read from the router at scrape time
+by a collector, so keeping them current costs the request path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# LLM latencies run from milliseconds (a cached prefix, a small completion) to a minute
+# (a long generation), so the buckets span 5 ms to 2 min.
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+)
+
+PoolState = tuple[str, str, int, bool]
+"""(pool, endpoint id, in-flight requests, routable) for the state collector."""
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], Iterable[PoolState]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "balancer_endpoint_in_flight_requests",
+            "Requests this balancer has in flight to each endpoint.",
+            labels=["pool", "endpoint"],
+        )
+        endpoints = GaugeMetricFamily(
+            "balancer_pool_endpoints",
+            "Endpoints known per pool, by state (routable or draining).",
+            labels=["pool", "state"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for pool, endpoint, load, routable in self._state():
+            in_flight.add_metric([pool, endpoint], load)
+            state = "routable" if routable else "draining"
+            counts[(pool, state)] = counts.get((pool, state), 0) + 1
+        for (pool, state), count in sorted(counts.items()):
+            endpoints.add_metric([pool, state], count)
+        yield in_flight
+        yield endpoints
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        state: Callable[[], Iterable[PoolState]] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "balancer_requests_total",
+            "Requests answered, by pool, endpoint and HTTP status code.",
+            ["pool", "endpoint", "code"],
+            registry=registry,
+        )
+        self.route_decisions = Counter(
+            "balancer_route_decisions_total",
+            "Routing decisions by outcome (primary, overflow, session, fallback).",
+            ["pool", "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "balancer_rejected_requests_total",
+            "Requests answered by balancer itself with an error, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "balancer_upstream_errors_total",
+            "Upstream failures by pool, endpoint and reason.",
+            ["pool", "endpoint", "reason"],
+            registry=registry,
+        )
+        self.first_byte = Histogram(
+            "balancer_upstream_first_byte_seconds",
+            "Time from sending a request upstream to its first response body byte.",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "balancer_request_duration_seconds",
+            "Time from receiving a request to the end of its response.",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "balancer_client_disconnects_total",
+            "Requests whose client went away before the response ended.",
+            ["pool"],
+            registry=registry,
+        )
+        if state is not None:
+            registry.register(_StateCollector(state))
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_done(self, pool: str, endpoint: str, code: int, duration: float) -> None:
+        self._child(self.requests, pool, endpoint, str(code)).inc()
+        self._child(self.duration, pool).observe(duration)
+
+    def route(self, pool: str, outcome: str) -> None:
+        self._child(self.route_decisions, pool, outcome).inc()
+
+    def first_byte_after(self, pool: str, seconds: float) -> None:
+        self._child(self.first_byte, pool).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self._child(self.rejected, reason).inc()
+
+    def upstream_error(self, pool: str, endpoint: str, reason: str) -> None:
+        self._child(self.upstream_errors, pool, endpoint, reason).inc()
+
+    def client_disconnect(self, pool: str) -> None:
+        self._child(self.client_disconnects, pool).inc()

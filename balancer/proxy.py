@@ -1,0 +1,474 @@
+"""The request path: parse, route, forward, stream back.
+
+One :class:`Proxy` serves every request through one shared ``aiohttp.ClientSession`` (keep-alive
+connections per endpoint). Bodies are read once, within the size limit; responses are relayed
+chunk by chunk as they arrive, so a streamed token reaches the client as soon as the model
+server sends it and nothing holds a whole response.
+
+Failure semantics:
+- before the first response byte: 502 (connect/reset) or 504 (timeout) with an OpenAI-style
+  error body;
+- after it: the stream ends with an SSE error event (for event streams) and the client
+  connection is aborted, so no client mistakes a broken generation for a complete one;
+- client disconnect: the handler is cancelled, which closes the upstream request (the model
+  server stops generating) and releases the endpoint's load at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from balancer.config import Settings
+from balancer.errors import (
+    BadRequestError,
+    BalancerError,
+    BodyTooLargeError,
+    InvalidJSONError,
+    MethodNotAllowedError,
+    NotFoundError,
+    ShuttingDownError,
+    UnsupportedMediaTypeError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+    error_body,
+)
+from balancer.metrics import Metrics
+from balancer.prefix import Kind, model_of, routing_key, session_key, validate
+from balancer.ring import hash_key
+from balancer.router import Lease, Pool, Router
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies still meet.
+HOP_BY_HOP: Final = frozenset(
+    h.lower()
+    for h in (
+        hdrs.CONNECTION, "Keep-Alive", hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION,
+        hdrs.TE, "Trailer", hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
+        "Proxy-Connection",
+    )
+)
+# Set by the HTTP client for the upstream hop (Host from the endpoint URL, length from the
+# body we send).
+_NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {"host", "content-length"}
+# Set by the server for the client hop.
+_NOT_FORWARDED_RESPONSE: Final = HOP_BY_HOP | {"content-length", "date", "server"}
+
+KEYED_PATHS: Final = {
+    "/v1/chat/completions": Kind.CHAT,
+    "/v1/completions": Kind.COMPLETIONS,
+    "/v1/embeddings": Kind.EMBEDDINGS,
+}
+
+HEADER_ENDPOINT: Final = "x-balancer-endpoint"
+HEADER_ROUTE: Final = "x-balancer-route"
+HEADER_REQUEST_ID: Final = "X-Request-Id"
+
+# A non-streaming response up to this size is read whole and answered in one write, which
+# is cheaper than relaying it chunk by chunk; larger ones are relayed.
+_BUFFER_LIMIT: Final = 1 << 20
+
+
+def filter_request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """Headers to send upstream: all but hop-by-hop ones (and those ``Connection`` names)."""
+    named = headers.get(hdrs.CONNECTION)
+    drop = _NOT_FORWARDED_REQUEST
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = headers.get(hdrs.CONNECTION)
+    drop = _NOT_FORWARDED_RESPONSE
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def error_response(exc: BalancerError, request_id: str | None = None) -> web.Response:
+    body = error_body(exc.message, exc.type, exc.status, exc.param)
+    headers = {HEADER_REQUEST_ID: request_id} if request_id else None
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+def sse_error_event(message: str, type_: str, code: int) -> bytes:
+    """An SSE event OpenAI clients raise as an API error mid-stream."""
+    return b"data: " + json.dumps(error_body(message, type_, code)).encode() + b"\n\n"
+
+
+class _Watchdog:
+    """Cancels a task when a deadline passes, with a progress mark that costs a clock read.
+
+    ``touch()`` per chunk only stores the time; the single timer re-arms itself lazily when it
+    fires early. This keeps per-chunk cost flat on the streaming hot path, where re-arming an
+    ``asyncio.timeout`` on every chunk would cost a timer allocation each.
+    """
+
+    __slots__ = ("_handle", "_loop", "_task", "_total_deadline", "fired", "last", "window")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float, total: float) -> None:
+        self._loop = loop
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.window = window
+        self.last = loop.time()
+        self._total_deadline = self.last + total if total > 0 else math.inf
+        self.fired: str | None = None
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        return min(self.last + self.window, self._total_deadline)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now >= self._total_deadline:
+            self.fired = "total"
+        elif now >= self.last + self.window:
+            self.fired = "idle"
+        else:
+            self._handle = self._loop.call_at(self._due(), self._check)
+            return
+        self._handle = None
+        self._task.cancel()
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def set_window(self, window: float) -> None:
+        """Switch from the first-byte window to the idle window (never shortens a pending
+        timer early: the lazy re-arm picks the new window up)."""
+        self.window = window
+        self.last = self._loop.time()
+        if self._handle is not None and self._handle.when() > self._due():
+            self._handle.cancel()
+            self._handle = self._loop.call_at(self._due(), self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class Proxy:
+    def __init__(self, settings: Settings, router: Router, metrics: Metrics) -> None:
+        self.settings = settings
+        self.router = router
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        """Set by the app at startup; one session for all upstream traffic."""
+        self.draining = False
+        self.in_flight = 0
+        """Requests being forwarded right now, over all pools."""
+        self.idle = asyncio.Event()
+        """Set whenever nothing is in flight (what a drain waits for)."""
+        self.idle.set()
+        limits = settings.limits
+        self._first_byte_timeout = limits.first_byte_timeout
+        self._idle_timeout = limits.idle_timeout
+        self._total_timeout = limits.total_timeout
+        self._route_headers = settings.server.route_headers
+        self._session_header = settings.routing.session_header
+        self._key_mode = settings.routing.key
+        self._prefix_chars = settings.routing.prefix_chars
+
+    # -- public handlers -------------------------------------------------------------------
+
+    async def handle_keyed(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings: routed by key."""
+        request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
+        try:
+            if request.method != hdrs.METH_POST:
+                raise MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; "
+                                            "use POST")
+            kind = KEYED_PATHS[request.path]
+            self._check_content_type(request)
+            body = await self._read_body(request)
+            data = self._parse_json(body)
+            validate(kind, data)
+            pool = self.router.pool_for_model(model_of(data))
+            session = session_key(request.headers.get(self._session_header), data)
+            key = session or routing_key(kind, data, self._key_mode, self._prefix_chars)
+            choice = pool.choose(hash_key(key), session=session is not None)
+        except BalancerError as exc:
+            return self._reject(request, exc, request_id)
+        return await self._forward(request, pool, pool.acquire(choice), body, request_id,
+                                   stream=data.get("stream") is True)
+
+    async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/models, answered from the configured pools."""
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": f"balancer/{pool.name}"}
+            for pool in self.router.pools.values()
+            for model in pool.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Any other /v1/* request: to the model's pool (or the only pool), least-request."""
+        request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
+        try:
+            body = await self._read_body(request)
+            pool = self._passthrough_pool(request, body)
+            choice = pool.choose(0, keyed=False)
+        except BalancerError as exc:
+            return self._reject(request, exc, request_id)
+        return await self._forward(request, pool, pool.acquire(choice), body, request_id,
+                                   stream=False)
+
+    async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
+        return self._reject(
+            request, NotFoundError(f"{request.path} is not an OpenAI API path (try /v1/...)"),
+            None,
+        )
+
+    # -- request parsing -------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.limits.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLargeError(f"request body of {length} bytes exceeds the limit of "
+                                    f"{limit} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLargeError(f"request body exceeds the limit of {limit} bytes") from None
+
+    @staticmethod
+    def _parse_json(body: bytes) -> dict[str, Any]:
+        if not body:
+            raise InvalidJSONError("request body is empty; expected a JSON object")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidJSONError(f"request body is not valid UTF-8 (byte {e.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidJSONError(f"request body is not valid JSON: {e.msg} at line "
+                                   f"{e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise InvalidJSONError("request body is nested too deeply") from None
+        if not isinstance(data, dict):
+            raise BadRequestError(f"request body must be a JSON object, not "
+                                  f"{type(data).__name__}")
+        return data
+
+    def _check_content_type(self, request: web.Request) -> None:
+        raw = request.headers.get(hdrs.CONTENT_TYPE)
+        if raw is None:
+            return
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise UnsupportedMediaTypeError(
+                f"Content-Type must be application/json, not {ctype!r}"
+            )
+
+    def _passthrough_pool(self, request: web.Request, body: bytes) -> Pool:
+        if body and request.content_type == "application/json":
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("model"), str):
+                return self.router.pool_for_model(data["model"])
+        model = request.query.get("model")
+        if model:
+            return self.router.pool_for_model(model)
+        pool = self.router.default_pool()
+        if pool is None:
+            raise BadRequestError(
+                f"{request.path} names no model and several pools exist; add a 'model' field "
+                "or a ?model= query parameter"
+            )
+        return pool
+
+    def _reject(
+        self, request: web.Request, exc: BalancerError, request_id: str | None
+    ) -> web.Response:
+        self.metrics.reject(exc.reason)
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "rejected %s %s: %d %s (request %s)", request.method, request.path,
+                exc.status, exc.message, request_id)
+        return error_response(exc, request_id)
+
+    # -- forwarding ------------------------------------------------------------------------
+
+    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+        headers = filter_request_headers(request.headers)
+        peer = request.remote or ""
+        forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
+        headers[hdrs.X_FORWARDED_FOR] = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        headers[hdrs.X_FORWARDED_PROTO] = request.scheme
+        if request.host:
+            headers[hdrs.X_FORWARDED_HOST] = request.host
+        headers[HEADER_REQUEST_ID] = request_id
+        return headers
+
+    async def _forward(
+        self,
+        request: web.Request,
+        pool: Pool,
+        lease: Lease,
+        body: bytes,
+        request_id: str,
+        *,
+        stream: bool,
+    ) -> web.StreamResponse:
+        """Send the request to the leased endpoint and relay the answer; always releases."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        endpoint = lease.endpoint
+        choice = lease.choice
+        self.metrics.route(pool.name, choice.outcome)
+        session = self.session
+        if session is None or session.closed:
+            lease.release()
+            return self._reject(request, ShuttingDownError("balancer is shutting down"),
+                                request_id)
+        url = endpoint.url + request.path_qs
+        headers = self._upstream_headers(request, request_id)
+        self.in_flight += 1
+        self.idle.clear()
+        watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout)
+        response: web.StreamResponse | None = None
+        code = 0
+        try:
+            async with session.request(
+                request.method, url, data=body or None, headers=headers,
+                allow_redirects=False,
+            ) as upstream:
+                out_headers = filter_response_headers(upstream.headers)
+                out_headers[HEADER_REQUEST_ID] = request_id
+                if self._route_headers:
+                    out_headers[HEADER_ENDPOINT] = endpoint.id
+                    out_headers[HEADER_ROUTE] = choice.outcome
+                code = upstream.status
+                length = upstream.content_length
+                if (length is not None and length <= _BUFFER_LIMIT and not stream
+                        and upstream.content_type != "text/event-stream"):
+                    payload = await upstream.read()
+                    self.metrics.first_byte_after(pool.name, loop.time() - started)
+                    return web.Response(body=payload, status=code, reason=upstream.reason,
+                                        headers=out_headers)
+                response = web.StreamResponse(status=code, reason=upstream.reason,
+                                              headers=out_headers)
+                if length is not None:
+                    response.content_length = length
+                content = upstream.content
+                chunk = await content.readany()
+                self.metrics.first_byte_after(pool.name, loop.time() - started)
+                watchdog.set_window(self._idle_timeout)
+                try:
+                    await response.prepare(request)
+                    while chunk:
+                        await response.write(chunk)
+                        chunk = await content.readany()
+                        watchdog.touch()
+                    await response.write_eof()
+                except ConnectionResetError:
+                    # Writing to the client failed: it is gone (aiohttp's write error is a
+                    # ConnectionResetError). Leaving the `async with` closes the upstream.
+                    self.metrics.client_disconnect(pool.name)
+                    code = 499
+                return response
+        except asyncio.CancelledError:
+            if watchdog.fired is None:
+                # The client went away (handler cancellation): leaving the `async with`
+                # closed the upstream request; the lease is released below.
+                self.metrics.client_disconnect(pool.name)
+                code = 499
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            code = 504
+            if response is None or not response.prepared:
+                if watchdog.fired == "idle":
+                    detail = (f"no response from {endpoint.id} within "
+                              f"{self._first_byte_timeout:g} s")
+                else:
+                    detail = f"request exceeded the total timeout of {self._total_timeout:g} s"
+                return self._upstream_failure(request, pool, endpoint.id,
+                                              UpstreamTimeoutError(detail), "timeout",
+                                              request_id)
+            return await self._broken_stream(
+                request, response, pool, endpoint.id,
+                f"upstream {watchdog.fired} timeout after the response started", "timeout")
+        except (aiohttp.ClientError, OSError) as exc:
+            code = 502
+            if response is None or not response.prepared:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    reason, detail = "connect", f"cannot connect to {endpoint.id}: {exc.os_error}"
+                else:
+                    reason, detail = "reset", f"{endpoint.id} failed before responding: {exc!r}"
+                return self._upstream_failure(request, pool, endpoint.id,
+                                              UpstreamConnectError(detail), reason, request_id)
+            return await self._broken_stream(request, response, pool, endpoint.id,
+                                             f"upstream failed mid-response: {exc!r}",
+                                             "mid_stream")
+        finally:
+            watchdog.cancel()
+            lease.release()
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+            self.metrics.request_done(pool.name, endpoint.id, code, loop.time() - started)
+
+    def _upstream_failure(
+        self,
+        request: web.Request,
+        pool: Pool,
+        endpoint_id: str,
+        exc: BalancerError,
+        reason: str,
+        request_id: str,
+    ) -> web.Response:
+        self.metrics.upstream_error(pool.name, endpoint_id, reason)
+        log.warning("upstream %s failed for %s %s: %s (request %s)", endpoint_id,
+                    request.method, request.path, exc.message, request_id)
+        return error_response(exc, request_id)
+
+    async def _broken_stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        pool: Pool,
+        endpoint_id: str,
+        message: str,
+        reason: str,
+    ) -> web.StreamResponse:
+        """End a started response so the client sees a failure, never a clean end."""
+        self.metrics.upstream_error(pool.name, endpoint_id, reason)
+        log.warning("stream from %s broke for %s %s: %s", endpoint_id, request.method,
+                    request.path, message)
+        if response.content_type == "text/event-stream":
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                await response.write(sse_error_event(message, "upstream_error", 502))
+        transport = request.transport
+        if transport is not None:
+            # No terminating chunk: the client's HTTP layer reports an incomplete body.
+            transport.abort()
+        return response
+

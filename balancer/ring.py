@@ -1,0 +1,147 @@
+"""A consistent-hash ring with virtual nodes.
+
+Every endpoint is placed at ``virtual_nodes`` points ``xxh3_64(f"{endpoint_id}#{i}")`` on a
+64-bit circle; a key hashes to a point and is served by the endpoints met walking clockwise
+from it. The positions depend only on the endpoint ids, so every balancer replica that sees
+the same endpoints computes the same ring (sidecars agree without talking), and adding or
+removing one endpoint moves only the keys whose walk meets it first: about 1/n of them.
+
+Pure and synchronous. Changes cost O(total points) list work (a merge of sorted runs or a
+filter), never a full re-hash: points per endpoint are computed once and kept.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+
+import xxhash
+
+
+def hash_key(key: str) -> int:
+    """The ring position of a routing key."""
+    return int(xxhash.xxh3_64_intdigest(key.encode("utf-8", "surrogatepass")))
+
+
+def endpoint_points(endpoint_id: str, virtual_nodes: int) -> list[int]:
+    return [
+        int(xxhash.xxh3_64_intdigest(f"{endpoint_id}#{i}".encode("utf-8", "surrogatepass")))
+        for i in range(virtual_nodes)
+    ]
+
+
+class HashRing:
+    """Sorted ring points and their owners.
+
+    On the (astronomically rare) collision of two endpoints' points, the smaller endpoint id
+    owns the point, so the outcome does not depend on the order endpoints were added in.
+    """
+
+    __slots__ = ("_owner", "_points", "_points_of", "virtual_nodes")
+
+    def __init__(self, endpoint_ids: Iterable[str] = (), virtual_nodes: int = 256) -> None:
+        if virtual_nodes < 1:
+            raise ValueError("virtual_nodes must be >= 1")
+        self.virtual_nodes = virtual_nodes
+        self._points_of: dict[str, list[int]] = {}
+        self._owner: dict[int, str] = {}
+        self._points: list[int] = []
+        self.update(endpoint_ids)
+
+    def __len__(self) -> int:
+        return len(self._points_of)
+
+    def __contains__(self, endpoint_id: object) -> bool:
+        return endpoint_id in self._points_of
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(self._points_of)
+
+    def update(self, endpoint_ids: Iterable[str]) -> None:
+        """Make the ring hold exactly these endpoints, touching only what changed."""
+        wanted = set(endpoint_ids)
+        current = set(self._points_of)
+        for endpoint_id in sorted(current - wanted):
+            self.remove(endpoint_id)
+        added = sorted(wanted - current)
+        if added:
+            self._add_many(added)
+
+    def add(self, endpoint_id: str) -> None:
+        if endpoint_id not in self._points_of:
+            self._add_many([endpoint_id])
+
+    def _add_many(self, endpoint_ids: list[str]) -> None:
+        new_points: list[int] = []
+        for endpoint_id in endpoint_ids:
+            points = endpoint_points(endpoint_id, self.virtual_nodes)
+            self._points_of[endpoint_id] = points
+            for point in points:
+                holder = self._owner.get(point)
+                if holder is None:
+                    self._owner[point] = endpoint_id
+                    new_points.append(point)
+                elif endpoint_id < holder:
+                    self._owner[point] = endpoint_id
+        # Both runs are sorted, so timsort merges them in linear time.
+        new_points.sort()
+        self._points = sorted(self._points + new_points) if self._points else new_points
+
+    def remove(self, endpoint_id: str) -> None:
+        points = self._points_of.pop(endpoint_id, None)
+        if points is None:
+            return
+        freed = set()
+        for point in points:
+            if self._owner.get(point) != endpoint_id:
+                continue
+            # A colliding endpoint, if any, takes the point over.
+            heirs = [e for e, pts in self._points_of.items() if point in pts]
+            if heirs:
+                self._owner[point] = min(heirs)
+            else:
+                del self._owner[point]
+                freed.add(point)
+        if freed:
+            self._points = [p for p in self._points if p not in freed]
+
+    def walk(self, key_hash: int) -> Iterator[str]:
+        """Distinct endpoints in clockwise order from the key's position."""
+        points = self._points
+        count = len(points)
+        if not count:
+            return
+        owner = self._owner
+        distinct = len(self._points_of)
+        start = bisect.bisect_left(points, key_hash)
+        seen: set[str] = set()
+        for offset in range(count):
+            endpoint_id = owner[points[(start + offset) % count]]
+            if endpoint_id not in seen:
+                seen.add(endpoint_id)
+                yield endpoint_id
+                if len(seen) == distinct:
+                    return
+
+    def first(self, key_hash: int) -> str | None:
+        """The endpoint that owns a key when load does not matter."""
+        points = self._points
+        if not points:
+            return None
+        index = bisect.bisect_left(points, key_hash)
+        return self._owner[points[index % len(points)]]
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of the 64-bit circle each endpoint owns (what share of keys it gets)."""
+        points = self._points
+        if not points:
+            return {}
+        size = 1 << 64
+        result = dict.fromkeys(self._points_of, 0.0)
+        previous = points[-1] - size
+        for point in points:
+            # The arc (previous, point] belongs to the owner of point.
+            result[self._owner[point]] += (point - previous) / size
+            previous = point
+        return result

@@ -1,0 +1,173 @@
+"""Pools, their endpoints and in-flight counts; the single place routing state lives.
+
+A :class:`Pool` is a set of endpoints serving the same models. It owns the hash ring (whose
+members are the routable endpoints), the in-flight count of every endpoint, and the
+strategies. Endpoint sets arrive as whole snapshots (level-triggered, as from a watch): the
+pool diffs them against what it has, so an unchanged snapshot changes nothing.
+
+Load is counted from selection until the response ends (``Lease.release``), including for
+endpoints that left the pool meanwhile, so a draining endpoint's requests are still counted
+where they run.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from balancer.config import PoolSettings, RoutingSettings, Settings
+from balancer.config import Strategy as StrategyName
+from balancer.endpoints import Endpoint
+from balancer.errors import ModelNotFoundError, NoEndpointsError
+from balancer.ring import HashRing
+from balancer.strategy import (
+    BoundedLoad,
+    Choice,
+    LeastRequest,
+    Random,
+    RoundRobin,
+    Strategy,
+)
+
+
+def make_strategy(routing: RoutingSettings, ring: HashRing, rng: random.Random) -> Strategy:
+    name = routing.strategy
+    if name is StrategyName.CHWBL:
+        return BoundedLoad(ring, routing.load_factor, routing.min_bound)
+    if name is StrategyName.LEAST_REQUEST:
+        return LeastRequest(rng)
+    if name is StrategyName.ROUND_ROBIN:
+        return RoundRobin()
+    return Random(rng)
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One request's hold on an endpoint; ``release`` is idempotent."""
+
+    pool: Pool
+    endpoint: Endpoint
+    choice: Choice
+    released: bool = field(default=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self.endpoint.id)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        routing: RoutingSettings,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = settings.name
+        self.models = settings.models
+        self.routing = routing
+        self.ring = HashRing(virtual_nodes=routing.virtual_nodes)
+        rng = rng or random.Random()
+        self.strategy = make_strategy(routing, self.ring, rng)
+        self.passthrough: Strategy = LeastRequest(rng)
+        self.endpoints: dict[str, Endpoint] = {}
+        """Every known endpoint, routable or draining."""
+        self.load: dict[str, int] = {}
+        """In-flight requests per endpoint id (only ids with requests, or known ones)."""
+        self.routable: tuple[str, ...] = ()
+        self._routable_set: frozenset[str] = frozenset()
+        self.total_load = 0
+        """Sum of ``load`` over routable endpoints: the CHWBL average's numerator."""
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> bool:
+        """Replace the endpoint set; returns whether anything routable changed."""
+        new = {e.id: e for e in endpoints}
+        routable = tuple(sorted(e.id for e in new.values() if e.serving))
+        changed = routable != self.routable or any(
+            self.endpoints.get(i) != e for i, e in new.items()
+        )
+        self.endpoints = new
+        if routable != self.routable:
+            self.routable = routable
+            self._routable_set = frozenset(routable)
+            self.ring.update(routable)
+            self.total_load = sum(self.load.get(i, 0) for i in routable)
+        for endpoint_id in new:
+            self.load.setdefault(endpoint_id, 0)
+        for endpoint_id in [i for i, n in self.load.items() if n == 0 and i not in new]:
+            del self.load[endpoint_id]
+        return changed
+
+    def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True) -> Choice:
+        """Pick an endpoint; raises NoEndpointsError when the pool has none routable."""
+        strategy = self.strategy if keyed else self.passthrough
+        choice = strategy.choose(
+            key_hash, self.routable, self.load, self.total_load, session=session
+        )
+        if choice is None:
+            raise NoEndpointsError(f"no endpoint available in pool {self.name!r}")
+        return choice
+
+    def acquire(self, choice: Choice) -> Lease:
+        endpoint_id = choice.endpoint
+        self.load[endpoint_id] = self.load.get(endpoint_id, 0) + 1
+        if endpoint_id in self._routable_set:
+            self.total_load += 1
+        return Lease(self, self.endpoints[endpoint_id], choice)
+
+    def _release(self, endpoint_id: str) -> None:
+        remaining = self.load.get(endpoint_id, 0) - 1
+        if endpoint_id in self._routable_set:
+            self.total_load -= 1
+        if remaining <= 0 and endpoint_id not in self.endpoints:
+            self.load.pop(endpoint_id, None)
+        else:
+            self.load[endpoint_id] = max(remaining, 0)
+
+
+class Router:
+    """Pools by name and by model."""
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        self.pools: dict[str, Pool] = {
+            p.name: Pool(p, settings.routing, rng) for p in settings.pools
+        }
+        self._by_model: dict[str, Pool] = {}
+        for pool in self.pools.values():
+            for model in pool.models:
+                self._by_model[model] = pool
+        self.models: tuple[str, ...] = tuple(self._by_model)
+
+    def pool_for_model(self, model: str) -> Pool:
+        pool = self._by_model.get(model)
+        if pool is None:
+            known = ", ".join(self.models)
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist. Known models: {known}", param="model"
+            )
+        return pool
+
+    def default_pool(self) -> Pool | None:
+        """The pool for requests that name no model, when there is only one."""
+        if len(self.pools) == 1:
+            return next(iter(self.pools.values()))
+        return None
+
+    def apply(self, snapshot: Mapping[str, Iterable[Endpoint]]) -> list[str]:
+        """Apply a whole snapshot (pool name → endpoints); returns the pools that changed."""
+        changed = []
+        for name, endpoints in snapshot.items():
+            pool = self.pools.get(name)
+            if pool is not None and pool.set_endpoints(endpoints):
+                changed.append(name)
+        return changed
+
+    def ready(self) -> bool:
+        return all(pool.routable for pool in self.pools.values())

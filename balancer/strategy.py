@@ -1,0 +1,182 @@
+"""Routing strategies: given a key and the current loads, pick an endpoint and say why.
+
+Pure and synchronous: no I/O, no metrics, no logging. Each decision is a :class:`Choice`
+value that the proxy records (metrics, logs, response headers) and that ``balancer route``
+prints for operators.
+
+**CHWBL** — consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
+arXiv:1608.01350). Walk the ring clockwise from the key over distinct endpoints and take the
+first whose load after this request stays within
+
+    bound = max(min_bound, ceil(c * (total_in_flight + 1) / n))
+
+With c >= 1 some endpoint is always within it (if every load were >= bound the total would be
+>= n * bound >= c * (total + 1) > total), so a request overflows to the next endpoint on the
+ring only when its first choice is genuinely busier than average, and the same key overflows
+the same way in every replica. The floor (``min_bound``) keeps a hot prefix from cascading
+over hundreds of endpoints when the pool is nearly idle. When endpoints outside the ring still
+hold load (draining), a fallback takes the least loaded endpoint probed.
+
+Cost: O(log V) to find the key's position and O(k) for the k endpoints probed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from balancer.ring import HashRing
+
+Outcome = Literal["primary", "overflow", "session", "fallback"]
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One endpoint considered during a decision, with its load at the time."""
+
+    endpoint: str
+    load: int
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    endpoint: str
+    outcome: Outcome
+    """primary: the key's own endpoint (or the only pick of a keyless strategy);
+    overflow: a later endpoint on the ring because earlier ones were at the bound;
+    session: the first choice for an explicit session key;
+    fallback: nothing was within the bound, the least loaded was taken."""
+    probes: tuple[Probe, ...] = ()
+    bound: int | None = None
+
+
+class Strategy(Protocol):
+    def choose(
+        self,
+        key_hash: int,
+        candidates: Sequence[str],
+        load: Mapping[str, int],
+        total_load: int,
+        *,
+        session: bool = False,
+    ) -> Choice | None:
+        """Pick one of ``candidates`` (non-empty, all routable), or None if there are none."""
+        ...
+
+
+def chwbl_bound(total_load: int, endpoints: int, load_factor: float, min_bound: int) -> int:
+    """Most in-flight requests one endpoint may hold once this request is placed."""
+    if endpoints <= 0:
+        return min_bound
+    return max(min_bound, math.ceil(load_factor * (total_load + 1) / endpoints))
+
+
+class BoundedLoad:
+    """CHWBL over a :class:`HashRing` whose members are the routable endpoints."""
+
+    def __init__(self, ring: HashRing, load_factor: float = 1.25, min_bound: int = 1) -> None:
+        self.ring = ring
+        self.load_factor = load_factor
+        self.min_bound = min_bound
+
+    def choose(
+        self,
+        key_hash: int,
+        candidates: Sequence[str],
+        load: Mapping[str, int],
+        total_load: int,
+        *,
+        session: bool = False,
+    ) -> Choice | None:
+        n = len(candidates)
+        if n == 0:
+            return None
+        bound = chwbl_bound(total_load, n, self.load_factor, self.min_bound)
+        probes: list[Probe] = []
+        for endpoint in self.ring.walk(key_hash):
+            current = load.get(endpoint, 0)
+            probes.append(Probe(endpoint, current))
+            if current + 1 <= bound:
+                if len(probes) == 1:
+                    outcome: Outcome = "session" if session else "primary"
+                else:
+                    outcome = "overflow"
+                return Choice(endpoint, outcome, tuple(probes), bound)
+        if not probes:
+            return None
+        least = min(probes, key=lambda p: p.load)
+        return Choice(least.endpoint, "fallback", tuple(probes), bound)
+
+
+class LeastRequest:
+    """Power of two choices: sample two endpoints, take the less loaded.
+
+    Nearly as balanced as a full scan at O(1) cost, and it avoids the herd effect of always
+    picking the global minimum when several balancers share endpoints.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def choose(
+        self,
+        key_hash: int,
+        candidates: Sequence[str],
+        load: Mapping[str, int],
+        total_load: int,
+        *,
+        session: bool = False,
+    ) -> Choice | None:
+        n = len(candidates)
+        if n == 0:
+            return None
+        if n == 1:
+            only = candidates[0]
+            return Choice(only, "primary", (Probe(only, load.get(only, 0)),))
+        i, j = self.rng.sample(range(n), 2)
+        a, b = candidates[i], candidates[j]
+        pa, pb = Probe(a, load.get(a, 0)), Probe(b, load.get(b, 0))
+        best = pa if pa.load <= pb.load else pb
+        return Choice(best.endpoint, "primary", (pa, pb))
+
+
+class RoundRobin:
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(
+        self,
+        key_hash: int,
+        candidates: Sequence[str],
+        load: Mapping[str, int],
+        total_load: int,
+        *,
+        session: bool = False,
+    ) -> Choice | None:
+        if not candidates:
+            return None
+        endpoint = candidates[self._next % len(candidates)]
+        self._next += 1
+        return Choice(endpoint, "primary", (Probe(endpoint, load.get(endpoint, 0)),))
+
+
+class Random:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def choose(
+        self,
+        key_hash: int,
+        candidates: Sequence[str],
+        load: Mapping[str, int],
+        total_load: int,
+        *,
+        session: bool = False,
+    ) -> Choice | None:
+        if not candidates:
+            return None
+        endpoint = self.rng.choice(candidates)
+        return Choice(endpoint, "primary", (Probe(endpoint, load.get(endpoint, 0)),))
