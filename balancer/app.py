@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,6 +25,7 @@ from balancer.errors import error_body
 from balancer.metrics import Metrics, PoolState
 from balancer.proxy import KEYED_PATHS, Proxy
 from balancer.router import Router
+from balancer.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +59,18 @@ class Balancer:
         app.router.add_get("/v1/models", proxy.handle_models)
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
-        app.cleanup_ctx.append(self._client_session)
+        app.cleanup_ctx.append(self._upstream_client)
         app.cleanup_ctx.append(self._discovery)
         return app
 
-    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
-        limits = self.settings.limits
-        connector = aiohttp.TCPConnector(
-            limit=0,  # no cap: in-flight work is bounded by the clients, not by the pool
-            keepalive_timeout=60,
-            ttl_dns_cache=30,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout),
-            auto_decompress=False,  # bytes pass through untouched, Content-Encoding and all
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        self.proxy.session = session
+    async def _upstream_client(self, app: web.Application) -> AsyncIterator[None]:
+        client = UpstreamClient(self.settings.limits.connect_timeout)
+        self.proxy.client = client
         try:
             yield
         finally:
-            self.proxy.session = None
-            await session.close()
+            self.proxy.client = None
+            await client.close()
 
     async def _discovery(self, app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(self._consume_snapshots(), name="balancer-discovery")

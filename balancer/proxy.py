@@ -25,9 +25,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from balancer.config import Settings
 from balancer.errors import (
@@ -39,14 +38,24 @@ from balancer.errors import (
     NotFoundError,
     ShuttingDownError,
     UnsupportedMediaTypeError,
-    UpstreamConnectError,
     UpstreamTimeoutError,
     error_body,
+)
+from balancer.errors import (
+    UpstreamConnectError as BadGatewayError,
 )
 from balancer.metrics import Metrics
 from balancer.prefix import Kind, model_of, routing_key, session_key, validate
 from balancer.ring import hash_key
 from balancer.router import Lease, Pool, Router
+from balancer.upstream import (
+    EndpointPool,
+    UpstreamClient,
+    UpstreamConnectError,
+    UpstreamError,
+    serialize_head,
+)
+from balancer.upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +68,15 @@ HOP_BY_HOP: Final = frozenset(
         "Proxy-Connection",
     )
 )
-# Set by the HTTP client for the upstream hop (Host from the endpoint URL, length from the
-# body we send).
-_NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {"host", "content-length"}
+# Set for the upstream hop by balancer itself: Host from the endpoint URL, the length of the
+# body we send, and the forwarding headers (X-Forwarded-For is extended, not replaced).
+_NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {
+    "host", "content-length", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+}
 # Set by the server for the client hop.
-_NOT_FORWARDED_RESPONSE: Final = HOP_BY_HOP | {"content-length", "date", "server"}
+_NOT_FORWARDED_RESPONSE: Final = frozenset(
+    h.encode() for h in HOP_BY_HOP | {"content-length", "date", "server"}
+)
 
 KEYED_PATHS: Final = {
     "/v1/chat/completions": Kind.CHAT,
@@ -80,28 +93,26 @@ HEADER_REQUEST_ID: Final = "X-Request-Id"
 _BUFFER_LIMIT: Final = 1 << 20
 
 
-def filter_request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """Headers to send upstream: all but hop-by-hop ones (and those ``Connection`` names)."""
+def filter_request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Headers to send upstream: all but hop-by-hop ones (and those ``Connection`` names)
+    and those balancer sets itself."""
     named = headers.get(hdrs.CONNECTION)
     drop = _NOT_FORWARDED_REQUEST
     if named:
         drop = drop | {t.strip().lower() for t in named.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
-def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = headers.get(hdrs.CONNECTION)
+def filter_response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The model server's response headers minus hop-by-hop ones, for the client."""
     drop = _NOT_FORWARDED_RESPONSE
-    if named:
-        drop = drop | {t.strip().lower() for t in named.split(",")}
+    for name, value in headers:
+        if name.lower() == b"connection":
+            drop = drop | {t.strip().lower() for t in value.split(b",")}
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for name, value in headers:
         if name.lower() not in drop:
-            out.add(name, value)
+            out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
     return out
 
 
@@ -175,8 +186,8 @@ class Proxy:
         self.settings = settings
         self.router = router
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
-        """Set by the app at startup; one session for all upstream traffic."""
+        self.client: UpstreamClient | None = None
+        """Set by the app at startup: keep-alive connections to every endpoint."""
         self.draining = False
         self.in_flight = 0
         """Requests being forwarded right now, over all pools."""
@@ -315,16 +326,21 @@ class Proxy:
 
     # -- forwarding ------------------------------------------------------------------------
 
-    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+    def _upstream_head(self, request: web.Request, pool: EndpointPool, request_id: str,
+                       body_length: int) -> bytes:
         headers = filter_request_headers(request.headers)
         peer = request.remote or ""
         forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
-        headers[hdrs.X_FORWARDED_FOR] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-        headers[hdrs.X_FORWARDED_PROTO] = request.scheme
+        if forwarded_for:
+            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+            peer = f"{forwarded_for}, {peer}"
+        headers.append((hdrs.X_FORWARDED_FOR, peer))
+        headers.append((hdrs.X_FORWARDED_PROTO, request.scheme))
         if request.host:
-            headers[hdrs.X_FORWARDED_HOST] = request.host
-        headers[HEADER_REQUEST_ID] = request_id
-        return headers
+            headers.append((hdrs.X_FORWARDED_HOST, request.host))
+        headers.append((HEADER_REQUEST_ID, request_id))
+        return serialize_head(request.method, request.raw_path, pool.host_header, headers,
+                              body_length)
 
     async def _forward(
         self,
@@ -342,61 +358,56 @@ class Proxy:
         endpoint = lease.endpoint
         choice = lease.choice
         self.metrics.route(pool.name, choice.outcome)
-        session = self.session
-        if session is None or session.closed:
+        client = self.client
+        if client is None:
             lease.release()
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
-        url = endpoint.url + request.path_qs
-        headers = self._upstream_headers(request, request_id)
+        connections = client.pool(endpoint.url)
+        head = self._upstream_head(request, connections, request_id, len(body))
         self.in_flight += 1
         self.idle.clear()
         watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout)
+        upstream: UpstreamResponse | None = None
         response: web.StreamResponse | None = None
         code = 0
         try:
-            async with session.request(
-                request.method, url, data=body or None, headers=headers,
-                allow_redirects=False,
-            ) as upstream:
-                out_headers = filter_response_headers(upstream.headers)
-                out_headers[HEADER_REQUEST_ID] = request_id
-                if self._route_headers:
-                    out_headers[HEADER_ENDPOINT] = endpoint.id
-                    out_headers[HEADER_ROUTE] = choice.outcome
-                code = upstream.status
-                length = upstream.content_length
-                if (length is not None and length <= _BUFFER_LIMIT and not stream
-                        and upstream.content_type != "text/event-stream"):
-                    payload = await upstream.read()
-                    self.metrics.first_byte_after(pool.name, loop.time() - started)
-                    return web.Response(body=payload, status=code, reason=upstream.reason,
-                                        headers=out_headers)
-                response = web.StreamResponse(status=code, reason=upstream.reason,
-                                              headers=out_headers)
-                if length is not None:
-                    response.content_length = length
-                content = upstream.content
-                chunk = await content.readany()
+            upstream = await connections.request(head, body,
+                                                 skip_body=request.method == hdrs.METH_HEAD)
+            out_headers = filter_response_headers(upstream.headers)
+            out_headers[HEADER_REQUEST_ID] = request_id
+            if self._route_headers:
+                out_headers[HEADER_ENDPOINT] = endpoint.id
+                out_headers[HEADER_ROUTE] = choice.outcome
+            code = upstream.status
+            length = upstream.content_length
+            if length is not None and length <= _BUFFER_LIMIT and not stream:
+                payload = await upstream.read_all()
                 self.metrics.first_byte_after(pool.name, loop.time() - started)
-                watchdog.set_window(self._idle_timeout)
-                try:
-                    await response.prepare(request)
-                    while chunk:
-                        await response.write(chunk)
-                        chunk = await content.readany()
-                        watchdog.touch()
-                    await response.write_eof()
-                except ConnectionResetError:
-                    # Writing to the client failed: it is gone (aiohttp's write error is a
-                    # ConnectionResetError). Leaving the `async with` closes the upstream.
-                    self.metrics.client_disconnect(pool.name)
-                    code = 499
-                return response
+                return web.Response(body=payload, status=code, headers=out_headers)
+            response = web.StreamResponse(status=code, headers=out_headers)
+            if length is not None:
+                response.content_length = length
+            chunk = await upstream.read()
+            self.metrics.first_byte_after(pool.name, loop.time() - started)
+            watchdog.set_window(self._idle_timeout)
+            try:
+                await response.prepare(request)
+                while chunk:
+                    await response.write(chunk)
+                    chunk = await upstream.read()
+                    watchdog.touch()
+                await response.write_eof()
+            except ConnectionResetError:
+                # Writing to the client failed: it is gone (aiohttp's write error is a
+                # ConnectionResetError). Releasing the unfinished upstream closes it.
+                self.metrics.client_disconnect(pool.name)
+                code = 499
+            return response
         except asyncio.CancelledError:
             if watchdog.fired is None:
-                # The client went away (handler cancellation): leaving the `async with`
-                # closed the upstream request; the lease is released below.
+                # The client went away (handler cancellation): the unfinished upstream
+                # response is closed below, which stops the generation.
                 self.metrics.client_disconnect(pool.name)
                 code = 499
                 raise
@@ -416,20 +427,23 @@ class Proxy:
             return await self._broken_stream(
                 request, response, pool, endpoint.id,
                 f"upstream {watchdog.fired} timeout after the response started", "timeout")
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             code = 502
             if response is None or not response.prepared:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    reason, detail = "connect", f"cannot connect to {endpoint.id}: {exc.os_error}"
-                else:
-                    reason, detail = "reset", f"{endpoint.id} failed before responding: {exc!r}"
-                return self._upstream_failure(request, pool, endpoint.id,
-                                              UpstreamConnectError(detail), reason, request_id)
+                reason = "connect" if isinstance(exc, UpstreamConnectError) else "reset"
+                verb = "cannot connect to" if reason == "connect" else "failed before responding:"
+                return self._upstream_failure(
+                    request, pool, endpoint.id,
+                    BadGatewayError(f"{endpoint.id} {verb} {exc}" if reason == "reset"
+                                    else f"{verb} {endpoint.id}: {exc}"),
+                    reason, request_id)
             return await self._broken_stream(request, response, pool, endpoint.id,
-                                             f"upstream failed mid-response: {exc!r}",
+                                             f"upstream failed mid-response: {exc}",
                                              "mid_stream")
         finally:
             watchdog.cancel()
+            if upstream is not None:
+                upstream.release()
             lease.release()
             self.in_flight -= 1
             if not self.in_flight:
@@ -464,7 +478,7 @@ class Proxy:
         log.warning("stream from %s broke for %s %s: %s", endpoint_id, request.method,
                     request.path, message)
         if response.content_type == "text/event-stream":
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            with contextlib.suppress(ConnectionError):
                 await response.write(sse_error_event(message, "upstream_error", 502))
         transport = request.transport
         if transport is not None:

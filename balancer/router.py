@@ -87,12 +87,11 @@ class Pool:
         """Sum of ``load`` over routable endpoints: the CHWBL average's numerator."""
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> bool:
-        """Replace the endpoint set; returns whether anything routable changed."""
+        """Replace the endpoint set; returns whether it changed (endpoints added, removed,
+        or changed in URL, zone or serving)."""
         new = {e.id: e for e in endpoints}
         routable = tuple(sorted(e.id for e in new.values() if e.serving))
-        changed = routable != self.routable or any(
-            self.endpoints.get(i) != e for i, e in new.items()
-        )
+        changed = routable != self.routable or new != self.endpoints
         self.endpoints = new
         if routable != self.routable:
             self.routable = routable

@@ -245,3 +245,11 @@ async def start_balancer() -> AsyncIterator[Callable[..., Awaitable[RunningBalan
 def chat_body(text: str, *, stream: bool = False, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}],
             "stream": stream, **extra}
+
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, as balancer does in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
