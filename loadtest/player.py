@@ -260,9 +260,11 @@ class _Player:
         session_header: str | None,
         time_scale: float,
         on_sample: Callable[[Sample], None] | None,
+        route: Callable[[str], str] | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url
+        self._route = route
         self._model = model
         self._max_tokens = max_tokens
         self._max_requests = max_requests
@@ -384,9 +386,10 @@ class _Player:
         if self._session_header:
             headers[self._session_header] = sample.conversation_id
         recorder = StreamRecorder(sample, sent)
+        base_url = self._base_url if self._route is None else self._route(sample.conversation_id)
         try:
             async with self._session.post(
-                self._base_url + path, json=body, headers=headers, timeout=self._timeout
+                base_url + path, json=body, headers=headers, timeout=self._timeout
             ) as response:
                 sample.status = response.status
                 sample.endpoint = response.headers.get(ENDPOINT_HEADER)
@@ -427,6 +430,7 @@ async def play(
     time_scale: float = 1.0,
     session: aiohttp.ClientSession | None = None,
     on_sample: Callable[[Sample], None] | None = None,
+    route: Callable[[str], str] | None = None,
 ) -> RunResult:
     """Play ``trace`` against the OpenAI-compatible ``base_url`` and return every sample.
 
@@ -440,7 +444,9 @@ async def play(
     ``session_header``: if set, a header of that name carries the conversation id (a session
     key for balancers that hash one). ``time_scale`` multiplies arrival and think times (0.5
     plays twice as fast). ``session``: reuse a client session (its connector limits apply).
-    ``on_sample`` is called with each sample as it completes.
+    ``on_sample`` is called with each sample as it completes. ``route``: a base URL per
+    conversation id (with ``/v1``), overriding ``base_url``; a sticky oracle uses it to pin
+    each conversation to one server.
     """
     if duration_s is not None and duration_s <= 0:
         raise ValueError("duration_s must be > 0")
@@ -470,6 +476,7 @@ async def play(
         session_header=session_header,
         time_scale=time_scale,
         on_sample=on_sample,
+        route=route,
     )
     if max_requests == 0:
         player.stop("max-requests")

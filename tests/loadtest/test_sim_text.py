@@ -1,0 +1,144 @@
+"""Prompt rendering, pseudo-tokens, chained block hashes and generated text of the simulator."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loadtest.simserver.text import (
+    BLOCK_CHARS,
+    PromptError,
+    PseudoWords,
+    block_hashes,
+    chain_hash,
+    count_tokens,
+    render_chat,
+    render_completion_prompts,
+    render_token_ids,
+    token_ids,
+)
+
+
+def test_chat_rendering_has_role_markers_and_generation_prompt() -> None:
+    """Each message is rendered as <|role|>, its content, and the prompt ends for the assistant."""
+    text = render_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert text == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_chat_content_parts_are_joined_and_other_parts_ignored() -> None:
+    """Text parts are concatenated; image parts add nothing; null content is empty."""
+    text = render_chat(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "image_url", "image_url": {"url": "x"}},
+                    {"type": "text", "text": "b"},
+                ],
+            },
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert text == "<|user|>\nab\n<|assistant|>\n\n<|assistant|>\n"
+
+
+@given(
+    history=st.lists(st.text(min_size=0, max_size=200), min_size=1, max_size=4),
+    reply=st.text(min_size=1, max_size=300),
+    question=st.text(max_size=100),
+)
+def test_prompt_plus_reply_is_a_prefix_of_the_next_turn(
+    history: list[str], reply: str, question: str
+) -> None:
+    """Appending the reply and a new user message extends the previous rendering."""
+    messages = [{"role": "user", "content": h} for h in history]
+    first = render_chat(messages)
+    second = render_chat(
+        [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": question}]
+    )
+    assert second.startswith(first + reply)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [None, [], "hello", [1], [{"content": "x"}], [{"role": "user", "content": 3}],
+     [{"role": "user", "content": [{"type": "text"}]}]],
+)  # fmt: skip
+def test_bad_messages_are_refused(messages: object) -> None:
+    """Malformed messages raise PromptError, which the server answers with 400."""
+    with pytest.raises(PromptError):
+        render_chat(messages)
+
+
+def test_completion_prompt_forms() -> None:
+    """A string, strings, token ids and lists of token ids each render to one text per prompt."""
+    assert render_completion_prompts("abc") == ["abc"]
+    assert render_completion_prompts(["a", "b"]) == ["a", "b"]
+    ids = render_completion_prompts([1, 2, 3])
+    assert len(ids) == 1 and count_tokens(ids[0]) == 3
+    assert render_completion_prompts([[1, 2], [3]]) == [
+        render_token_ids([1, 2]),
+        render_token_ids([3]),
+    ]
+    assert render_token_ids([7, 8]) == render_token_ids([7, 8])
+    assert render_token_ids([7]) != render_token_ids([8])
+
+
+@pytest.mark.parametrize("prompt", ["", [], [""], [1, "a"], [[1], []], [True], 5, None, {}])
+def test_bad_completion_prompts_are_refused(prompt: object) -> None:
+    """Empty, mixed or wrongly typed prompts raise PromptError."""
+    with pytest.raises(PromptError):
+        render_completion_prompts(prompt)
+
+
+def test_tokens_are_four_characters() -> None:
+    """A pseudo-token is four characters; a partial last one still counts."""
+    assert count_tokens("") == 0
+    assert count_tokens("abcd") == 1
+    assert count_tokens("abcde") == 2
+    assert len(token_ids("abcdefghi")) == 3
+    assert token_ids("abcdabcd")[0] == token_ids("abcdabcd")[1]
+
+
+def test_block_hashes_cover_full_blocks_only() -> None:
+    """Only complete 16-token (64-character) blocks get a hash."""
+    assert block_hashes("x" * (BLOCK_CHARS - 1)) == []
+    assert len(block_hashes("x" * BLOCK_CHARS)) == 1
+    assert len(block_hashes("x" * (3 * BLOCK_CHARS + 10))) == 3
+
+
+def test_same_block_under_different_parents_hashes_differently() -> None:
+    """A block's hash covers its whole prefix, not only its own tokens."""
+    block = "b" * BLOCK_CHARS
+    under_a = block_hashes("a" * BLOCK_CHARS + block)
+    under_c = block_hashes("c" * BLOCK_CHARS + block)
+    assert under_a[1] != under_c[1]
+    assert chain_hash(1, block) != chain_hash(2, block)
+    # Identical block contents in one prompt get distinct hashes too.
+    repeated = block_hashes(block * 3)
+    assert len(set(repeated)) == 3
+
+
+def test_shared_prefix_shares_blocks() -> None:
+    """Two prompts agree on the hashes of the blocks they share and differ after."""
+    prefix = "s" * (2 * BLOCK_CHARS)
+    first = block_hashes(prefix + "x" * BLOCK_CHARS)
+    second = block_hashes(prefix + "y" * BLOCK_CHARS)
+    assert first[:2] == second[:2]
+    assert first[2] != second[2]
+
+
+def test_pseudo_words_are_deterministic_four_character_tokens() -> None:
+    """The same seed gives the same text; tokens are four characters; the text ends cleanly."""
+    first = list(PseudoWords(42).tokens(50))
+    assert first == list(PseudoWords(42).tokens(50))
+    assert first != list(PseudoWords(43).tokens(50))
+    assert all(len(token) == 4 for token in first)
+    text = "".join(first)
+    assert text == text.strip()
+    assert text.endswith(".")
+    assert "  " not in text
