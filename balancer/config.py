@@ -75,8 +75,10 @@ class RoutingSettings:
     load_factor: float = 1.25
     """CHWBL's c: no endpoint takes more than ceil(c * (in-flight + 1) / n) requests while
     another is under that bound. 1.0 is strict balance; higher keeps more affinity."""
-    virtual_nodes: int = 256
-    """Points per endpoint on the hash ring; 256 keeps each endpoint's share within ~10%."""
+    virtual_nodes: int = 1024
+    """Points per endpoint on the hash ring. An endpoint's share of keys deviates from 1/n by
+    about 1/sqrt(virtual_nodes): measured over pools of 4-16 endpoints, at most 8% at 1024
+    (19% at 256). A ring costs ~100 bytes per point: 6 MB for 64 endpoints at 1024."""
     min_bound: int = 2
     """Floor on the CHWBL bound, in requests. Without it a pool of hundreds of endpoints has a
     bound of 1 at low load and every concurrent request for one prefix lands on a new endpoint

@@ -47,7 +47,8 @@ from balancer.errors import (
 from balancer.metrics import Metrics
 from balancer.prefix import Kind, model_of, routing_key, session_key, validate
 from balancer.ring import hash_key
-from balancer.router import Lease, Pool, Router
+from balancer.router import Pool, Router
+from balancer.strategy import Choice
 from balancer.upstream import (
     EndpointPool,
     UpstreamClient,
@@ -223,7 +224,7 @@ class Proxy:
             choice = pool.choose(hash_key(key), session=session is not None)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, pool, pool.acquire(choice), body, request_id,
+        return await self._forward(request, pool, choice, body, request_id,
                                    stream=data.get("stream") is True)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
@@ -244,8 +245,7 @@ class Proxy:
             choice = pool.choose(0, keyed=False)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, pool, pool.acquire(choice), body, request_id,
-                                   stream=False)
+        return await self._forward(request, pool, choice, body, request_id, stream=False)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         return self._reject(
@@ -346,31 +346,34 @@ class Proxy:
         self,
         request: web.Request,
         pool: Pool,
-        lease: Lease,
+        choice: Choice,
         body: bytes,
         request_id: str,
         *,
         stream: bool,
     ) -> web.StreamResponse:
-        """Send the request to the leased endpoint and relay the answer; always releases."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        endpoint = lease.endpoint
-        choice = lease.choice
-        self.metrics.route(pool.name, choice.outcome)
+        """Send the request to the chosen endpoint and relay the answer.
+
+        The endpoint's load is taken just before the ``try`` whose ``finally`` gives it back,
+        so no failure in between can leave it counted.
+        """
         client = self.client
         if client is None:
-            lease.release()
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        endpoint = pool.endpoints[choice.endpoint]
         connections = client.pool(endpoint.url)
         head = self._upstream_head(request, connections, request_id, len(body))
-        self.in_flight += 1
-        self.idle.clear()
+        self.metrics.route(pool.name, choice.outcome)
         watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout)
         upstream: UpstreamResponse | None = None
         response: web.StreamResponse | None = None
         code = 0
+        lease = pool.acquire(choice)
+        self.in_flight += 1
+        self.idle.clear()
         try:
             upstream = await connections.request(head, body,
                                                  skip_body=request.method == hdrs.METH_HEAD)

@@ -37,7 +37,7 @@ class HashRing:
     owns the point, so the outcome does not depend on the order endpoints were added in.
     """
 
-    __slots__ = ("_owner", "_points", "_points_of", "virtual_nodes")
+    __slots__ = ("_claims", "_owner", "_points", "_points_of", "virtual_nodes")
 
     def __init__(self, endpoint_ids: Iterable[str] = (), virtual_nodes: int = 256) -> None:
         if virtual_nodes < 1:
@@ -45,6 +45,8 @@ class HashRing:
         self.virtual_nodes = virtual_nodes
         self._points_of: dict[str, list[int]] = {}
         self._owner: dict[int, str] = {}
+        self._claims: dict[int, set[str]] = {}
+        """Every endpoint claiming a point, for the rare points claimed more than once."""
         self._points: list[int] = []
         self.update(endpoint_ids)
 
@@ -79,10 +81,14 @@ class HashRing:
             self._points_of[endpoint_id] = points
             for point in points:
                 holder = self._owner.get(point)
+                if holder == endpoint_id:
+                    continue  # one endpoint's own points collided: nothing to share
                 if holder is None:
                     self._owner[point] = endpoint_id
                     new_points.append(point)
-                elif endpoint_id < holder:
+                    continue
+                self._claims.setdefault(point, {holder}).add(endpoint_id)
+                if endpoint_id < holder:
                     self._owner[point] = endpoint_id
         # Both runs are sorted, so timsort merges them in linear time.
         new_points.sort()
@@ -93,13 +99,14 @@ class HashRing:
         if points is None:
             return
         freed = set()
-        for point in points:
-            if self._owner.get(point) != endpoint_id:
-                continue
-            # A colliding endpoint, if any, takes the point over.
-            heirs = [e for e, pts in self._points_of.items() if point in pts]
-            if heirs:
-                self._owner[point] = min(heirs)
+        for point in set(points):
+            claims = self._claims.get(point)
+            if claims is not None:
+                # A colliding endpoint takes the point over.
+                claims.discard(endpoint_id)
+                self._owner[point] = min(claims)
+                if len(claims) == 1:
+                    del self._claims[point]
             else:
                 del self._owner[point]
                 freed.add(point)
