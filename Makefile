@@ -29,6 +29,7 @@ demo: $(STAMP)
 bench: bench-proxy
 
 bench-proxy: $(STAMP)
+	sh loadtest/install-bench-tools.sh
 	$(BIN)/python -m loadtest.bench_proxy
 
 clean:

@@ -179,6 +179,12 @@ class MultiTurnShape:
     sees conversations through several turns."""
     max_tokens: tuple[int, int] = (32, 128)
     """``max_tokens`` of each request: reply length."""
+    history_turns: tuple[int, int] = (0, 0)
+    """Earlier exchanges that a conversation's first request already carries, as in replays
+    of recorded chats (ShareGPT): the conversation is picked up mid-way, with a history no
+    server has cached yet."""
+    history_reply_tokens: tuple[int, int] = (100, 400)
+    """Length of each earlier reply in that history (recorded chat replies run long)."""
 
 
 @dataclass(frozen=True)
@@ -227,9 +233,18 @@ def iter_multi_turn(
         conversation_id = f"mt-{number:05d}"
         system = rng.choice(systems)
         turns = []
+        history: list[dict[str, str]] = []
+        if shape.history_turns[1] > 0:
+            for _ in range(_uniform(rng, shape.history_turns)):
+                history.append(
+                    {"role": "user", "content": text.question(_uniform(rng, shape.user_tokens))})
+                history.append({"role": "assistant",
+                                "content": text.text(_uniform(rng, shape.history_reply_tokens))})
         for turn in range(_uniform(rng, shape.turns)):
             user = {"role": "user", "content": text.question(_uniform(rng, shape.user_tokens))}
-            messages = [{"role": "system", "content": system}, user] if turn == 0 else [user]
+            messages = (
+                [{"role": "system", "content": system}, *history, user] if turn == 0 else [user]
+            )
             body: dict[str, Any] = {
                 "model": model,
                 "messages": messages,
