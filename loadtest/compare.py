@@ -424,7 +424,8 @@ def plot(outcomes: Sequence[Outcome], rows: Sequence[dict[str, Any]], out_dir: P
                   [f"pod {p}" for p in range(pods)])
     ax.set_ylabel("requests served")
     ax.set_title("load per pod")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncol=min(3, len(rows)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.12))
     paths.append(out_dir / "pod_load.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=110)
@@ -575,6 +576,8 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # SIGTERM stops a run like Ctrl-C does, so the pods and balancers it started are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         import uvloop
 

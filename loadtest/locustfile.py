@@ -39,6 +39,7 @@ against ``$LOCUST_HOST`` (default ``http://127.0.0.1:8000``) for debugging.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -318,6 +319,13 @@ class ChatUser(FastHttpUser):
         except Exception as e:  # socket timeouts, resets, parse errors mid-stream
             sample.error = f"stream broken: {type(e).__name__}: {e}"
         recorder.finish()
+        if recorder.done and sample.error is None:
+            # Read the end of the body (the last chunk after [DONE]): a response left unfinished
+            # closes its connection, so the next request would pay a new connect and the
+            # server would log a client disconnect (balancer: code 499) for a complete reply.
+            # The reply is complete either way, so a failure here only loses the connection.
+            with contextlib.suppress(Exception):
+                raw.read()
 
     def _report(self, sample: Sample) -> None:
         fire = self.environment.events.request.fire

@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -403,6 +404,13 @@ class _Player:
                     if not line:
                         break
                     recorder.feed(line, time.perf_counter())
+                if recorder.done and sample.error is None:
+                    # Read the end of the body (the last chunk after [DONE]): a response left
+                    # unfinished closes its connection, so the next request would pay a new
+                    # connect and the server would log a client disconnect (balancer: code 499)
+                    # for a complete reply. The reply is complete either way.
+                    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                        await response.content.read()
         except TimeoutError:
             sample.error = f"timeout after {self._timeout_s:g} s"
         except aiohttp.ClientPayloadError as e:
