@@ -72,9 +72,12 @@ class RoutingSettings:
     strategy: Strategy = Strategy.CHWBL
     """chwbl (prefix affinity under a load bound), least-request (power of two choices),
     round-robin or random."""
-    load_factor: float = 1.25
+    load_factor: float = 1.5
     """CHWBL's c: no endpoint takes more than ceil(c * (in-flight + 1) / n) requests while
-    another is under that bound. 1.0 is strict balance; higher keeps more affinity."""
+    another is under that bound. 1.0 is strict balance; higher keeps more affinity. 1.5 by
+    measurement (README, "Choosing the defaults"): against 1.25 it kept more conversations on
+    their cache (TTFT p50 -28%) with the busiest pod at 1.18x the mean in-flight load; 2.0
+    gained little more and let that ratio reach 1.32."""
     virtual_nodes: int = 1024
     """Points per endpoint on the hash ring. An endpoint's share of keys deviates from 1/n by
     about 1/sqrt(virtual_nodes): measured over pools of 4-16 endpoints, at most 8% at 1024

@@ -24,7 +24,9 @@ CONFIG = {
             "models": ["llama"],
             "endpoints": [f"http://{e}" for e in ENDPOINT_IDS],
         }
-    ]
+    ],
+    # Explicit, so the bound arithmetic below does not follow the default.
+    "routing": {"load_factor": 1.25},
 }
 CHAT = {
     "model": "llama",

@@ -76,7 +76,7 @@ def lookup(settings: Settings, dotted: str) -> Any:
         ("server.route_headers", True),
         ("server.log_level", "info"),
         ("routing.strategy", Strategy.CHWBL),
-        ("routing.load_factor", 1.25),
+        ("routing.load_factor", 1.5),
         ("routing.virtual_nodes", 1024),
         ("routing.min_bound", 2),
         ("routing.key", KeyMode.FIRST_USER_MESSAGE),
@@ -467,7 +467,7 @@ def test_the_file_is_optional_when_overrides_supply_everything() -> None:
 @pytest.mark.parametrize(
     ("in_file", "in_env", "in_flags", "expected"),
     [
-        (None, None, None, 1.25),
+        (None, None, None, 1.5),
         (1.5, None, None, 1.5),
         (1.5, "2.0", None, 2.0),
         (None, "2.0", None, 2.0),

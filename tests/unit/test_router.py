@@ -290,7 +290,8 @@ class PoolMachine(RuleBasedStateMachine):
         choice = pool.choose(hash_key(str(key)), keyed=keyed)
         assert choice.endpoint in pool.routable
         if keyed:
-            bound = chwbl_bound(pool.total_load, len(pool.routable), 1.25, pool.routing.min_bound)
+            bound = chwbl_bound(pool.total_load, len(pool.routable), pool.routing.load_factor,
+                                pool.routing.min_bound)
             assert choice.outcome in ("primary", "overflow")
             assert pool.load[choice.endpoint] < bound
         lease = pool.acquire(choice)
@@ -346,7 +347,7 @@ async def test_a_hot_key_under_concurrent_load_spreads_without_passing_the_bound
 
     async def request(i: int) -> None:
         await asyncio.sleep(0)
-        bound = chwbl_bound(pool.total_load, len(pool.routable), 1.25, 1)
+        bound = chwbl_bound(pool.total_load, len(pool.routable), pool.routing.load_factor, 1)
         with take(pool, "a very popular system prompt") as lease:
             assert pool.load[lease.endpoint.id] <= bound
             peak[lease.endpoint.id] = max(peak[lease.endpoint.id], pool.load[lease.endpoint.id])
