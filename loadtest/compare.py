@@ -10,7 +10,9 @@ each contender, every one against fresh simulated pods (empty caches), and write
   conversation starts), so its cache hit rate is the ceiling for affinity routing;
 * ``haproxy`` (when installed): HAProxy 2.6 with ``hash-type consistent`` and
   ``hash-balance-factor`` on the ``x-session-id`` header, which the client sets to the
-  conversation id (HAProxy cannot read a JSON body, so it gets the oracle's key).
+  conversation id (HAProxy cannot read a JSON body, so it gets the oracle's key);
+* ``vllm-router`` (when installed, ``pip install vllm-router``): its ``cache_aware`` policy,
+  which keeps an approximate prefix tree of what it sent to each worker.
 
 Each contender's pods run in their own process (so a slow pod process never stalls the
 client's clock) and so does balancer; the client is this process. Figures per contender: TTFT
@@ -39,6 +41,7 @@ from typing import Any
 
 import aiohttp
 
+from balancer.config import RoutingSettings
 from loadtest.player import play
 from loadtest.stats import Sample, percentile, summarize
 from loadtest.trace import TraceRecord
@@ -47,7 +50,9 @@ from loadtest.workloads import DEFAULT_MODEL, generate
 STRATEGIES = ("chwbl", "least-request", "round-robin", "random")
 ORACLE = "sticky-oracle"
 HAPROXY = "haproxy"
-CONTENDERS = (*STRATEGIES, ORACLE, HAPROXY)
+VLLM_ROUTER = "vllm-router"
+CONTENDERS = (*STRATEGIES, ORACLE, HAPROXY, VLLM_ROUTER)
+OPTIONAL_TOOLS = {HAPROXY: "apt-get install haproxy", VLLM_ROUTER: "pip install vllm-router"}
 SESSION_HEADER = "x-session-id"
 STARTUP_TIMEOUT_S = 30.0
 
@@ -92,6 +97,11 @@ class Outcome:
             "requests": s["requests"],
             "errors": s["errors"],
         }
+
+
+def _tool_path() -> str:
+    """PATH plus this interpreter's directory, where pip puts the scripts of a venv."""
+    return os.pathsep.join([os.environ.get("PATH", ""), os.path.dirname(sys.executable)])
 
 
 def _max_over_mean(values: Sequence[float]) -> float | None:
@@ -277,11 +287,24 @@ async def run_contender(
         elif name == HAPROXY:
             port = free_port()
             config = log_dir / "haproxy.cfg"
-            config.write_text(haproxy_config(pod_urls, port, routing.get("load_factor", 1.25)))
+            # The same bound as balancer's, for a like-for-like comparison.
+            load_factor = routing.get("load_factor", RoutingSettings().load_factor)
+            config.write_text(haproxy_config(pod_urls, port, load_factor))
             await stack.enter_async_context(
                 process(["haproxy", "-f", str(config)], name="haproxy", log_dir=log_dir))
             base_url = f"http://127.0.0.1:{port}/v1"
             session_header = SESSION_HEADER
+            await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
+        elif name == VLLM_ROUTER:
+            port, metrics_port = free_port(), free_port()
+            executable = shutil.which(VLLM_ROUTER, path=_tool_path()) or VLLM_ROUTER
+            await stack.enter_async_context(process(
+                [executable, "--host", "127.0.0.1", "--port", str(port),
+                 "--worker-urls", *pod_urls, "--policy", "cache_aware",
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+                 "--log-level", "warning"],
+                name=VLLM_ROUTER, log_dir=log_dir))
+            base_url = f"http://127.0.0.1:{port}/v1"
             await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
         else:
             port, admin_port = free_port(), free_port()
@@ -358,7 +381,7 @@ def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         a, b = chwbl.get(key), by.get(other, {}).get(key)
         return (a / b - 1) if a is not None and b else None
 
-    for other in ("round-robin", "least-request", "random", HAPROXY):
+    for other in ("round-robin", "least-request", "random", HAPROXY, VLLM_ROUTER):
         if other in by:
             out[f"vs_{other}"] = {
                 "ttft_p50_change": change("ttft_p50_s", other),
@@ -441,10 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m loadtest.compare",
         description="Play one workload through each routing strategy on simulated pods.",
     )
-    parser.add_argument("--contenders", default="chwbl,least-request,round-robin,random,"
-                        f"{ORACLE},{HAPROXY}",
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated, from {', '.join(CONTENDERS)} "
-                             "(haproxy is skipped when not installed)")
+                             "(haproxy and vllm-router are skipped when not installed)")
     parser.add_argument("--workload", default="multi-turn",
                         choices=("multi-turn", "shared-docs", "unique"))
     parser.add_argument("--seed", type=int, default=1)
@@ -514,9 +536,10 @@ async def run_all(args: argparse.Namespace) -> list[Outcome]:
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s): {', '.join(unknown)}")
-    if HAPROXY in contenders and shutil.which("haproxy") is None:
-        print("haproxy is not installed: skipping it (apt-get install haproxy)")
-        contenders.remove(HAPROXY)
+    for tool, install in OPTIONAL_TOOLS.items():
+        if tool in contenders and shutil.which(tool, path=_tool_path()) is None:
+            print(f"{tool} is not installed: skipping it ({install})")
+            contenders.remove(tool)
     options: dict[str, Any] = {"duration_s": args.duration, "model": args.model}
     if args.rate is not None:
         options["rate"] = args.rate
