@@ -19,10 +19,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from balancer import discovery
 from balancer.config import Settings, as_dict
-from balancer.discovery import EndpointSource, StaticDiscovery
+from balancer.discovery import EndpointSource
 from balancer.errors import error_body
 from balancer.metrics import Metrics, PoolState
+from balancer.models import ModelLearner
 from balancer.proxy import KEYED_PATHS, Proxy
 from balancer.router import Router
 from balancer.upstream import UpstreamClient
@@ -39,10 +41,14 @@ class Balancer:
     metrics: Metrics
     proxy: Proxy
     source: EndpointSource
+    learner: ModelLearner
     app: web.Application = field(init=False)
     admin: web.Application = field(init=False)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the first endpoint snapshot has been applied."""
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the endpoint source stopped with an error: the view can no longer be kept
+    current, so ``serve`` exits rather than route on it forever."""
 
     def __post_init__(self) -> None:
         self.app = self._build_proxy_app()
@@ -73,23 +79,41 @@ class Balancer:
             await client.close()
 
     async def _discovery(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._consume_snapshots(), name="balancer-discovery")
+        tasks = [asyncio.create_task(self._consume_snapshots(), name="balancer-discovery"),
+                 asyncio.create_task(self.learner.run(), name="balancer-models")]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _consume_snapshots(self) -> None:
-        async for snapshot in self.source.snapshots():
-            changed = self.router.apply(snapshot)
-            for name in changed:
-                pool = self.router.pools[name]
-                log.info("pool %s: %d routable endpoints (%s), %d known", name,
-                         len(pool.routable), ", ".join(pool.routable) or "none",
-                         len(pool.endpoints))
-            self.synced.set()
+        try:
+            async with contextlib.aclosing(self.source.snapshots()) as snapshots:
+                async for snapshot in snapshots:
+                    self._apply(snapshot)
+        except discovery.DiscoveryError as exc:
+            log.critical("endpoint discovery cannot start: %s", exc)
+            self.failed.set()
+        except Exception:
+            log.critical("endpoint discovery stopped", exc_info=True)
+            self.failed.set()
+
+    def _apply(self, snapshot: discovery.Snapshot) -> None:
+        before = {name: set(pool.routable) for name, pool in self.router.pools.items()}
+        for name in self.router.apply(snapshot):
+            pool = self.router.pools[name]
+            added = sorted(set(pool.routable) - before[name])
+            removed = sorted(before[name] - set(pool.routable))
+            log.info("pool %s: %d routable, %d draining%s%s", name, len(pool.routable),
+                     len(pool.endpoints) - len(pool.routable), _listed(" +", added),
+                     _listed(" -", removed))
+            if pool.learns_models and (added or removed):
+                self.learner.endpoints_changed()
+        self.synced.set()
 
     # -- admin app -------------------------------------------------------------------------
 
@@ -108,10 +132,11 @@ class Balancer:
     async def _readyz(self, request: web.Request) -> web.Response:
         if self.proxy.draining:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
-        empty = [name for name, pool in self.router.pools.items() if not pool.routable]
-        if empty:
+        unready = self.router.unready_pools()
+        if unready:
             return web.json_response(
-                {"ready": False, "reason": "pools without endpoints", "pools": empty},
+                {"ready": False, "reason": "pools not ready", "pools": list(unready),
+                 "why": unready},
                 status=503,
             )
         return web.json_response({"ready": True})
@@ -132,6 +157,7 @@ class Balancer:
                         "id": endpoint.id,
                         "url": endpoint.url,
                         "zone": endpoint.zone,
+                        "node": endpoint.node,
                         "routable": endpoint.id in pool.routable,
                         "in_flight": pool.load.get(endpoint.id, 0),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
@@ -144,6 +170,14 @@ class Balancer:
     async def _debug_config(self, request: web.Request) -> web.Response:
         return web.json_response(as_dict(self.settings),
                                  dumps=lambda o: json.dumps(o, indent=2))
+
+
+def _listed(prefix: str, ids: list[str], limit: int = 5) -> str:
+    """``" +a, b, c"`` for a log line, cut after ``limit`` ids (a pool may have hundreds)."""
+    if not ids:
+        return ""
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return prefix + ", ".join(ids[:limit]) + more
 
 
 def pool_state(router: Router) -> Iterable[PoolState]:
@@ -159,7 +193,8 @@ def build(
     source: EndpointSource | None = None,
     registry: CollectorRegistry | None = None,
 ) -> Balancer:
-    """Build a balancer from settings; static endpoints unless another source is given."""
+    """Build a balancer from settings; endpoints come from ``source`` when given, else from
+    the configuration (static URLs, or Services watched in Kubernetes)."""
     router = Router(settings)
     metrics = Metrics(registry or CollectorRegistry(), lambda: pool_state(router))
     return Balancer(
@@ -167,7 +202,8 @@ def build(
         router=router,
         metrics=metrics,
         proxy=Proxy(settings, router, metrics),
-        source=source or StaticDiscovery(settings.pools),
+        source=source or discovery.from_settings(settings, metrics),
+        learner=ModelLearner(router, settings.model_discovery, metrics),
     )
 
 
@@ -290,8 +326,12 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
     return Running(balancer, runners, _bound_port(proxy_runner), _bound_port(admin_runner))
 
 
-async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> None:
-    """Run until SIGTERM/SIGINT, then fail readiness and let in-flight requests finish."""
+async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> int:
+    """Run until SIGTERM/SIGINT, then fail readiness and let in-flight requests finish.
+
+    Returns the exit status: 0 after a signal, 1 when endpoint discovery failed for good
+    (e.g. no Kubernetes configuration), so the failure shows as a crashed container.
+    """
     balancer = build(settings)
     running = await start(balancer)
     log.info("balancer listening on %s:%d (admin %d), %d pool(s), strategy %s",
@@ -301,7 +341,13 @@ async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(balancer.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waits:
+        waiter.cancel()
+    if balancer.failed.is_set():
+        await running.stop()
+        return 1
     balancer.proxy.draining = True
     log.info("shutting down: waiting up to %g s for in-flight requests", drain_timeout)
     try:
@@ -309,3 +355,4 @@ async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> None:
     except TimeoutError:
         log.warning("drain timeout: %d requests still in flight", balancer.proxy.in_flight)
     await running.stop()
+    return 0

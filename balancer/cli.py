@@ -92,8 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     _configure_logging(settings.server.log_level)
-    uvloop.run(serve(settings))
-    return 0
+    return uvloop.run(serve(settings))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,13 +59,31 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class KubernetesPoolSettings:
+    """Where a pool's endpoints come from in Kubernetes: the EndpointSlices of a Service."""
+
+    service: str
+    """Name of the Service; its EndpointSlices carry the label
+    ``kubernetes.io/service-name=<service>``."""
+    port: int | str
+    """The model servers' port: the name of a Service port (looked up in each EndpointSlice,
+    which holds the pods' port number for it), or a number used as is (the pods' port)."""
+    namespace: str = ""
+    """Namespace of the Service; empty means balancer's own (its service account's namespace
+    in a cluster, else the kubeconfig context's, else ``default``)."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     name: str
     """Pool name, used in metrics labels and logs."""
     models: tuple[str, ...]
-    """Model names (the request's ``model`` field) this pool serves."""
+    """Model names (the request's ``model`` field) this pool serves. Empty: learned from the
+    endpoints' ``/v1/models`` (served names and LoRA adapters), refreshed periodically."""
     endpoints: tuple[str, ...] = ()
     """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000``."""
+    kubernetes: KubernetesPoolSettings | None = None
+    """Discover the endpoints from a Service instead of listing them."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +134,51 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class KubernetesSettings:
+    """Access to the Kubernetes API, for pools that name a Service."""
+
+    kubeconfig: str = ""
+    """Path of a kubeconfig file, for running outside a cluster. Empty: the pod's service
+    account (in-cluster configuration)."""
+    context: str = ""
+    """kubeconfig context to use; empty means its current context."""
+    watch_timeout: int = 240
+    """Seconds the API server keeps one watch open (``timeoutSeconds``); then balancer resumes
+    from the last resourceVersion. Well under the API server's own limit (30-60 min), so a
+    connection that died silently is replaced within minutes."""
+    request_timeout: float = 30.0
+    """Seconds a LIST may take, and how long a watch may outlive ``watch_timeout`` before the
+    client gives up on it (a connection that died without a word)."""
+    relist_interval: float = 300.0
+    """Seconds between full re-LISTs, a safety net under the watch: any drift between the
+    watched view and the API server is repaired within this time."""
+    backoff_initial: float = 0.5
+    """Seconds to wait after the first failed API request; doubles on each further failure
+    (with jitter, so replicas do not retry in step)."""
+    backoff_max: float = 30.0
+    """Longest wait between retries, in seconds. Routing continues on the last known
+    endpoints meanwhile."""
+
+
+@dataclass(frozen=True)
+class ModelDiscoverySettings:
+    """Learning the model names of pools that list none."""
+
+    refresh_interval: float = 30.0
+    """Seconds between two reads of every endpoint's ``/v1/models`` (LoRA adapters come and
+    go); new endpoints are read as soon as they appear."""
+    timeout: float = 5.0
+    """Seconds one ``/v1/models`` request may take."""
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     pools: tuple[PoolSettings, ...] = ()
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    model_discovery: ModelDiscoverySettings = field(default_factory=ModelDiscoverySettings)
 
     def pool_for_model(self, model: str) -> PoolSettings | None:
         for pool in self.pools:
@@ -132,7 +191,16 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "routing": RoutingSettings,
     "limits": LimitsSettings,
+    "kubernetes": KubernetesSettings,
+    "model_discovery": ModelDiscoverySettings,
 }
+_SECTION_NAMES = ", ".join(sorted(_SECTIONS))
+
+# Kubernetes names: a Service is a DNS-1035 label, a namespace a DNS-1123 label, a port name
+# an IANA service name (up to 15 characters, at least one letter).
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
 
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
@@ -216,10 +284,10 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
         where = f"pools[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{where}: expected a mapping with name, models, endpoints")
-        unknown = sorted(set(item) - {"name", "models", "endpoints"})
+        unknown = sorted(set(item) - {"name", "models", "endpoints", "kubernetes"})
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown setting; allowed: "
-                              "endpoints, models, name")
+                              "endpoints, kubernetes, models, name")
         name = item.get("name", f"pool-{i}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name: {name!r} is not a non-empty string")
@@ -228,9 +296,50 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
                 name=name,
                 models=_string_list(f"{where}.models", item.get("models")),
                 endpoints=_string_list(f"{where}.endpoints", item.get("endpoints")),
+                kubernetes=_build_pool_kubernetes(f"{where}.kubernetes",
+                                                  item.get("kubernetes")),
             )
         )
     return tuple(pools)
+
+
+def _build_pool_kubernetes(where: str, raw: Any) -> KubernetesPoolSettings | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with service, port, namespace")
+    unknown = sorted(set(raw) - {"service", "port", "namespace"})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown setting; allowed: "
+                          "namespace, port, service")
+    for key in ("service", "port"):
+        if raw.get(key) is None:
+            raise ConfigError(f"{where}.{key}: required")
+    port = raw["port"]
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int | str):
+        raise ConfigError(f"{where}.port: {port!r} is not a port name or number")
+    return KubernetesPoolSettings(
+        service=_convert(f"{where}.service", raw["service"], str),
+        port=port,
+        namespace=_convert(f"{where}.namespace", raw.get("namespace") or "", str),
+    )
+
+
+def _validate_pool_kubernetes(where: str, k8s: KubernetesPoolSettings) -> None:
+    if not _DNS_1035_LABEL.fullmatch(k8s.service):
+        raise ConfigError(f"{where}.service: {k8s.service!r} is not a Service name "
+                          "(lowercase letters, digits and '-', starting with a letter)")
+    if k8s.namespace and not _DNS_1123_LABEL.fullmatch(k8s.namespace):
+        raise ConfigError(f"{where}.namespace: {k8s.namespace!r} is not a namespace name "
+                          "(lowercase letters, digits and '-')")
+    if isinstance(k8s.port, int):
+        if not 1 <= k8s.port <= 65535:
+            raise ConfigError(f"{where}.port: {k8s.port} is not a port number (1-65535)")
+    elif not _PORT_NAME.fullmatch(k8s.port):
+        raise ConfigError(f"{where}.port: {k8s.port!r} is not a port name (up to 15 "
+                          "lowercase letters, digits and '-') or number")
 
 
 def validate(settings: Settings) -> Settings:
@@ -263,6 +372,20 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"limits.{key}: {value} must be a number of seconds > 0")
     if not (math.isfinite(lim.total_timeout) and lim.total_timeout >= 0):
         raise ConfigError(f"limits.total_timeout: {lim.total_timeout} must be >= 0 (0 = off)")
+    k8s = settings.kubernetes
+    if k8s.watch_timeout < 1:
+        raise ConfigError(f"kubernetes.watch_timeout: {k8s.watch_timeout} must be >= 1 second")
+    for key in ("request_timeout", "relist_interval", "backoff_initial", "backoff_max"):
+        value = getattr(k8s, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"kubernetes.{key}: {value} must be a number of seconds > 0")
+    if k8s.backoff_max < k8s.backoff_initial:
+        raise ConfigError(f"kubernetes.backoff_max: {k8s.backoff_max} must be >= "
+                          f"kubernetes.backoff_initial ({k8s.backoff_initial})")
+    for key in ("refresh_interval", "timeout"):
+        value = getattr(settings.model_discovery, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model_discovery.{key}: {value} must be a number of seconds > 0")
     if not settings.pools:
         raise ConfigError("pools: at least one pool is required")
     names: set[str] = set()
@@ -271,8 +394,14 @@ def validate(settings: Settings) -> Settings:
         if pool.name in names:
             raise ConfigError(f"pools[{i}].name: {pool.name!r} is used by another pool")
         names.add(pool.name)
-        if not pool.models:
-            raise ConfigError(f"pools[{i}].models: a pool must list at least one model")
+        if pool.kubernetes is not None:
+            if pool.endpoints:
+                raise ConfigError(f"pools[{i}].endpoints: a pool lists endpoints or names a "
+                                  "Service (kubernetes), not both")
+            _validate_pool_kubernetes(f"pools[{i}].kubernetes", pool.kubernetes)
+        if not pool.models and not pool.endpoints and pool.kubernetes is None:
+            raise ConfigError(f"pools[{i}].models: a pool must list at least one model, or "
+                              "have endpoints or kubernetes to learn them from")
         for model in pool.models:
             if model in models:
                 raise ConfigError(
@@ -302,15 +431,10 @@ def from_mapping(raw: Mapping[str, Any]) -> Settings:
     """Build settings from a parsed YAML document (without validating pools' presence)."""
     unknown = sorted(set(raw) - {*_SECTIONS, "pools"})
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown section; allowed: limits, pools, routing, server"
-        )
-    return Settings(
-        server=_build_section("server", ServerSettings, raw.get("server")),
-        pools=_build_pools(raw.get("pools")),
-        routing=_build_section("routing", RoutingSettings, raw.get("routing")),
-        limits=_build_section("limits", LimitsSettings, raw.get("limits")),
-    )
+        allowed = ", ".join(sorted({*_SECTIONS, "pools"}))
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed: {allowed}")
+    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    return Settings(pools=_build_pools(raw.get("pools")), **sections)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -333,8 +457,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> No
     section, _, key = dotted.partition(".")
     if section not in _SECTIONS or not key:
         raise ConfigError(
-            f"{source}: {dotted!r} must be SECTION.KEY with SECTION one of "
-            "limits, routing, server"
+            f"{source}: {dotted!r} must be SECTION.KEY with SECTION one of {_SECTION_NAMES}"
         )
     current = raw.get(section)
     if current is None:
@@ -380,7 +503,13 @@ def load(
 
 
 def as_dict(settings: Settings) -> dict[str, Any]:
-    """The effective configuration in the file's shape (enums as their strings)."""
+    """The effective configuration in the file's shape (enums as their strings).
+
+    Settings that nothing uses are left out, so the printout shows what matters: the
+    ``kubernetes`` section (and a pool's ``kubernetes`` key) only when a pool names a Service,
+    ``model_discovery`` only when a pool learns its models. The printout, loaded again, does
+    the same: what it leaves out is unused.
+    """
 
     def plain(value: Any) -> Any:
         if isinstance(value, enum.Enum):
@@ -392,4 +521,11 @@ def as_dict(settings: Settings) -> dict[str, Any]:
         return value
 
     result: dict[str, Any] = plain(settings)
+    for pool in result["pools"]:
+        if pool["kubernetes"] is None:
+            del pool["kubernetes"]
+    if all(p.kubernetes is None for p in settings.pools):
+        del result["kubernetes"]
+    if all(p.models for p in settings.pools):
+        del result["model_discovery"]
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -106,6 +106,34 @@ class Metrics:
             ["pool"],
             registry=registry,
         )
+        self.discovery_events = Counter(
+            "balancer_discovery_events_total",
+            "EndpointSlice watch events received, by pool and type (added, modified, deleted, "
+            "bookmark).",
+            ["pool", "type"],
+            registry=registry,
+        )
+        self.discovery_errors = Counter(
+            "balancer_discovery_errors_total",
+            "Failed requests to the Kubernetes API or to /v1/models, by pool and reason "
+            "(expired, http, connection, timeout, invalid, models).",
+            ["pool", "reason"],
+            registry=registry,
+        )
+        self.discovery_relists = Counter(
+            "balancer_discovery_relists_total",
+            "Full LISTs of a pool's EndpointSlices, by reason (initial, expired, error, "
+            "periodic).",
+            ["pool", "reason"],
+            registry=registry,
+        )
+        self.discovery_staleness = Gauge(
+            "balancer_discovery_staleness_seconds",
+            "Seconds since the pool's endpoint view was last known current (0 while a watch "
+            "is open); grows while the API server cannot be reached.",
+            ["pool"],
+            registry=registry,
+        )
         if state is not None:
             registry.register(_StateCollector(state))
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -135,3 +163,16 @@ class Metrics:
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()
+
+    def discovery_event(self, pool: str, event_type: str) -> None:
+        self._child(self.discovery_events, pool, event_type).inc()
+
+    def discovery_error(self, pool: str, reason: str) -> None:
+        self._child(self.discovery_errors, pool, reason).inc()
+
+    def discovery_relist(self, pool: str, reason: str) -> None:
+        self._child(self.discovery_relists, pool, reason).inc()
+
+    def track_staleness(self, pool: str, seconds: Callable[[], float]) -> None:
+        """Read the pool's staleness from ``seconds()`` at each scrape."""
+        self.discovery_staleness.labels(pool).set_function(seconds)

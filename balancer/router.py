@@ -71,7 +71,10 @@ class Pool:
         rng: random.Random | None = None,
     ) -> None:
         self.name = settings.name
-        self.models = settings.models
+        self.learns_models = not settings.models
+        """True when the pool lists no models and learns them from its endpoints."""
+        self.models: tuple[str, ...] = settings.models
+        """The models this pool serves: as configured, or as last learned."""
         self.routing = routing
         self.ring = HashRing(virtual_nodes=routing.virtual_nodes)
         rng = rng or random.Random()
@@ -139,10 +142,30 @@ class Router:
             p.name: Pool(p, settings.routing, rng) for p in settings.pools
         }
         self._by_model: dict[str, Pool] = {}
-        for pool in self.pools.values():
+        self.models: tuple[str, ...] = ()
+        self._index_models()
+
+    def _index_models(self) -> None:
+        """Map each model to its pool. Configured models come first; a learned model that
+        another pool lists, or that an earlier pool learned too, stays with that pool, so
+        the mapping never depends on the order models were learned in."""
+        by_model: dict[str, Pool] = {}
+        pools = sorted(self.pools.values(), key=lambda p: p.learns_models)
+        for pool in pools:
             for model in pool.models:
-                self._by_model[model] = pool
-        self.models: tuple[str, ...] = tuple(self._by_model)
+                by_model.setdefault(model, pool)
+        self._by_model = by_model
+        self.models = tuple(by_model)
+
+    def set_models(self, name: str, models: Iterable[str]) -> bool:
+        """Set the learned models of a pool; returns whether they changed."""
+        pool = self.pools[name]
+        learned = tuple(sorted(set(models)))
+        if not pool.learns_models or learned == pool.models:
+            return False
+        pool.models = learned
+        self._index_models()
+        return True
 
     def pool_for_model(self, model: str) -> Pool:
         pool = self._by_model.get(model)
@@ -168,5 +191,15 @@ class Router:
                 changed.append(name)
         return changed
 
+    def unready_pools(self) -> dict[str, str]:
+        """Pools that cannot serve yet, each with the reason."""
+        out = {}
+        for name, pool in self.pools.items():
+            if not pool.routable:
+                out[name] = "no routable endpoints"
+            elif not pool.models:
+                out[name] = "models not learned yet"
+        return out
+
     def ready(self) -> bool:
-        return all(pool.routable for pool in self.pools.values())
+        return not self.unready_pools()

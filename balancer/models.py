@@ -1,0 +1,120 @@
+"""Learning which models a pool serves from its endpoints' ``/v1/models``.
+
+A pool that lists no models asks each routable endpoint (vLLM answers with its served model
+names and its loaded LoRA adapters) and serves the union. New endpoints are asked as soon as
+they appear, all of them every ``refresh_interval``, since adapters are loaded and unloaded
+at run time.
+
+Failures never make a model disappear: an endpoint that does not answer keeps the models it
+last reported, and a pool whose endpoints are all gone keeps its models, so a pool scaled to
+zero answers 503 (no endpoints) rather than 404 (no such model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Final
+
+import aiohttp
+
+from balancer.config import ModelDiscoverySettings
+from balancer.endpoints import Endpoint
+from balancer.metrics import Metrics
+from balancer.router import Pool, Router
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_REQUESTS: Final = 16
+"""``/v1/models`` requests in flight at once, so a pool of hundreds of endpoints is asked in
+waves rather than all at once."""
+
+
+def model_names(body: object) -> set[str] | None:
+    """The model ids of an OpenAI ``/v1/models`` answer, or None if it is not one."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return None
+    names = set()
+    for item in body["data"]:
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
+            names.add(item["id"])
+    return names
+
+
+class ModelLearner:
+    """Keeps the models of the router's learning pools current."""
+
+    def __init__(self, router: Router, settings: ModelDiscoverySettings,
+                 metrics: Metrics | None = None) -> None:
+        self._router = router
+        self._settings = settings
+        self._metrics = metrics
+        self._pools = [p for p in router.pools.values() if p.learns_models]
+        self._reported: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self._pools}
+        """Per pool, the models each endpoint last reported."""
+        self._wake = asyncio.Event()
+
+    def endpoints_changed(self) -> None:
+        """Ask the endpoints that have not answered yet, and forget the models of those that
+        left, now rather than at the next refresh."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Refresh until cancelled (returns at once when no pool learns its models)."""
+        if not self._pools:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = aiohttp.ClientTimeout(total=self._settings.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            next_full = loop.time()
+            while True:
+                full = loop.time() >= next_full
+                if full:
+                    next_full = loop.time() + self._settings.refresh_interval
+                await self.refresh(session, only_new=not full)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(next_full):
+                        await self._wake.wait()
+                self._wake.clear()
+
+    async def refresh(self, session: aiohttp.ClientSession, *, only_new: bool = False) -> None:
+        """Ask the pools' routable endpoints (only those never heard from, if ``only_new``)
+        and update the router."""
+        limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        for pool in self._pools:
+            reported = self._reported[pool.name]
+            for gone in reported.keys() - pool.endpoints.keys():
+                del reported[gone]
+            targets = [pool.endpoints[i] for i in pool.routable
+                       if not (only_new and i in reported)]
+            answers = await asyncio.gather(
+                *(self._ask(session, limit, pool, endpoint) for endpoint in targets))
+            for endpoint, models in zip(targets, answers, strict=True):
+                if models is not None:
+                    reported[endpoint.id] = frozenset(models)
+            self._update(pool, (reported[i] for i in pool.routable if i in reported))
+
+    def _update(self, pool: Pool, reports: Iterable[frozenset[str]]) -> None:
+        models = set().union(*reports)
+        if models and self._router.set_models(pool.name, models):
+            log.info("pool %s: serving models %s", pool.name, ", ".join(pool.models))
+
+    async def _ask(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore, pool: Pool,
+                   endpoint: Endpoint) -> set[str] | None:
+        async with limit:
+            try:
+                async with session.get(endpoint.url + "/v1/models",
+                                       allow_redirects=False) as response:
+                    response.raise_for_status()
+                    names = model_names(await response.json(content_type=None))
+                if names is None:
+                    raise ValueError("not an OpenAI model list")
+                return names
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                if self._metrics is not None:
+                    self._metrics.discovery_error(pool.name, "models")
+                log.warning("pool %s: cannot read the models of %s: %s", pool.name,
+                            endpoint.id, str(exc) or type(exc).__name__)
+                return None
