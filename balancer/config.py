@@ -131,6 +131,85 @@ class LimitsSettings:
     """Seconds allowed between two response chunks once the response has started."""
     total_timeout: float = 0.0
     """Seconds for the whole request; 0 turns it off (generations can be long)."""
+    max_in_flight_per_endpoint: int = 0
+    """Most requests this balancer sends one endpoint at once; 0 turns the limit off. A full
+    endpoint is skipped (the next on the ring walk takes the request); when every endpoint is
+    full, requests wait in the pool's queue."""
+    queue_size: int = 100
+    """Requests per pool that may wait for a free endpoint (with the limit above); beyond it
+    balancer answers 503 with ``Retry-After`` at once instead of piling up."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait in that queue before a 503 with ``Retry-After``."""
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Active checks and passive outlier ejection. An endpoint that is out leaves the hash
+    ring and comes back at the same positions, so no other key moves."""
+
+    active: bool = True
+    """Probe every endpoint's ``path`` periodically (off: passive ejection only)."""
+    path: str = "/health"
+    """Path of the active check; any 2xx answer is a pass. vLLM and SGLang answer
+    ``/health`` without touching the GPU, so it is cheap to ask often."""
+    interval: float = 5.0
+    """Seconds between two checks of one endpoint. Each endpoint is checked on its own
+    timer, jittered by +-10%, so one slow endpoint never delays the others' checks."""
+    timeout: float = 2.0
+    """Seconds one check may take before it counts as a failure."""
+    unhealthy_threshold: int = 3
+    """Consecutive failed checks that take an endpoint out."""
+    healthy_threshold: int = 2
+    """Consecutive passed checks that bring an actively failed endpoint back."""
+    consecutive_failures: int = 3
+    """Passive: requests in a row that failed (5xx answer, reset, broken stream, first-byte
+    or idle timeout) before the endpoint is ejected. A refused or timed-out connection
+    ejects at once: nothing is listening there."""
+    ejection_time: float = 5.0
+    """Seconds of the first passive ejection; each further ejection doubles it."""
+    max_ejection_time: float = 120.0
+    """Longest passive ejection, in seconds. After it a half-open trial lets the endpoint
+    back: its next request decides (success: back for good; failure: out again, longer).
+    An endpoint that stays healthy this long starts again from ``ejection_time``."""
+    panic_threshold: float = 0.5
+    """Fraction of a pool's serving endpoints that may be out; above it (panic mode)
+    balancer routes across the whole pool, since the checks are likelier wrong than most
+    of the pool dead. 0.5: more than half out means panic."""
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """Retries, only before the first response byte reaches the client, to the next
+    distinct endpoint on the ring walk (least-loaded for other strategies)."""
+
+    max_attempts: int = 3
+    """Tries per request, the first included (1 turns retries off)."""
+    budget_ratio: float = 0.2
+    """Retries may be at most this fraction of requests over ``budget_window``, so retries
+    cannot multiply the load of an outage."""
+    budget_window: float = 10.0
+    """Seconds of the sliding window the budget counts over."""
+    budget_min_retries: int = 10
+    """Retries always allowed per window whatever the ratio, so a quiet pool can still
+    retry."""
+    retry_after_default: float = 1.0
+    """Seconds an endpoint that answered 429 is skipped when it sent no usable
+    ``Retry-After``."""
+    retry_after_max: float = 60.0
+    """Cap in seconds on the ``Retry-After`` balancer honours (a broken server cannot take
+    itself out for a day)."""
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """Graceful shutdown on SIGTERM (a second SIGTERM exits at once)."""
+
+    delay: float = 5.0
+    """Seconds balancer keeps accepting new requests after SIGTERM while ``/readyz`` already
+    fails, so Services and clients see it leave before it stops listening."""
+    timeout: float = 120.0
+    """Seconds after it stops accepting that in-flight streams may take to finish; then the
+    rest are cut. Set the pod's ``terminationGracePeriodSeconds`` above delay + timeout."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +258,9 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     model_discovery: ModelDiscoverySettings = field(default_factory=ModelDiscoverySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    retries: RetrySettings = field(default_factory=RetrySettings)
+    drain: DrainSettings = field(default_factory=DrainSettings)
 
     def pool_for_model(self, model: str) -> PoolSettings | None:
         for pool in self.pools:
@@ -193,6 +275,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsSettings,
     "kubernetes": KubernetesSettings,
     "model_discovery": ModelDiscoverySettings,
+    "health": HealthSettings,
+    "retries": RetrySettings,
+    "drain": DrainSettings,
 }
 _SECTION_NAMES = ", ".join(sorted(_SECTIONS))
 
@@ -370,6 +455,14 @@ def validate(settings: Settings) -> Settings:
         value = getattr(lim, key)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"limits.{key}: {value} must be a number of seconds > 0")
+    if lim.max_in_flight_per_endpoint < 0:
+        raise ConfigError(f"limits.max_in_flight_per_endpoint: "
+                          f"{lim.max_in_flight_per_endpoint} must be >= 0 (0 = no limit)")
+    if lim.queue_size < 0:
+        raise ConfigError(f"limits.queue_size: {lim.queue_size} must be >= 0")
+    if not (math.isfinite(lim.queue_timeout) and lim.queue_timeout > 0):
+        raise ConfigError(f"limits.queue_timeout: {lim.queue_timeout} must be a number of "
+                          "seconds > 0")
     if not (math.isfinite(lim.total_timeout) and lim.total_timeout >= 0):
         raise ConfigError(f"limits.total_timeout: {lim.total_timeout} must be >= 0 (0 = off)")
     k8s = settings.kubernetes
@@ -386,6 +479,7 @@ def validate(settings: Settings) -> Settings:
         value = getattr(settings.model_discovery, key)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"model_discovery.{key}: {value} must be a number of seconds > 0")
+    _validate_resilience(settings)
     if not settings.pools:
         raise ConfigError("pools: at least one pool is required")
     names: set[str] = set()
@@ -425,6 +519,38 @@ def validate(settings: Settings) -> Settings:
                     f"pools[{i}].endpoints[{j}]: {url!r} must be a base URL without a path"
                 )
     return settings
+
+
+def _validate_resilience(settings: Settings) -> None:
+    h, r, d = settings.health, settings.retries, settings.drain
+    if not h.path.startswith("/"):
+        raise ConfigError(f"health.path: {h.path!r} must start with '/'")
+    for key in ("interval", "timeout", "ejection_time", "max_ejection_time"):
+        value = getattr(h, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"health.{key}: {value} must be a number of seconds > 0")
+    if h.max_ejection_time < h.ejection_time:
+        raise ConfigError(f"health.max_ejection_time: {h.max_ejection_time} must be >= "
+                          f"health.ejection_time ({h.ejection_time})")
+    for key in ("unhealthy_threshold", "healthy_threshold", "consecutive_failures"):
+        if getattr(h, key) < 1:
+            raise ConfigError(f"health.{key}: {getattr(h, key)} must be >= 1")
+    if not 0.0 <= h.panic_threshold <= 1.0:
+        raise ConfigError(f"health.panic_threshold: {h.panic_threshold} must be in 0..1")
+    if not 1 <= r.max_attempts <= 10:
+        raise ConfigError(f"retries.max_attempts: {r.max_attempts} must be in 1..10")
+    if not 0.0 <= r.budget_ratio <= 1.0:
+        raise ConfigError(f"retries.budget_ratio: {r.budget_ratio} must be in 0..1")
+    if r.budget_min_retries < 0:
+        raise ConfigError(f"retries.budget_min_retries: {r.budget_min_retries} must be >= 0")
+    for key in ("budget_window", "retry_after_default", "retry_after_max"):
+        value = getattr(r, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"retries.{key}: {value} must be a number of seconds > 0")
+    for key in ("delay", "timeout"):
+        value = getattr(d, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"drain.{key}: {value} must be a number of seconds >= 0")
 
 
 def from_mapping(raw: Mapping[str, Any]) -> Settings:

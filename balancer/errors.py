@@ -79,6 +79,22 @@ class UpstreamTimeoutError(BalancerError):
     reason = "upstream_timeout"
 
 
+class RateLimitedError(BalancerError):
+    """Every endpoint that could take the request asked for a pause (429 Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    reason = "rate_limited"
+
+
+class OverloadedError(BalancerError):
+    """Every endpoint is at its in-flight limit and the wait queue is full or timed out."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "overloaded"
+
+
 class ShuttingDownError(BalancerError):
     status = 503
     type = "service_unavailable"

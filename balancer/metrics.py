@@ -134,6 +134,39 @@ class Metrics:
             ["pool"],
             registry=registry,
         )
+        self.retries = Counter(
+            "balancer_retries_total",
+            "Failed attempts that could be retried, by pool, reason (connect, reset, 429, "
+            "502, 503, 504) and result (retried; budget: the retry budget was spent; "
+            "no_endpoint: no untried endpoint was left).",
+            ["pool", "reason", "result"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "balancer_endpoint_ejections_total",
+            "Passive ejections of an endpoint, by pool, endpoint and cause (connect, reset, "
+            "status, timeout).",
+            ["pool", "endpoint", "cause"],
+            registry=registry,
+        )
+        self.endpoints_out = Gauge(
+            "balancer_pool_endpoints_out",
+            "Serving endpoints health has taken out of the ring (ejected or failing checks).",
+            ["pool"],
+            registry=registry,
+        )
+        self.panic = Gauge(
+            "balancer_pool_panic",
+            "1 while the pool is in panic mode: too many endpoints are out, so balancer routes "
+            "across all of them.",
+            ["pool"],
+            registry=registry,
+        )
+        self.draining = Gauge(
+            "balancer_draining",
+            "1 from SIGTERM until exit: readiness fails and in-flight requests are finishing.",
+            registry=registry,
+        )
         if state is not None:
             registry.register(_StateCollector(state))
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -163,6 +196,16 @@ class Metrics:
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()
+
+    def retry(self, pool: str, reason: str, result: str) -> None:
+        self._child(self.retries, pool, reason, result).inc()
+
+    def ejection(self, pool: str, endpoint: str, cause: str) -> None:
+        self._child(self.ejections, pool, endpoint, cause).inc()
+
+    def health_state(self, pool: str, out: int, panic: bool) -> None:
+        self.endpoints_out.labels(pool).set(out)
+        self.panic.labels(pool).set(1 if panic else 0)
 
     def discovery_event(self, pool: str, event_type: str) -> None:
         self._child(self.discovery_events, pool, event_type).inc()

@@ -22,7 +22,10 @@ import json
 import logging
 import math
 import os
+import time
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import hdrs, web
@@ -35,7 +38,10 @@ from balancer.errors import (
     BodyTooLargeError,
     InvalidJSONError,
     MethodNotAllowedError,
+    NoEndpointsError,
     NotFoundError,
+    OverloadedError,
+    RateLimitedError,
     ShuttingDownError,
     UnsupportedMediaTypeError,
     UpstreamTimeoutError,
@@ -44,8 +50,10 @@ from balancer.errors import (
 from balancer.errors import (
     UpstreamConnectError as BadGatewayError,
 )
+from balancer.health import Failure, HealthMonitor
 from balancer.metrics import Metrics
 from balancer.prefix import Kind, model_of, routing_key, session_key, validate
+from balancer.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
 from balancer.ring import hash_key
 from balancer.router import Pool, Router
 from balancer.strategy import Choice
@@ -138,14 +146,16 @@ class _Watchdog:
 
     __slots__ = ("_handle", "_loop", "_task", "_total_deadline", "fired", "last", "window")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: float, total: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float, total: float,
+                 started: float) -> None:
         self._loop = loop
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self.window = window
         self.last = loop.time()
-        self._total_deadline = self.last + total if total > 0 else math.inf
+        # The total runs from the request's arrival, across retries.
+        self._total_deadline = started + total if total > 0 else math.inf
         self.fired: str | None = None
         self._handle: asyncio.TimerHandle | None = loop.call_at(self._due(), self._check)
 
@@ -182,8 +192,21 @@ class _Watchdog:
             self._handle = None
 
 
+@dataclass(slots=True)
+class _Retry:
+    """An attempt that failed before anything reached the client and may be retried."""
+
+    reason: str
+    """connect, reset, or the HTTP status (e.g. "503")."""
+    fallback: web.Response
+    """What the client gets if no retry happens: the upstream's own answer, or ours."""
+    retry_after: float = 0.0
+    """For a 429: seconds the endpoint asked to be left alone."""
+
+
 class Proxy:
-    def __init__(self, settings: Settings, router: Router, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, router: Router, metrics: Metrics,
+                 health: HealthMonitor | None = None) -> None:
         self.settings = settings
         self.router = router
         self.metrics = metrics
@@ -203,6 +226,19 @@ class Proxy:
         self._session_header = settings.routing.session_header
         self._key_mode = settings.routing.key
         self._prefix_chars = settings.routing.prefix_chars
+        self.health = health
+        """Passive outlier detection hears every attempt's outcome (None: off)."""
+        retries = settings.retries
+        self._max_attempts = retries.max_attempts
+        self._retry_after_default = retries.retry_after_default
+        self._retry_after_max = retries.retry_after_max
+        self.budget = RetryBudget(retries.budget_ratio, retries.budget_window,
+                                  retries.budget_min_retries)
+        self._max_in_flight = limits.max_in_flight_per_endpoint
+        self._queue_size = limits.queue_size
+        self._queue_timeout = limits.queue_timeout
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        """Per pool: requests waiting for an endpoint under its in-flight limit."""
 
     # -- public handlers -------------------------------------------------------------------
 
@@ -221,11 +257,13 @@ class Proxy:
             pool = self.router.pool_for_model(model_of(data))
             session = session_key(request.headers.get(self._session_header), data)
             key = session or routing_key(kind, data, self._key_mode, self._prefix_chars)
-            choice = pool.choose(hash_key(key), session=session is not None)
+            key_hash = hash_key(key)
+            choice = pool.choose(key_hash, session=session is not None)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, pool, choice, body, request_id,
-                                   stream=data.get("stream") is True)
+                                   stream=data.get("stream") is True, key_hash=key_hash,
+                                   session=session is not None)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
@@ -245,7 +283,8 @@ class Proxy:
             choice = pool.choose(0, keyed=False)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, pool, choice, body, request_id, stream=False)
+        return await self._forward(request, pool, choice, body, request_id, stream=False,
+                                   keyed=False)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         return self._reject(
@@ -351,8 +390,158 @@ class Proxy:
         request_id: str,
         *,
         stream: bool,
+        key_hash: int = 0,
+        session: bool = False,
+        keyed: bool = True,
     ) -> web.StreamResponse:
-        """Send the request to the chosen endpoint and relay the answer.
+        """Forward with retries: an attempt that fails before anything reached the client
+        (connect error, reset before the head, 429/502/503/504) goes to the next distinct
+        endpoint on the ring walk, within ``retries.max_attempts`` and the retry budget."""
+        if self.client is None:
+            return self._reject(request, ShuttingDownError("balancer is shutting down"),
+                                request_id)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.budget.request(started)
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            if pool.limited:
+                skipped = self._skip_limited(pool, choice, started, key_hash, session, keyed)
+                if isinstance(skipped, web.Response):
+                    return skipped
+                choice = skipped
+            attempt = 1
+            tried: set[str] = set()
+            while True:
+                if self._max_in_flight:
+                    admitted = await self._admit(pool, choice, key_hash, session, keyed,
+                                                 frozenset(tried))
+                    if admitted is None:
+                        return self._overloaded(request, pool, request_id)
+                    choice = admitted
+                result = await self._attempt(request, pool, choice, body, request_id, stream,
+                                             started, attempt < self._max_attempts)
+                if not isinstance(result, _Retry):
+                    return result
+                tried.add(choice.endpoint)
+                now = loop.time()
+                if result.retry_after:
+                    pool.limited[choice.endpoint] = now + result.retry_after
+                exclude = frozenset(tried)
+                if pool.limited:
+                    exclude |= {e for e, until in pool.limited.items() if until > now}
+                try:
+                    choice = pool.choose(key_hash, session=session, keyed=keyed,
+                                         exclude=exclude)
+                except NoEndpointsError:
+                    if result.retry_after or any(e not in tried for e in exclude):
+                        # Every endpoint left asked for a pause: say for how long.
+                        return self._all_limited(request, pool, now, request_id)
+                    self.metrics.retry(pool.name, result.reason, "no_endpoint")
+                    return result.fallback
+                if not self.budget.spend(now):
+                    self.metrics.retry(pool.name, result.reason, "budget")
+                    return result.fallback
+                self.metrics.retry(pool.name, result.reason, "retried")
+                log.info("retrying %s %s on %s after %s (request %s, attempt %d)",
+                         request.method, request.path, choice.endpoint, result.reason,
+                         request_id, attempt + 1)
+                attempt += 1
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+
+    async def _admit(self, pool: Pool, choice: Choice, key_hash: int, session: bool,
+                     keyed: bool, tried: frozenset[str]) -> Choice | None:
+        """An endpoint under ``max_in_flight_per_endpoint``: the choice itself, else the next
+        one on the walk that is not full, else wait in the pool's bounded queue for a
+        release. None: the queue is full or the wait timed out."""
+        limit = self._max_in_flight
+        load = pool.load
+        if load.get(choice.endpoint, 0) < limit:
+            return choice
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._queue_timeout
+        waiters = self._waiters.setdefault(pool.name, deque())
+        while True:
+            full = frozenset(e for e in pool.routable if load.get(e, 0) >= limit)
+            try:
+                return pool.choose(key_hash, session=session, keyed=keyed, exclude=full | tried)
+            except NoEndpointsError:
+                pass
+            if len(waiters) >= self._queue_size:
+                return None
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(pool.name)  # pass the slot we were given on
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+
+    def _wake(self, pool_name: str) -> None:
+        """A slot came free in the pool: let the longest waiting request try again."""
+        waiters = self._waiters.get(pool_name)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _overloaded(self, request: web.Request, pool: Pool, request_id: str) -> web.Response:
+        response = self._reject(request, OverloadedError(
+            f"every endpoint of pool {pool.name!r} is at its limit of {self._max_in_flight} "
+            "requests and the wait queue is full or timed out"), request_id)
+        response.headers[hdrs.RETRY_AFTER] = "1"
+        return response
+
+    def _skip_limited(self, pool: Pool, choice: Choice, now: float, key_hash: int,
+                      session: bool, keyed: bool) -> Choice | web.Response:
+        """Steer around endpoints that answered 429 recently (their Retry-After)."""
+        limited = pool.limited
+        for endpoint in [e for e, until in limited.items() if until <= now]:
+            del limited[endpoint]
+        if choice.endpoint not in limited:
+            return choice
+        try:
+            return pool.choose(key_hash, session=session, keyed=keyed,
+                               exclude=frozenset(limited))
+        except NoEndpointsError:
+            return self._all_limited(None, pool, now, None)
+
+    def _all_limited(self, request: web.Request | None, pool: Pool, now: float,
+                     request_id: str | None) -> web.Response:
+        wait = min((until - now for until in pool.limited.values() if until > now),
+                   default=self._retry_after_default)
+        seconds = max(1, math.ceil(wait))
+        exc = RateLimitedError(f"every endpoint of pool {pool.name!r} is rate limited; "
+                               f"retry after {seconds} s")
+        self.metrics.reject(exc.reason)
+        response = error_response(exc, request_id)
+        response.headers[hdrs.RETRY_AFTER] = str(seconds)
+        return response
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        pool: Pool,
+        choice: Choice,
+        body: bytes,
+        request_id: str,
+        stream: bool,
+        started: float,
+        retry_possible: bool,
+    ) -> web.StreamResponse | _Retry:
+        """One try on the chosen endpoint: relay the answer, or say why it may be retried.
 
         The endpoint's load is taken just before the ``try`` whose ``finally`` gives it back,
         so no failure in between can leave it counted.
@@ -362,32 +551,44 @@ class Proxy:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
         loop = asyncio.get_running_loop()
-        started = loop.time()
         endpoint = pool.endpoints[choice.endpoint]
         connections = client.pool(endpoint.url)
         head = self._upstream_head(request, connections, request_id, len(body))
         self.metrics.route(pool.name, choice.outcome)
-        watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout)
+        watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout, started)
         upstream: UpstreamResponse | None = None
         response: web.StreamResponse | None = None
         code = 0
+        failure: Failure | None = None
         lease = pool.acquire(choice)
-        self.in_flight += 1
-        self.idle.clear()
         try:
             upstream = await connections.request(head, body,
                                                  skip_body=request.method == hdrs.METH_HEAD)
+            code = upstream.status
+            if code >= 500:
+                failure = Failure.STATUS
             out_headers = filter_response_headers(upstream.headers)
             out_headers[HEADER_REQUEST_ID] = request_id
             if self._route_headers:
                 out_headers[HEADER_ENDPOINT] = endpoint.id
                 out_headers[HEADER_ROUTE] = choice.outcome
-            code = upstream.status
             length = upstream.content_length
-            if length is not None and length <= _BUFFER_LIMIT and not stream:
+            retryable = code in RETRY_STATUSES and retry_possible and (
+                length is None or length <= _BUFFER_LIMIT)
+            if retryable or (length is not None and length <= _BUFFER_LIMIT and not stream):
                 payload = await upstream.read_all()
                 self.metrics.first_byte_after(pool.name, loop.time() - started)
-                return web.Response(body=payload, status=code, headers=out_headers)
+                answer = web.Response(body=payload, status=code, headers=out_headers)
+                if retryable:
+                    retry_after = 0.0
+                    if code == 429:
+                        retry_after = parse_retry_after(
+                            upstream.header(b"retry-after"), time.time(),
+                            self._retry_after_default, self._retry_after_max)
+                    self.metrics.upstream_error(pool.name, endpoint.id, str(code))
+                    code = -1
+                    return _Retry(str(upstream.status), answer, retry_after)
+                return answer
             response = web.StreamResponse(status=code, headers=out_headers)
             if length is not None:
                 response.content_length = length
@@ -418,6 +619,7 @@ class Proxy:
             if task is not None:
                 task.uncancel()
             code = 504
+            failure = Failure.TIMEOUT
             if response is None or not response.prepared:
                 if watchdog.fired == "idle":
                     detail = (f"no response from {endpoint.id} within "
@@ -432,14 +634,24 @@ class Proxy:
                 f"upstream {watchdog.fired} timeout after the response started", "timeout")
         except UpstreamError as exc:
             code = 502
+            connect = isinstance(exc, UpstreamConnectError)
+            failure = Failure.CONNECT if connect else Failure.RESET
             if response is None or not response.prepared:
-                reason = "connect" if isinstance(exc, UpstreamConnectError) else "reset"
+                reason = "connect" if connect else "reset"
                 verb = "cannot connect to" if reason == "connect" else "failed before responding:"
-                return self._upstream_failure(
-                    request, pool, endpoint.id,
+                error = error_response(
                     BadGatewayError(f"{endpoint.id} {verb} {exc}" if reason == "reset"
-                                    else f"{verb} {endpoint.id}: {exc}"),
-                    reason, request_id)
+                                    else f"{verb} {endpoint.id}: {exc}"), request_id)
+                if retry_possible and upstream is None:
+                    # Nothing came back before the connection failed: retry elsewhere. (A
+                    # body that broke after the head is not retried.)
+                    self.metrics.upstream_error(pool.name, endpoint.id, reason)
+                    code = -1
+                    return _Retry(reason, error)
+                self.metrics.upstream_error(pool.name, endpoint.id, reason)
+                log.warning("upstream %s failed for %s %s: %s (request %s)", endpoint.id,
+                            request.method, request.path, exc, request_id)
+                return error
             return await self._broken_stream(request, response, pool, endpoint.id,
                                              f"upstream failed mid-response: {exc}",
                                              "mid_stream")
@@ -448,10 +660,16 @@ class Proxy:
             if upstream is not None:
                 upstream.release()
             lease.release()
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.idle.set()
-            self.metrics.request_done(pool.name, endpoint.id, code, loop.time() - started)
+            if self._waiters:
+                self._wake(pool.name)
+            health = self.health
+            if health is not None and code != 499:
+                if failure is None:
+                    health.success(pool.name, endpoint.id)
+                else:
+                    health.failure(pool.name, endpoint.id, failure)
+            if code >= 0:
+                self.metrics.request_done(pool.name, endpoint.id, code, loop.time() - started)
 
     def _upstream_failure(
         self,

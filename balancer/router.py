@@ -85,7 +85,19 @@ class Pool:
         self.load: dict[str, int] = {}
         """In-flight requests per endpoint id (only ids with requests, or known ones)."""
         self.routable: tuple[str, ...] = ()
+        """Endpoints on the ring: serving ones minus those health took out (all serving
+        ones in panic mode)."""
         self._routable_set: frozenset[str] = frozenset()
+        self.serving: tuple[str, ...] = ()
+        """Endpoints discovery says serve (not terminating)."""
+        self.out: frozenset[str] = frozenset()
+        """Endpoints health took out (ejected or failing checks)."""
+        self.panic_threshold = 0.5
+        """More than this fraction of serving endpoints out: route to all (panic mode)."""
+        self.panic = False
+        self.limited: dict[str, float] = {}
+        """Endpoints that answered 429, with the time (loop clock) until which they are
+        skipped; empty almost always, so the request path pays one truth test."""
         self.total_load = 0
         """Sum of ``load`` over routable endpoints: the CHWBL average's numerator."""
 
@@ -93,26 +105,47 @@ class Pool:
         """Replace the endpoint set; returns whether it changed (endpoints added, removed,
         or changed in URL, zone or serving)."""
         new = {e.id: e for e in endpoints}
-        routable = tuple(sorted(e.id for e in new.values() if e.serving))
-        changed = routable != self.routable or new != self.endpoints
+        serving = tuple(sorted(e.id for e in new.values() if e.serving))
+        changed = serving != self.serving or new != self.endpoints
         self.endpoints = new
-        if routable != self.routable:
-            self.routable = routable
-            self._routable_set = frozenset(routable)
-            self.ring.update(routable)
-            self.total_load = sum(self.load.get(i, 0) for i in routable)
+        self.serving = serving
+        self._update_routable()
         for endpoint_id in new:
             self.load.setdefault(endpoint_id, 0)
         for endpoint_id in [i for i, n in self.load.items() if n == 0 and i not in new]:
             del self.load[endpoint_id]
         return changed
 
-    def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True) -> Choice:
-        """Pick an endpoint; raises NoEndpointsError when the pool has none routable."""
+    def set_out(self, out: frozenset[str]) -> bool:
+        """Set the endpoints health took out; returns whether panic mode changed."""
+        self.out = out
+        was = self.panic
+        self._update_routable()
+        return self.panic != was
+
+    def _update_routable(self) -> None:
+        healthy = tuple(e for e in self.serving if e not in self.out)
+        out = len(self.serving) - len(healthy)
+        self.panic = bool(out) and out > self.panic_threshold * len(self.serving)
+        routable = self.serving if self.panic else healthy
+        if routable != self.routable:
+            self.routable = routable
+            self._routable_set = frozenset(routable)
+            self.ring.update(routable)
+            self.total_load = sum(self.load.get(i, 0) for i in routable)
+
+    def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True,
+               exclude: frozenset[str] | None = None) -> Choice:
+        """Pick an endpoint, never one in ``exclude`` (the endpoints a retry already tried);
+        raises NoEndpointsError when the pool has none routable (or none left)."""
         strategy = self.strategy if keyed else self.passthrough
-        choice = strategy.choose(
-            key_hash, self.routable, self.load, self.total_load, session=session
-        )
+        if exclude:
+            choice = strategy.choose(key_hash, self.routable, self.load, self.total_load,
+                                     session=session, exclude=exclude)
+        else:
+            choice = strategy.choose(
+                key_hash, self.routable, self.load, self.total_load, session=session
+            )
         if choice is None:
             raise NoEndpointsError(f"no endpoint available in pool {self.name!r}")
         return choice
@@ -141,6 +174,8 @@ class Router:
         self.pools: dict[str, Pool] = {
             p.name: Pool(p, settings.routing, rng) for p in settings.pools
         }
+        for pool in self.pools.values():
+            pool.panic_threshold = settings.health.panic_threshold
         self._by_model: dict[str, Pool] = {}
         self.models: tuple[str, ...] = ()
         self._index_models()

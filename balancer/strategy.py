@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -62,8 +62,10 @@ class Strategy(Protocol):
         total_load: int,
         *,
         session: bool = False,
+        exclude: Collection[str] = (),
     ) -> Choice | None:
-        """Pick one of ``candidates`` (non-empty, all routable), or None if there are none."""
+        """Pick one of ``candidates`` (all routable) but none of ``exclude`` (endpoints a
+        retry already tried), or None if there are none."""
         ...
 
 
@@ -90,6 +92,7 @@ class BoundedLoad:
         total_load: int,
         *,
         session: bool = False,
+        exclude: Collection[str] = (),
     ) -> Choice | None:
         n = len(candidates)
         if n == 0:
@@ -97,6 +100,8 @@ class BoundedLoad:
         bound = chwbl_bound(total_load, n, self.load_factor, self.min_bound)
         probes: list[Probe] = []
         for endpoint in self.ring.walk(key_hash):
+            if exclude and endpoint in exclude:
+                continue
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
             if current + 1 <= bound:
@@ -129,7 +134,10 @@ class LeastRequest:
         total_load: int,
         *,
         session: bool = False,
+        exclude: Collection[str] = (),
     ) -> Choice | None:
+        if exclude:
+            candidates = [c for c in candidates if c not in exclude]
         n = len(candidates)
         if n == 0:
             return None
@@ -155,7 +163,10 @@ class RoundRobin:
         total_load: int,
         *,
         session: bool = False,
+        exclude: Collection[str] = (),
     ) -> Choice | None:
+        if exclude:
+            candidates = [c for c in candidates if c not in exclude]
         if not candidates:
             return None
         endpoint = candidates[self._next % len(candidates)]
@@ -175,7 +186,10 @@ class Random:
         total_load: int,
         *,
         session: bool = False,
+        exclude: Collection[str] = (),
     ) -> Choice | None:
+        if exclude:
+            candidates = [c for c in candidates if c not in exclude]
         if not candidates:
             return None
         endpoint = self.rng.choice(candidates)

@@ -1,7 +1,7 @@
 """deploy/: every manifest passes the Kubernetes 1.34 schemas (strict), the kustomization
 builds with the real kubectl, and the configuration it ships is one balancer accepts.
 
-kubectl comes from ``scripts/fetch_kubectl.py`` (``make test`` runs it first); without it the
+kubectl comes from ``scripts/fetch_k8s_tools.py`` (``make test`` runs it first); without it the
 kustomize tests are skipped with a message saying so.
 """
 
@@ -35,7 +35,7 @@ def documents(text: str) -> list[dict[str, Any]]:
 def built() -> list[dict[str, Any]]:
     """``kubectl kustomize deploy/``, parsed."""
     if not KUBECTL.exists():
-        pytest.skip("kubectl missing: run `.venv/bin/python scripts/fetch_kubectl.py` "
+        pytest.skip("kubectl missing: run `.venv/bin/python scripts/fetch_k8s_tools.py` "
                     "(`make test` does)")
     result = subprocess.run([str(KUBECTL), "kustomize", str(DEPLOY)], capture_output=True,
                             text=True, timeout=60, check=False)

@@ -80,7 +80,7 @@ def test_check_config_prints_the_effective_configuration_as_yaml(
     printed = yaml.safe_load(out)
     assert printed == as_dict(load(config_file, environ={}))
     assert printed["routing"]["strategy"] == "chwbl"
-    assert list(printed) == ["server", "pools", "routing", "limits"]
+    assert list(printed) == ["server", "pools", "routing", "limits", "health", "retries", "drain"]
 
 
 def test_check_config_shows_flag_overrides(

@@ -1,0 +1,223 @@
+{{/*
+Names are cut to 63 characters: Kubernetes names and label values are DNS labels.
+*/}}
+{{- define "balancer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "balancer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The full name with a suffix, still within 63 characters.
+*/}}
+{{- define "balancer.suffixed" -}}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "balancer.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{- define "balancer.configMapName" -}}
+{{- include "balancer.suffixed" (list . "config") }}
+{{- end }}
+
+{{- define "balancer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels: immutable in a Deployment's selector, so they never include the version.
+*/}}
+{{- define "balancer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "balancer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object: the selector labels plus version and ownership.
+*/}}
+{{- define "balancer.labels" -}}
+helm.sh/chart: {{ include "balancer.chart" . }}
+{{ include "balancer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: balancer
+{{- end }}
+
+{{/*
+The service account balancer runs as: the chart's in gateway mode, the workload's in sidecar
+mode (then it must be named).
+*/}}
+{{- define "balancer.serviceAccountName" -}}
+{{- if eq .Values.mode "sidecar" }}
+{{- required "sidecar mode: set serviceAccount.name to the service account of the workload that runs the balancer sidecar" .Values.serviceAccount.name }}
+{{- else if .Values.serviceAccount.create }}
+{{- default (include "balancer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "balancer.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "balancer.port" -}}
+{{- (.Values.config.server | default dict).port | default 8080 | int }}
+{{- end }}
+
+{{- define "balancer.adminPort" -}}
+{{- (.Values.config.server | default dict).admin_port | default 9090 | int }}
+{{- end }}
+
+{{/*
+The namespaces whose EndpointSlices the pools watch, as a JSON list (sorted, unique); a pool
+without a namespace watches balancer's own, the release namespace.
+*/}}
+{{- define "balancer.watchedNamespaces" -}}
+{{- $namespaces := list }}
+{{- range .Values.config.pools | default list }}
+{{- if .kubernetes }}
+{{- $namespaces = append $namespaces (default $.Release.Namespace .kubernetes.namespace) }}
+{{- end }}
+{{- end }}
+{{- $namespaces | uniq | sortAlpha | toJson }}
+{{- end }}
+
+{{/*
+"true" when balancer needs a service-account token: a pool discovers endpoints from a Service
+and no kubeconfig file is configured.
+*/}}
+{{- define "balancer.needsToken" -}}
+{{- $kubeconfig := (.Values.config.kubernetes | default dict).kubeconfig }}
+{{- if and (ne (include "balancer.watchedNamespaces" .) "[]") (not $kubeconfig) }}true{{ end }}
+{{- end }}
+
+{{/*
+Seconds balancer may spend draining after SIGTERM: config.drain.delay (still accepting while
+/readyz fails) + config.drain.timeout (in-flight requests finishing). The fallbacks are
+balancer's own defaults (a test keeps them in step with balancer.config.DrainSettings).
+*/}}
+{{- define "balancer.drainSeconds" -}}
+{{- $drain := .Values.config.drain | default dict }}
+{{- $delay := 5.0 }}
+{{- if hasKey $drain "delay" }}{{ $delay = $drain.delay }}{{ end }}
+{{- $timeout := 120.0 }}
+{{- if hasKey $drain "timeout" }}{{ $timeout = $drain.timeout }}{{ end }}
+{{- addf $delay $timeout | ceil | int }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value if set (refused when shorter than the preStop sleep
+plus the drain, as SIGKILL would cut streams that balancer means to finish); else that sum
+plus 10 s. Call with (dict "root" $ "preStop" seconds).
+*/}}
+{{- define "balancer.gracePeriod" -}}
+{{- $root := .root }}
+{{- $needed := add (int .preStop) (include "balancer.drainSeconds" $root | int) }}
+{{- with $root.Values.terminationGracePeriodSeconds }}
+{{- if lt (int .) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + config.drain.delay + config.drain.timeout (%d)" (int .) (int $needed)) }}
+{{- end }}
+{{- int . }}
+{{- else }}
+{{- add $needed 10 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The balancer container, shared by the gateway Deployment and the sidecar snippet.
+Call with (dict "root" $ "resources" ... "preStop" bool).
+*/}}
+{{- define "balancer.containerSpec" -}}
+{{- $root := .root -}}
+name: balancer
+image: {{ include "balancer.image" $root }}
+imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+command: ["balancer"]
+args: ["serve", "--config", "/etc/balancer/balancer.yaml"]
+{{- with $root.Values.env }}
+env:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+ports:
+  - name: http
+    containerPort: {{ include "balancer.port" $root }}
+    protocol: TCP
+  - name: admin
+    containerPort: {{ include "balancer.adminPort" $root }}
+    protocol: TCP
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: admin
+  periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
+  failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: admin
+  periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
+  failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+{{- if and .preStop (gt (int $root.Values.preStopSleepSeconds) 0) }}
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ $root.Values.preStopSleepSeconds }}
+{{- end }}
+{{- with .resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.securityContext | nindent 2 }}
+volumeMounts:
+  - name: balancer-config
+    mountPath: /etc/balancer
+    readOnly: true
+  - name: balancer-tmp
+    mountPath: /tmp
+{{- end }}
+
+{{/*
+The volumes the balancer container mounts.
+*/}}
+{{- define "balancer.volumes" -}}
+- name: balancer-config
+  configMap:
+    name: {{ include "balancer.configMapName" . }}
+- name: balancer-tmp
+  emptyDir:
+    sizeLimit: 16Mi
+{{- end }}
+
+{{/*
+Sidecar mode, for a parent chart that depends on this one:
+
+  initContainers:   # native sidecar (sidecar.native: true); under `containers` otherwise
+    {{- include "balancer.sidecar.container" .Subcharts.balancer | nindent 4 }}
+  volumes:
+    {{- include "balancer.sidecar.volumes" .Subcharts.balancer | nindent 4 }}
+
+The pod also needs `serviceAccountName` (the one the RoleBinding names),
+`enableServiceLinks: false` and terminationGracePeriodSeconds of at least 35.
+*/}}
+{{- define "balancer.sidecar.container" -}}
+- {{ include "balancer.containerSpec" (dict "root" . "resources" .Values.sidecar.resources "preStop" false) | indent 2 | trim }}
+{{- if .Values.sidecar.native }}
+  restartPolicy: Always
+{{- end }}
+{{- end }}
+
+{{- define "balancer.sidecar.volumes" -}}
+{{ include "balancer.volumes" . }}
+{{- end }}
