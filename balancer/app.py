@@ -20,9 +20,10 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from balancer import discovery
+from balancer.cli import explain
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
-from balancer.errors import error_body
+from balancer.errors import BalancerError, error_body
 from balancer.health import HealthMonitor
 from balancer.metrics import Metrics, PoolState
 from balancer.models import ModelLearner
@@ -136,6 +137,7 @@ class Balancer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/debug/endpoints", self._debug_endpoints)
         app.router.add_get("/debug/config", self._debug_config)
+        app.router.add_post("/debug/route", self._debug_route)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -176,11 +178,34 @@ class Balancer:
                         "out": endpoint.id in pool.out,
                         "in_flight": pool.load.get(endpoint.id, 0),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
+                        "health_history": self.health.events(name, endpoint.id),
                     }
                     for endpoint in sorted(pool.endpoints.values(), key=lambda e: e.id)
                 ],
             }
         return web.json_response({"pools": pools}, dumps=lambda o: json.dumps(o, indent=2))
+
+    async def _debug_route(self, request: web.Request) -> web.Response:
+        """POST a request body: its key, ring walk and choice against the live endpoints and
+        load, sending nothing upstream and taking no load (``balancer route`` on the CLI
+        answers the same from a configuration file). ``?path=`` names the API path, the
+        session header is read as the proxy would."""
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError) as e:
+            return web.json_response(error_body(f"request body is not valid JSON: {e}",
+                                                "invalid_request_error", 400), status=400)
+        if not isinstance(body, dict):
+            return web.json_response(error_body("request body must be a JSON object",
+                                                "invalid_request_error", 400), status=400)
+        try:
+            result = explain(self.settings, self.router, body,
+                             path=request.query.get("path"),
+                             session=request.headers.get(self.settings.routing.session_header))
+        except BalancerError as exc:
+            return web.json_response(error_body(exc.message, exc.type, exc.status, exc.param),
+                                     status=exc.status)
+        return web.json_response(result, dumps=lambda o: json.dumps(o, indent=2))
 
     async def _debug_config(self, request: web.Request) -> web.Response:
         return web.json_response(as_dict(self.settings),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from balancer import __version__
 from balancer.config import ConfigError, PoolSettings, Settings, as_dict, load
 from balancer.discovery import StaticDiscovery
 from balancer.errors import BalancerError
+from balancer.logs import configure_logging
 from balancer.prefix import Kind, model_of, routing_key, session_key, validate
 from balancer.ring import hash_key
 from balancer.router import Router
@@ -28,6 +28,7 @@ _SHORTCUTS = {
     "port": "server.port",
     "admin_port": "server.admin_port",
     "log_level": "server.log_level",
+    "log_format": "server.log_format",
     "strategy": "routing.strategy",
     "load_factor": "routing.load_factor",
     "virtual_nodes": "routing.virtual_nodes",
@@ -51,6 +52,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool)
     group.add_argument("--port", type=int, help="proxy port (server.port)")
     group.add_argument("--admin-port", type=int, help="admin port (server.admin_port)")
     group.add_argument("--log-level", help="debug, info, warning or error (server.log_level)")
+    group.add_argument("--log-format", help="auto, json or text (server.log_format)")
     group.add_argument("--strategy", help="chwbl, least-request, round-robin or random")
     group.add_argument("--load-factor", type=float, help="CHWBL load factor c (>= 1.0)")
     group.add_argument("--virtual-nodes", type=int, help="ring points per endpoint")
@@ -77,21 +79,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load(args.config, overrides=overrides, extra_pools=extra)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from balancer.app import serve
 
     settings = settings_from_args(args)
-    _configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, settings.server.log_format)
     return uvloop.run(serve(settings))
 
 
@@ -127,10 +121,27 @@ def explain_route(
     walk_limit: int = 8,
 ) -> dict[str, Any]:
     """Where a request would go, and why: the pure routing path without sending anything."""
-    kind = _kind_for(body, path)
-    validate(kind, body)
     router = Router(settings)
     router.apply(StaticDiscovery(settings.pools).snapshot())
+    return explain(settings, router, body, path=path, session=session, loads=loads,
+                   walk_limit=walk_limit)
+
+
+def explain(
+    settings: Settings,
+    router: Router,
+    body: dict[str, Any],
+    *,
+    path: str | None = None,
+    session: str | None = None,
+    loads: dict[str, int] | None = None,
+    walk_limit: int = 8,
+) -> dict[str, Any]:
+    """:func:`explain_route` against a given router: the CLI's own, or a running balancer's
+    (``/debug/route``, with ``loads`` None so its live load is read and never changed).
+    Nothing is acquired, so the decision leaves no load behind."""
+    kind = _kind_for(body, path)
+    validate(kind, body)
     pool = router.pool_for_model(model_of(body))
     for endpoint_id, load_ in (loads or {}).items():
         if endpoint_id in pool.endpoints:

@@ -56,6 +56,9 @@ class ServerSettings:
     affinity; turn off to hide topology from clients)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    log_format: str = "auto"
+    """auto (JSON lines unless stderr is a terminal), json or text; log collectors index
+    JSON fields, people read text."""
 
 
 @dataclass(frozen=True)
@@ -439,6 +442,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(
             f"server.log_level: {s.log_level!r} is not one of debug, info, warning, error"
         )
+    if s.log_format not in {"auto", "json", "text"}:
+        raise ConfigError(f"server.log_format: {s.log_format!r} is not one of auto, json, text")
     if not (math.isfinite(r.load_factor) and r.load_factor >= 1.0):
         raise ConfigError(f"routing.load_factor: {r.load_factor} must be a number >= 1.0")
     if not 1 <= r.virtual_nodes <= 4096:

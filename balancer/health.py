@@ -22,8 +22,11 @@ import enum
 import logging
 import math
 import random
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -166,6 +169,9 @@ class PoolHealth:
         return frozenset(e for e, s in self.states.items() if s.ejected_until or s.check_down)
 
 
+HISTORY_PER_ENDPOINT = 20
+"""Health events kept per endpoint for /debug/endpoints: enough to see a flapping pod."""
+
 OnChange = Callable[[str, frozenset[str]], None]
 """Called with a pool name and its new out-set."""
 
@@ -186,6 +192,18 @@ class HealthMonitor:
         self._session: aiohttp.ClientSession | None = None
         self.ejections: list[tuple[str, Ejection]] = []
         """Recent ejections (pool, decision), for tests and /debug; capped."""
+        self.history: dict[tuple[str, str], deque[dict[str, Any]]] = {}
+        """Recent health events per (pool, endpoint), newest last, for /debug/endpoints:
+        ejections, returns and check-state changes (not every probe)."""
+
+    def _record(self, pool: str, endpoint: str, event: str, **detail: Any) -> None:
+        events = self.history.get((pool, endpoint))
+        if events is None:
+            events = self.history[(pool, endpoint)] = deque(maxlen=HISTORY_PER_ENDPOINT)
+        events.append({"time": round(time.time(), 3), "event": event, **detail})
+
+    def events(self, pool: str, endpoint: str) -> list[dict[str, Any]]:
+        return list(self.history.get((pool, endpoint), ()))
 
     # -- passive, from the request path ------------------------------------------------------
 
@@ -205,6 +223,8 @@ class HealthMonitor:
             self.metrics.ejection(pool, endpoint, kind.value)
         self.ejections.append((pool, ejection))
         del self.ejections[:-100]
+        self._record(pool, endpoint, "ejected", cause=kind.value, seconds=ejection.seconds,
+                     trial=ejection.trial)
         self._publish(pool)
         self._schedule(pool)
 
@@ -222,6 +242,8 @@ class HealthMonitor:
         back = self.pools[pool].expire(asyncio.get_running_loop().time())
         if back:
             log.info("pool %s: %s back on trial", pool, ", ".join(back))
+            for endpoint in back:
+                self._record(pool, endpoint, "on_trial")
             self._publish(pool)
         self._schedule(pool)
 
@@ -243,6 +265,8 @@ class HealthMonitor:
                         self._probe_loop(pool, endpoint), name=f"health-{endpoint.id}")
         for key in [k for k in self._probes if k[0] == pool and k[1] not in endpoints]:
             self._probes.pop(key).cancel()
+        for key in [k for k in self.history if k[0] == pool and k[1] not in endpoints]:
+            del self.history[key]
         self._publish(pool)
 
     async def _probe_loop(self, pool: str, endpoint: Endpoint) -> None:
@@ -256,6 +280,7 @@ class HealthMonitor:
             if self.pools[pool].check(endpoint.id, ok):
                 log.warning("pool %s: %s %s its health checks", pool, endpoint.id,
                             "passes" if ok else "fails")
+                self._record(pool, endpoint.id, "checks_pass" if ok else "checks_fail")
                 self._publish(pool)
             await asyncio.sleep(s.interval * self._rng.uniform(0.9, 1.1))
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,8 +30,19 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 )
 
+# Ring walks are short: 1 is the key's own endpoint, a handful means overflow under load.
+WALK_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
+
 PoolState = tuple[str, str, int, bool]
 """(pool, endpoint id, in-flight requests, routable) for the state collector."""
+
+
+def _status_class(code: int) -> str:
+    """``2xx``-style class of an HTTP status; 499 (client gone) keeps its own label so it is
+    never mistaken for a client error the upstream returned."""
+    if code == 499:
+        return "499"
+    return f"{code // 100}xx"
 
 
 class _StateCollector(Collector):
@@ -60,12 +79,66 @@ class Metrics:
         self,
         registry: CollectorRegistry,
         state: Callable[[], Iterable[PoolState]] | None = None,
+        process: bool = True,
     ) -> None:
         self.registry = registry
         self.requests = Counter(
             "balancer_requests_total",
-            "Requests answered, by pool, endpoint and HTTP status code.",
-            ["pool", "endpoint", "code"],
+            "Requests answered, by pool, endpoint, route outcome (primary, overflow, session, "
+            "fallback), HTTP status code and status class (2xx, 4xx, 5xx; 499: the client "
+            "went away).",
+            ["pool", "endpoint", "outcome", "code", "class"],
+            registry=registry,
+        )
+        self.ring_walk = Histogram(
+            "balancer_ring_walk_length",
+            "Endpoints examined on the ring per routing decision (1: the key's own endpoint "
+            "took it; more: the ones before it were at the load bound).",
+            ["pool"],
+            buckets=WALK_BUCKETS,
+            registry=registry,
+        )
+        self.bound = Gauge(
+            "balancer_pool_load_bound",
+            "The CHWBL load bound (in-flight requests per endpoint) at the pool's latest "
+            "keyed routing decision.",
+            ["pool"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "balancer_prompt_tokens_total",
+            "Prompt tokens reported by endpoints in response usage (non-streaming bodies and "
+            "the final usage event of streams), by pool and endpoint.",
+            ["pool", "endpoint"],
+            registry=registry,
+        )
+        self.cached_tokens = Counter(
+            "balancer_cached_prompt_tokens_total",
+            "Prompt tokens the endpoint served from its prefix cache "
+            "(usage.prompt_tokens_details.cached_tokens), by pool and endpoint; divided by "
+            "balancer_prompt_tokens_total it is the cache hit rate.",
+            ["pool", "endpoint"],
+            registry=registry,
+        )
+        self.usage_responses = Counter(
+            "balancer_usage_responses_total",
+            "Responses whose usage balancer read, by pool and endpoint (the denominator that "
+            "says how much traffic the token counters cover).",
+            ["pool", "endpoint"],
+            registry=registry,
+        )
+        self.stream_chunks = Counter(
+            "balancer_stream_chunks_total",
+            "Response body chunks relayed to clients on the streaming path, by pool and "
+            "endpoint.",
+            ["pool", "endpoint"],
+            registry=registry,
+        )
+        self.stream_bytes = Counter(
+            "balancer_stream_bytes_total",
+            "Response body bytes relayed to clients on the streaming path, by pool and "
+            "endpoint.",
+            ["pool", "endpoint"],
             registry=registry,
         )
         self.route_decisions = Counter(
@@ -169,6 +242,12 @@ class Metrics:
         )
         if state is not None:
             registry.register(_StateCollector(state))
+        if process:
+            # The default registry's collectors (CPU, memory, file descriptors, GC, Python
+            # version), registered here because balancer uses its own registry.
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -178,12 +257,31 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def request_done(self, pool: str, endpoint: str, code: int, duration: float) -> None:
-        self._child(self.requests, pool, endpoint, str(code)).inc()
+    def request_done(self, pool: str, endpoint: str, outcome: str, code: int,
+                     duration: float) -> None:
+        self._child(self.requests, pool, endpoint, outcome, str(code),
+                    _status_class(code)).inc()
         self._child(self.duration, pool).observe(duration)
 
-    def route(self, pool: str, outcome: str) -> None:
+    def route(self, pool: str, outcome: str, walk: int = 0, bound: int | None = None) -> None:
+        """A routing decision; ``walk`` endpoints examined on the ring (0: not a ring walk),
+        ``bound`` the CHWBL bound it was taken under (None: no bound)."""
         self._child(self.route_decisions, pool, outcome).inc()
+        if walk:
+            self._child(self.ring_walk, pool).observe(walk)
+        if bound is not None:
+            self._child(self.bound, pool).set(bound)
+
+    def usage(self, pool: str, endpoint: str, prompt: int, cached: int) -> None:
+        """Token usage an endpoint reported for one response."""
+        self._child(self.usage_responses, pool, endpoint).inc()
+        self._child(self.prompt_tokens, pool, endpoint).inc(prompt)
+        self._child(self.cached_tokens, pool, endpoint).inc(cached)
+
+    def streamed(self, pool: str, endpoint: str, chunks: int, size: int) -> None:
+        """Once per relayed stream: its chunk and byte counts (not per chunk)."""
+        self._child(self.stream_chunks, pool, endpoint).inc(chunks)
+        self._child(self.stream_bytes, pool, endpoint).inc(size)
 
     def first_byte_after(self, pool: str, seconds: float) -> None:
         self._child(self.first_byte, pool).observe(seconds)

@@ -67,6 +67,8 @@ from balancer.upstream import (
 from balancer.upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("balancer.access")
+"""One line per forwarded request, after its response ended (fields in ``extra``)."""
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies still meet.
 HOP_BY_HOP: Final = frozenset(
@@ -125,6 +127,60 @@ def filter_response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[s
     return out
 
 
+def usage_of(data: object) -> tuple[int, int] | None:
+    """(prompt tokens, cached prompt tokens) from an OpenAI response object's ``usage``, or
+    None if it has none (vLLM and others put ``cached_tokens`` under
+    ``usage.prompt_tokens_details`` when prefix caching is on)."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(prompt, int) or isinstance(prompt, bool):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not isinstance(cached, int) or isinstance(cached, bool):
+        cached = 0
+    return prompt, cached
+
+
+def body_usage(payload: bytes) -> tuple[int, int] | None:
+    """Usage from a whole JSON response body; a substring test first, so bodies without
+    usage (and compressed ones) cost no parse."""
+    if b'"usage"' not in payload:
+        return None
+    try:
+        return usage_of(json.loads(payload))
+    except (ValueError, RecursionError):
+        return None
+
+
+def stream_usage(tail: bytes) -> tuple[int, int] | None:
+    """Usage from the last SSE event that carries it in ``tail`` (the end of a stream).
+
+    Only the tail is parsed, once per stream: the usage event (``stream_options.
+    include_usage``) comes last, just before ``data: [DONE]``.
+    """
+    end = len(tail)
+    while True:
+        at = tail.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        start = tail.rfind(b"data:", 0, at)
+        if start < 0:
+            return None
+        stop = tail.find(b"\n", at)
+        try:
+            found = usage_of(json.loads(tail[start + 5:stop if stop >= 0 else len(tail)]))
+        except (ValueError, RecursionError):
+            found = None
+        if found is not None:
+            return found
+        end = start
+
+
 def error_response(exc: BalancerError, request_id: str | None = None) -> web.Response:
     body = error_body(exc.message, exc.type, exc.status, exc.param)
     headers = {HEADER_REQUEST_ID: request_id} if request_id else None
@@ -134,6 +190,14 @@ def error_response(exc: BalancerError, request_id: str | None = None) -> web.Res
 def sse_error_event(message: str, type_: str, code: int) -> bytes:
     """An SSE event OpenAI clients raise as an API error mid-stream."""
     return b"data: " + json.dumps(error_body(message, type_, code)).encode() + b"\n\n"
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and b"json" in content_type.lower()
+
+
+def _is_event_stream(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.lower().startswith(b"text/event-stream")
 
 
 class _Watchdog:
@@ -263,7 +327,7 @@ class Proxy:
             return self._reject(request, exc, request_id)
         return await self._forward(request, pool, choice, body, request_id,
                                    stream=data.get("stream") is True, key_hash=key_hash,
-                                   session=session is not None)
+                                   session=session is not None, model=data["model"])
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
@@ -393,6 +457,7 @@ class Proxy:
         key_hash: int = 0,
         session: bool = False,
         keyed: bool = True,
+        model: str = "",
     ) -> web.StreamResponse:
         """Forward with retries: an attempt that fails before anything reached the client
         (connect error, reset before the head, 429/502/503/504) goes to the next distinct
@@ -421,7 +486,8 @@ class Proxy:
                         return self._overloaded(request, pool, request_id)
                     choice = admitted
                 result = await self._attempt(request, pool, choice, body, request_id, stream,
-                                             started, attempt < self._max_attempts)
+                                             started, attempt < self._max_attempts,
+                                             model, key_hash if keyed else None, attempt)
                 if not isinstance(result, _Retry):
                     return result
                 tried.add(choice.endpoint)
@@ -540,6 +606,9 @@ class Proxy:
         stream: bool,
         started: float,
         retry_possible: bool,
+        model: str = "",
+        key_hash: int | None = None,
+        attempt: int = 1,
     ) -> web.StreamResponse | _Retry:
         """One try on the chosen endpoint: relay the answer, or say why it may be retried.
 
@@ -554,11 +623,14 @@ class Proxy:
         endpoint = pool.endpoints[choice.endpoint]
         connections = client.pool(endpoint.url)
         head = self._upstream_head(request, connections, request_id, len(body))
-        self.metrics.route(pool.name, choice.outcome)
+        self.metrics.route(pool.name, choice.outcome, len(choice.probes), choice.bound)
         watchdog = _Watchdog(loop, self._first_byte_timeout, self._total_timeout, started)
         upstream: UpstreamResponse | None = None
         response: web.StreamResponse | None = None
         code = 0
+        first_byte = -1.0
+        usage: tuple[int, int] | None = None
+        chunks = size = 0
         failure: Failure | None = None
         lease = pool.acquire(choice)
         try:
@@ -577,7 +649,8 @@ class Proxy:
                 length is None or length <= _BUFFER_LIMIT)
             if retryable or (length is not None and length <= _BUFFER_LIMIT and not stream):
                 payload = await upstream.read_all()
-                self.metrics.first_byte_after(pool.name, loop.time() - started)
+                first_byte = loop.time() - started
+                self.metrics.first_byte_after(pool.name, first_byte)
                 answer = web.Response(body=payload, status=code, headers=out_headers)
                 if retryable:
                     retry_after = 0.0
@@ -588,20 +661,31 @@ class Proxy:
                     self.metrics.upstream_error(pool.name, endpoint.id, str(code))
                     code = -1
                     return _Retry(str(upstream.status), answer, retry_after)
+                if code == 200 and _is_json(upstream.header(b"content-type")):
+                    usage = body_usage(payload)
                 return answer
             response = web.StreamResponse(status=code, headers=out_headers)
             if length is not None:
                 response.content_length = length
             chunk = await upstream.read()
-            self.metrics.first_byte_after(pool.name, loop.time() - started)
+            first_byte = loop.time() - started
+            self.metrics.first_byte_after(pool.name, first_byte)
             watchdog.set_window(self._idle_timeout)
+            # The last two chunks are kept (references, not copies) so the usage event at
+            # the end of a stream can be read once it ends, without parsing any chunk.
+            before = last = b""
             try:
                 await response.prepare(request)
                 while chunk:
                     await response.write(chunk)
+                    chunks += 1
+                    size += len(chunk)
+                    before, last = last, chunk
                     chunk = await upstream.read()
                     watchdog.touch()
                 await response.write_eof()
+                if code == 200 and _is_event_stream(upstream.header(b"content-type")):
+                    usage = stream_usage(before + last)
             except ConnectionResetError:
                 # Writing to the client failed: it is gone (aiohttp's write error is a
                 # ConnectionResetError). Releasing the unfinished upstream closes it.
@@ -668,8 +752,37 @@ class Proxy:
                     health.success(pool.name, endpoint.id)
                 else:
                     health.failure(pool.name, endpoint.id, failure)
+            if chunks:
+                self.metrics.streamed(pool.name, endpoint.id, chunks, size)
+            if usage is not None:
+                self.metrics.usage(pool.name, endpoint.id, usage[0], usage[1])
             if code >= 0:
-                self.metrics.request_done(pool.name, endpoint.id, code, loop.time() - started)
+                duration = loop.time() - started
+                self.metrics.request_done(pool.name, endpoint.id, choice.outcome, code,
+                                          duration)
+                if access_log.isEnabledFor(logging.INFO):
+                    access_log.info(
+                        "%s %s %d %s %s %.1fms", request.method, request.path, code,
+                        endpoint.id, choice.outcome, duration * 1000,
+                        extra={"access": {
+                            "request_id": request_id,
+                            "method": request.method,
+                            "path": request.path,
+                            "model": model,
+                            "pool": pool.name,
+                            "endpoint": endpoint.id,
+                            "route": choice.outcome,
+                            "key_hash": None if key_hash is None else f"{key_hash:016x}",
+                            "status": code,
+                            "attempts": attempt,
+                            "ttfb_ms": None if first_byte < 0 else round(first_byte * 1000, 3),
+                            "duration_ms": round(duration * 1000, 3),
+                            "prompt_tokens": None if usage is None else usage[0],
+                            "cached_tokens": None if usage is None else usage[1],
+                            "stream_chunks": chunks,
+                            "stream_bytes": size,
+                        }},
+                    )
 
     def _upstream_failure(
         self,

@@ -118,7 +118,8 @@ class Upstream:
                 usage = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
                          "model": body["model"], "choices": [],
                          "usage": {"prompt_tokens": 5, "completion_tokens": self.chunks,
-                                   "total_tokens": 5 + self.chunks}}
+                                   "total_tokens": 5 + self.chunks,
+                                   "prompt_tokens_details": {"cached_tokens": 3}}}
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -135,7 +136,8 @@ class Upstream:
             "id": "cmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"from {self.name}"}}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                      "prompt_tokens_details": {"cached_tokens": 3}},
         }
 
 

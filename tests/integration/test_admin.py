@@ -100,3 +100,24 @@ async def test_endpoint_changes_apply_without_restart(upstreams, start_balancer)
     for i in range(5):
         async with run.http.post(run.url + "/v1/chat/completions", json=chat_body(f"{i}")) as r:
             assert r.headers["x-balancer-endpoint"] == ups[1].endpoint_id
+
+
+async def test_debug_endpoints_show_each_endpoints_health_history(upstreams, start_balancer):
+    """An endpoint ejected for refusing connections shows the ejection in its history."""
+    alive, dead = await upstreams(2)
+    dead_url, dead_id = dead.url, dead.endpoint_id
+    assert dead.server is not None
+    await dead.server.close()
+    run = await start_balancer(make_settings([alive.url, dead_url]))
+    for i in range(20):
+        async with run.http.post(run.url + "/v1/chat/completions", json=chat_body(f"k{i}")) as r:
+            assert r.status == 200  # retried on the live endpoint
+        if run.balancer.health.events("llama", dead_id):
+            break
+    async with run.http.get(run.admin_url + "/debug/endpoints") as r:
+        body = await r.json()
+    by_id = {e["id"]: e for e in body["pools"]["llama"]["endpoints"]}
+    history = by_id[dead_id]["health_history"]
+    assert history and history[0]["event"] == "ejected"
+    assert history[0]["cause"] == "connect"
+    assert by_id[alive.endpoint_id]["health_history"] == []
