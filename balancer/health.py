@@ -244,6 +244,8 @@ class HealthMonitor:
             log.info("pool %s: %s back on trial", pool, ", ".join(back))
             for endpoint in back:
                 self._record(pool, endpoint, "on_trial")
+                if self.metrics is not None:
+                    self.metrics.returned(pool, endpoint)
             self._publish(pool)
         self._schedule(pool)
 

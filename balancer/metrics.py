@@ -222,6 +222,13 @@ class Metrics:
             ["pool", "endpoint", "cause"],
             registry=registry,
         )
+        self.returns = Counter(
+            "balancer_endpoint_returns_total",
+            "Ejected endpoints whose ejection ended (back on a half-open trial), by pool and "
+            "endpoint.",
+            ["pool", "endpoint"],
+            registry=registry,
+        )
         self.endpoints_out = Gauge(
             "balancer_pool_endpoints_out",
             "Serving endpoints health has taken out of the ring (ejected or failing checks).",
@@ -300,6 +307,9 @@ class Metrics:
 
     def ejection(self, pool: str, endpoint: str, cause: str) -> None:
         self._child(self.ejections, pool, endpoint, cause).inc()
+
+    def returned(self, pool: str, endpoint: str) -> None:
+        self._child(self.returns, pool, endpoint).inc()
 
     def health_state(self, pool: str, out: int, panic: bool) -> None:
         self.endpoints_out.labels(pool).set(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,3 +122,25 @@ async def test_debug_endpoints_show_each_endpoints_health_history(upstreams, sta
     assert history and history[0]["event"] == "ejected"
     assert history[0]["cause"] == "connect"
     assert by_id[alive.endpoint_id]["health_history"] == []
+
+
+async def test_an_ejection_that_ends_is_counted_as_a_return(upstreams, start_balancer):
+    """When an ejection ends the endpoint goes on trial: a history event and a metric."""
+    alive, dead = await upstreams(2)
+    dead_url, dead_id = dead.url, dead.endpoint_id
+    assert dead.server is not None
+    await dead.server.close()
+    settings = make_settings([alive.url, dead_url])
+    settings = replace(settings, health=replace(settings.health, ejection_time=0.2,
+                                                active=False))
+    run = await start_balancer(settings)
+    for i in range(20):
+        async with run.http.post(run.url + "/v1/chat/completions", json=chat_body(f"k{i}")) as r:
+            assert r.status == 200
+        if run.balancer.health.events("llama", dead_id):
+            break
+    async with asyncio.timeout(5):
+        while not any(e["event"] == "on_trial"
+                      for e in run.balancer.health.events("llama", dead_id)):
+            await asyncio.sleep(0.05)
+    assert await run.metric("balancer_endpoint_returns_total", endpoint=dead_id) == 1
