@@ -456,34 +456,25 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"limits.max_body_bytes: {lim.max_body_bytes} must be >= 1024")
     if lim.max_header_bytes < 1024:
         raise ConfigError(f"limits.max_header_bytes: {lim.max_header_bytes} must be >= 1024")
-    for key in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
-        value = getattr(lim, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"limits.{key}: {value} must be a number of seconds > 0")
+    _positive_seconds("limits", lim, "connect_timeout", "first_byte_timeout", "idle_timeout")
     if lim.max_in_flight_per_endpoint < 0:
         raise ConfigError(f"limits.max_in_flight_per_endpoint: "
                           f"{lim.max_in_flight_per_endpoint} must be >= 0 (0 = no limit)")
     if lim.queue_size < 0:
         raise ConfigError(f"limits.queue_size: {lim.queue_size} must be >= 0")
-    if not (math.isfinite(lim.queue_timeout) and lim.queue_timeout > 0):
-        raise ConfigError(f"limits.queue_timeout: {lim.queue_timeout} must be a number of "
-                          "seconds > 0")
+    _positive_seconds("limits", lim, "queue_timeout")
     if not (math.isfinite(lim.total_timeout) and lim.total_timeout >= 0):
         raise ConfigError(f"limits.total_timeout: {lim.total_timeout} must be >= 0 (0 = off)")
     k8s = settings.kubernetes
     if k8s.watch_timeout < 1:
         raise ConfigError(f"kubernetes.watch_timeout: {k8s.watch_timeout} must be >= 1 second")
-    for key in ("request_timeout", "relist_interval", "backoff_initial", "backoff_max"):
-        value = getattr(k8s, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"kubernetes.{key}: {value} must be a number of seconds > 0")
+    _positive_seconds("kubernetes", k8s, "request_timeout", "relist_interval",
+                      "backoff_initial", "backoff_max")
     if k8s.backoff_max < k8s.backoff_initial:
         raise ConfigError(f"kubernetes.backoff_max: {k8s.backoff_max} must be >= "
                           f"kubernetes.backoff_initial ({k8s.backoff_initial})")
-    for key in ("refresh_interval", "timeout"):
-        value = getattr(settings.model_discovery, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"model_discovery.{key}: {value} must be a number of seconds > 0")
+    _positive_seconds("model_discovery", settings.model_discovery, "refresh_interval",
+                      "timeout")
     _validate_resilience(settings)
     if not settings.pools:
         raise ConfigError("pools: at least one pool is required")
@@ -526,14 +517,19 @@ def validate(settings: Settings) -> Settings:
     return settings
 
 
+def _positive_seconds(section: str, values: Any, *keys: str) -> None:
+    """Each named duration must be a finite number of seconds above zero."""
+    for key in keys:
+        value = getattr(values, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{section}.{key}: {value} must be a number of seconds > 0")
+
+
 def _validate_resilience(settings: Settings) -> None:
     h, r, d = settings.health, settings.retries, settings.drain
     if not h.path.startswith("/"):
         raise ConfigError(f"health.path: {h.path!r} must start with '/'")
-    for key in ("interval", "timeout", "ejection_time", "max_ejection_time"):
-        value = getattr(h, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"health.{key}: {value} must be a number of seconds > 0")
+    _positive_seconds("health", h, "interval", "timeout", "ejection_time", "max_ejection_time")
     if h.max_ejection_time < h.ejection_time:
         raise ConfigError(f"health.max_ejection_time: {h.max_ejection_time} must be >= "
                           f"health.ejection_time ({h.ejection_time})")
@@ -548,10 +544,7 @@ def _validate_resilience(settings: Settings) -> None:
         raise ConfigError(f"retries.budget_ratio: {r.budget_ratio} must be in 0..1")
     if r.budget_min_retries < 0:
         raise ConfigError(f"retries.budget_min_retries: {r.budget_min_retries} must be >= 0")
-    for key in ("budget_window", "retry_after_default", "retry_after_max"):
-        value = getattr(r, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"retries.{key}: {value} must be a number of seconds > 0")
+    _positive_seconds("retries", r, "budget_window", "retry_after_default", "retry_after_max")
     for key in ("delay", "timeout"):
         value = getattr(d, key)
         if not (math.isfinite(value) and value >= 0):

@@ -82,7 +82,8 @@ HOP_BY_HOP: Final = frozenset(
 # Set for the upstream hop by balancer itself: Host from the endpoint URL, the length of the
 # body we send, and the forwarding headers (X-Forwarded-For is extended, not replaced).
 _NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {
-    "host", "content-length", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+    "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    "x-request-id",
 }
 # Set by the server for the client hop.
 _NOT_FORWARDED_RESPONSE: Final = frozenset(
@@ -434,10 +435,8 @@ class Proxy:
         headers = filter_request_headers(request.headers)
         peer = request.remote or ""
         forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
-        if forwarded_for:
-            headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
-            peer = f"{forwarded_for}, {peer}"
-        headers.append((hdrs.X_FORWARDED_FOR, peer))
+        headers.append((hdrs.X_FORWARDED_FOR, f"{forwarded_for}, {peer}" if forwarded_for
+                        else peer))
         headers.append((hdrs.X_FORWARDED_PROTO, request.scheme))
         if request.host:
             headers.append((hdrs.X_FORWARDED_HOST, request.host))
@@ -722,20 +721,16 @@ class Proxy:
             failure = Failure.CONNECT if connect else Failure.RESET
             if response is None or not response.prepared:
                 reason = "connect" if connect else "reset"
-                verb = "cannot connect to" if reason == "connect" else "failed before responding:"
-                error = error_response(
-                    BadGatewayError(f"{endpoint.id} {verb} {exc}" if reason == "reset"
-                                    else f"{verb} {endpoint.id}: {exc}"), request_id)
+                error = BadGatewayError(f"cannot connect to {endpoint.id}: {exc}" if connect
+                                        else f"{endpoint.id} failed before responding: {exc}")
                 if retry_possible and upstream is None:
                     # Nothing came back before the connection failed: retry elsewhere. (A
                     # body that broke after the head is not retried.)
                     self.metrics.upstream_error(pool.name, endpoint.id, reason)
                     code = -1
-                    return _Retry(reason, error)
-                self.metrics.upstream_error(pool.name, endpoint.id, reason)
-                log.warning("upstream %s failed for %s %s: %s (request %s)", endpoint.id,
-                            request.method, request.path, exc, request_id)
-                return error
+                    return _Retry(reason, error_response(error, request_id))
+                return self._upstream_failure(request, pool, endpoint.id, error, reason,
+                                              request_id)
             return await self._broken_stream(request, response, pool, endpoint.id,
                                              f"upstream failed mid-response: {exc}",
                                              "mid_stream")
