@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from balancer.config import (
+    HealthSettings,
     KubernetesPoolSettings,
     KubernetesSettings,
     PoolSettings,
@@ -315,9 +316,12 @@ def discovery_settings(api: ApiServer, directory: Path, *, models: tuple[str, ..
                        **kubernetes: Any) -> Settings:
     """Settings for one pool ``llama`` backed by Service ``vllm`` on the double, with fast
     back-off so outages in tests are short. The kubeconfig is explicit: nothing reads
-    ``~/.kube`` or the in-cluster service account."""
+    ``~/.kube`` or the in-cluster service account. Active health checks are off: the
+    endpoints these tests describe (10.0.0.x) exist only in the double, and nothing may be
+    sent to them."""
     options = {"backoff_initial": 0.05, "backoff_max": 0.2, **kubernetes}
     return validate(Settings(
+        health=HealthSettings(active=False),
         pools=(PoolSettings("llama", models, kubernetes=KubernetesPoolSettings(
             "vllm", port, namespace)),),
         kubernetes=KubernetesSettings(kubeconfig=str(api.kubeconfig(directory)), **options),
