@@ -65,6 +65,9 @@ from typing import Any, Final
 import aiohttp
 import uvloop
 
+from loadtest.hostcpu import CpuMeter, background_cpu, free_port, raise_fd_limit
+from loadtest.stats import percentile
+
 HOST: Final = "127.0.0.1"
 MODEL: Final = "bench-model"
 CHAT_PATH: Final = "/v1/chat/completions"
@@ -164,13 +167,6 @@ def raw_requests(bodies: Sequence[bytes], port: int) -> list[bytes]:
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """An unused port: the machine may run other servers, so fixed ports are never assumed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -338,122 +334,6 @@ backend upstream
     hash-balance-factor 125
     server upstream-0 {HOST}:{upstream_port} maxconn {maxconn}
 """
-
-
-# -- CPU accounting ---------------------------------------------------------------------------
-
-_CLK_TCK: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all threads), from /proc; None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-@dataclass(frozen=True)
-class SystemCpu:
-    """Jiffies over all CPUs since boot, from the first line of /proc/stat."""
-
-    busy: float
-    """Everything but idle, iowait and steal."""
-    irq: float
-    """Interrupt and softirq time, most of it loopback networking in these runs."""
-    steal: float
-    """Time a virtual CPU waited for the hypervisor: nonzero means a noisy host."""
-    total: float
-
-    def percent_since(self, before: SystemCpu) -> dict[str, float] | None:
-        """Each part as % of one core between two readings (up to 100 per CPU)."""
-        span = self.total - before.total
-        if span <= 0:
-            return None
-        scale = 100 * (os.cpu_count() or 1) / span
-        return {"machine": round((self.busy - before.busy) * scale, 1),
-                "irq": round((self.irq - before.irq) * scale, 1),
-                "steal": round((self.steal - before.steal) * scale, 1)}
-
-
-def system_cpu() -> SystemCpu | None:
-    """The machine's CPU counters; None where there is no /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            first = f.readline().split()
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal
-    v = [float(x) for x in first[1:9]] + [0.0] * max(0, 9 - len(first))
-    total = sum(v[:8])
-    return SystemCpu(busy=total - v[3] - v[4] - v[7], irq=v[5] + v[6], steal=v[7],
-                     total=total)
-
-
-class CpuMeter:
-    """CPU used by each named process, by the load generator and by the whole machine over
-    one measurement, as a percentage of one core. This is what tells a proxy that saturates
-    its core apart from one starved by the generator or by the upstream double."""
-
-    def __init__(self, pids: Mapping[str, int], generator: str) -> None:
-        self.pids = dict(pids)
-        self.generator = generator  # "children" (wrk) or "self" (in-process client)
-        self._t0 = time.perf_counter()
-        self._proc0 = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._gen0 = self._generator_seconds()
-        self._sys0 = system_cpu()
-
-    def _generator_seconds(self) -> float:
-        who = resource.RUSAGE_CHILDREN if self.generator == "children" else resource.RUSAGE_SELF
-        usage = resource.getrusage(who)
-        return usage.ru_utime + usage.ru_stime
-
-    def stop(self) -> dict[str, float | None]:
-        wall = max(time.perf_counter() - self._t0, 1e-9)
-        out: dict[str, float | None] = {}
-        for name, pid in self.pids.items():
-            before, after = self._proc0[name], process_cpu_seconds(pid)
-            out[name] = (None if before is None or after is None
-                         else round(100 * (after - before) / wall, 1))
-        out["generator"] = round(100 * (self._generator_seconds() - self._gen0) / wall, 1)
-        sys1 = system_cpu()
-        parts = None if self._sys0 is None or sys1 is None else sys1.percent_since(self._sys0)
-        if parts is not None:
-            ours = sum(v for v in out.values() if v is not None)
-            out.update(parts)
-            # Everything else: other processes on a shared machine, kernel threads, and
-            # interrupt time the kernel does not charge to any process.
-            out["other"] = round(max(0.0, parts["machine"] - ours), 1)
-        else:
-            out["machine"] = out["other"] = None
-        return out
-
-
-def background_cpu(seconds: float = 1.0) -> float | None:
-    """Machine CPU busy (% of one core) before anything starts: other work on a shared
-    machine skews every number, so the report states it."""
-    first = system_cpu()
-    time.sleep(seconds)
-    second = system_cpu()
-    parts = None if first is None or second is None else second.percent_since(first)
-    return None if parts is None else parts["machine"]
-
-
-# -- statistics -------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of unsorted values; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -1094,15 +974,6 @@ def _signals_exit() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _raise_fd_limit() -> None:
-    """Many concurrent connections need many descriptors; use what the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.rate <= 0:
@@ -1111,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--latency-requests and --rounds must be >= 1, --nonstream-rate >= 0")
     command = "python -m loadtest.bench_proxy" + "".join(
         " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    _raise_fd_limit()
+    raise_fd_limit()
     wrk = None if args.no_wrk else shutil.which(args.wrk or "wrk")
     haproxy = None if args.skip_haproxy else _find_haproxy(args.haproxy)
     notes: list[str] = []

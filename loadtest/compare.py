@@ -1,10 +1,12 @@
-"""Compare routing strategies on simulated KV-caching model servers, in one run.
+"""Compare routing strategies on simulated KV-caching model servers, honestly, in one run.
 
 ``python -m loadtest.compare`` generates one seeded workload and plays the same trace through
 each contender, every one against fresh simulated pods (empty caches), and writes a table
-(markdown and JSON) and plots (PNG):
+(markdown and JSON), the raw per-request samples (JSON Lines) and plots (PNG):
 
-* ``chwbl``, ``least-request``, ``round-robin``, ``random``: balancer with that strategy;
+* ``chwbl``, ``least-request``, ``round-robin``, ``random``: balancer with that strategy
+  (``--replicas K`` starts K balancer processes on the same pods and sends each request to one
+  of them at random, as a stateless app with a sidecar in each pod behind a Service would);
 * ``sticky-oracle``: no balancer; the client pins each conversation to one pod, handing new
   conversations to pods in turn. It knows what no proxy can (the conversation id and when a
   conversation starts), so its cache hit rate is the ceiling for affinity routing;
@@ -14,10 +16,22 @@ each contender, every one against fresh simulated pods (empty caches), and write
 * ``vllm-router`` (when installed, ``pip install vllm-router``): its ``cache_aware`` policy,
   which keeps an approximate prefix tree of what it sent to each worker.
 
+What makes the figures honest (see :mod:`loadtest.stats` for the definitions):
+
+* latency counts from when each request was due (open loop), so a client that fell behind
+  cannot hide a queue;
+* every request due in the window is accounted for: completed, failed by cause, or unfinished
+  when the run ended (these count as failures, and at their age in the censored p99);
+* warm-up (``--warmup``, default 10 s: caches start empty) and cool-down (``--cooldown``,
+  default 5 s: the last requests see a system that no longer gets follow-up turns) are left out;
+* each run records the host's CPU, each process's CPU and the simulators' clock pauses, and a
+  run in which the host, not the modelled GPUs, was the bottleneck is marked invalid (exit
+  status 3 with ``--strict``);
+* ``--repeat N`` interleaves the contenders (A B C, A B C, ...) and reports each figure as the
+  median with min-max.
+
 Each contender's pods run in their own process (so a slow pod process never stalls the
-client's clock) and so does balancer; the client is this process. Figures per contender: TTFT
-p50/p90/p99, E2E p50, requests/s, output tokens/s, prefix-cache hit rate (from the pods'
-own counters), max/mean requests per pod, errors.
+client's clock) and so does each balancer; the client is this process.
 """
 
 from __future__ import annotations
@@ -27,14 +41,16 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +58,9 @@ from typing import Any
 import aiohttp
 
 from balancer.config import RoutingSettings
+from loadtest.hostcpu import CpuMeter, free_port, raise_fd_limit
 from loadtest.player import play
-from loadtest.stats import Sample, percentile, summarize
+from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
 from loadtest.trace import TraceRecord
 from loadtest.workloads import DEFAULT_MODEL, generate
 
@@ -56,6 +73,29 @@ OPTIONAL_TOOLS = {HAPROXY: "apt-get install haproxy", VLLM_ROUTER: "pip install 
 SESSION_HEADER = "x-session-id"
 STARTUP_TIMEOUT_S = 30.0
 
+DEFAULT_WARMUP_S = 10.0
+"""Seconds at the start left out of the statistics. The pods start with empty caches and every
+conversation's first turn is a miss; by 10 s, at the rates we publish, hit rates and TTFT have
+levelled off (see ``ttft_over_time.png``)."""
+
+DEFAULT_COOLDOWN_S = 5.0
+"""Seconds at the end left out. Requests due then meet a system that no longer gets the
+follow-up turns of conversations cut by the deadline, so they are faster than steady state;
+5 s is about one reply's length at these loads."""
+
+DEFAULT_GRACE_S = 10.0
+"""After the last due time, requests may finish for this long; the rest are unfinished."""
+
+PROCESS_SATURATED_PERCENT = 90.0
+"""A process (pods, a balancer, the client) busy this much of one core ran its event loop at
+capacity: its queueing, not the modelled GPUs, shaped the latencies. Such a run is invalid."""
+
+HOST_SATURATED_SHARE = 0.9
+"""The machine busy this share of all its cores: every process competed for CPU. Invalid."""
+
+INVALID_EXIT = 3
+"""Exit status of ``--strict`` when a run was invalid."""
+
 
 @dataclass
 class PodOptions:
@@ -67,41 +107,122 @@ class PodOptions:
 
 
 @dataclass
+class RunOptions:
+    """How each contender is driven and measured."""
+
+    duration_s: float = 60.0
+    warmup_s: float = DEFAULT_WARMUP_S
+    cooldown_s: float = DEFAULT_COOLDOWN_S
+    grace_s: float = DEFAULT_GRACE_S
+    slo: Slo = field(default_factory=Slo)
+    concurrency: int = 2048
+    replicas: int = 1
+    """Balancer processes per balancer contender; each request goes to one at random."""
+    body_overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 1
+    """Seeds the fleet's random choice of replica."""
+
+    def window(self) -> Window:
+        return Window(self.warmup_s, max(self.warmup_s, self.duration_s - self.cooldown_s))
+
+
+@dataclass
 class Outcome:
+    """One run of one contender."""
+
     name: str
+    repeat: int
+    result: RunResult
     summary: dict[str, Any]
     pods: list[dict[str, Any]]
-    ttfts: list[float]
+    """Each pod's ``/stats`` after the run (counters since the warm-up ended)."""
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    """Percent of one core per process over the run (see :class:`loadtest.hostcpu.CpuMeter`)."""
+    clock_resets: int = 0
+    """Times a simulated pod's clock paused after the warm-up because its host fell behind."""
     in_flight: dict[str, float] = field(default_factory=dict)
-    """Mean requests in flight per pod over the run (time-weighted): the load CHWBL bounds."""
+    """Mean requests in flight per pod over the window (time-weighted): the real imbalance."""
+
+    @property
+    def invalid_reasons(self) -> list[str]:
+        return invalid_reasons(self.cpu, self.clock_resets)
 
     def row(self) -> dict[str, Any]:
+        """The run's figures, flat."""
         s = self.summary
         served = [p.get("requests_served", 0) for p in self.pods]
         mean = sum(served) / len(served) if served else 0
         queries = sum(p.get("prefix_cache_queries", 0) for p in self.pods)
         hits = sum(p.get("prefix_cache_hits", 0) for p in self.pods)
+        busy = [p["busy_fraction"] for p in self.pods if "busy_fraction" in p]
+        reasons = self.invalid_reasons
         return {
             "contender": self.name,
-            "ttft_p50_s": s["ttft_p50_s"],
-            "ttft_p90_s": s["ttft_p90_s"],
-            "ttft_p99_s": s["ttft_p99_s"],
-            "e2e_p50_s": s["e2e_p50_s"],
-            "requests_per_s": s["requests_per_s"],
-            "output_tokens_per_s": s["output_tokens_per_s"],
+            "repeat": self.repeat,
+            **{key: s.get(key) for key in ROW_SUMMARY_KEYS},
             "hit_rate": hits / queries if queries else None,
             "pod_requests": served,
             "requests_max_over_mean": max(served) / mean if mean else None,
-            "pod_in_flight": [round(v, 2) for v in self.in_flight.values()],
+            "pod_in_flight": {pod: round(v, 2) for pod, v in self.in_flight.items()},
             "load_max_over_mean": _max_over_mean(list(self.in_flight.values())),
-            "requests": s["requests"],
-            "errors": s["errors"],
+            "pod_busy_fraction": [round(b, 3) for b in busy],
+            "preemptions": sum(p.get("preemptions", 0) for p in self.pods),
+            "cpu": self.cpu,
+            "clock_resets": self.clock_resets,
+            "invalid": bool(reasons),
+            "invalid_reasons": reasons,
         }
 
 
-def _tool_path() -> str:
-    """PATH plus this interpreter's directory, where pip puts the scripts of a venv."""
-    return os.pathsep.join([os.environ.get("PATH", ""), os.path.dirname(sys.executable)])
+ROW_SUMMARY_KEYS = (
+    "offered", "sent", "completed", "failed", "failed_by", "unfinished", "unsent", "error_kinds",
+    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_p99_censored_s", "itl_p50_s", "itl_p99_s",
+    "e2e_p50_s", "e2e_p99_s", "e2e_p99_censored_s", "wait_p99_s", "offered_per_s",
+    "requests_per_s", "output_tokens_per_s", "goodput_per_s", "goodput_share",
+    "cached_token_share", "peak_in_flight", "cap_bound", "window_s",
+)
+"""Figures of a run's summary that its row carries."""
+
+AGGREGATED_KEYS = (
+    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_p99_censored_s", "itl_p50_s", "itl_p99_s",
+    "e2e_p50_s", "e2e_p99_s", "offered_per_s", "requests_per_s", "output_tokens_per_s",
+    "goodput_per_s", "goodput_share", "hit_rate", "load_max_over_mean",
+    "requests_max_over_mean",
+)
+"""Figures reported as the median over repeats, with their min and max."""
+
+SUMMED_KEYS = ("offered", "sent", "completed", "failed", "unfinished", "unsent", "preemptions",
+               "clock_resets")
+"""Counts added up over repeats."""
+
+
+def invalid_reasons(cpu: Mapping[str, float | None], clock_resets: int) -> list[str]:
+    """Why a run measured the host rather than the modelled GPUs; empty if it did not."""
+    reasons = []
+    for name, percent in cpu.items():
+        if name in ("machine", "irq", "steal", "other") or percent is None:
+            continue
+        if percent >= PROCESS_SATURATED_PERCENT:
+            reasons.append(f"{name} process at {percent:.0f}% of a core")
+    machine = cpu.get("machine")
+    cores = os.cpu_count() or 1
+    if machine is not None and machine >= 100 * cores * HOST_SATURATED_SHARE:
+        reasons.append(f"host CPU at {machine / cores:.0f}% of {cores} cores")
+    if clock_resets:
+        reasons.append(f"simulated clocks paused {clock_resets} times (host behind)")
+    return reasons
+
+
+def mean_in_flight(samples: Sequence[Sample], window: Window) -> dict[str, float]:
+    """Per pod, the time-weighted mean of requests in flight (sent to ended) over ``window``."""
+    busy: dict[str, float] = {}
+    length = window.length_s
+    for s in samples:
+        if s.pod is None or s.sent_s is None or s.end_s is None:
+            continue
+        overlap = min(s.end_s, window.end_s) - max(s.sent_s, window.start_s)
+        busy[s.pod] = busy.get(s.pod, 0.0) + max(0.0, overlap)
+    return {pod: total / length for pod, total in sorted(busy.items())} if length > 0 else {}
 
 
 def _max_over_mean(values: Sequence[float]) -> float | None:
@@ -109,7 +230,35 @@ def _max_over_mean(values: Sequence[float]) -> float | None:
     return max(values) / mean if mean else None
 
 
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One contender's repeats as one row: medians with ``*_min``/``*_max``, summed counts."""
+    first = rows[0]
+    out: dict[str, Any] = {"contender": first["contender"], "repeats": len(rows)}
+    for key in AGGREGATED_KEYS:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+        out[f"{key}_min"] = min(values) if values else None
+        out[f"{key}_max"] = max(values) if values else None
+    for key in SUMMED_KEYS:
+        out[key] = sum(r.get(key) or 0 for r in rows)
+    failed_by: dict[str, int] = {}
+    for r in rows:
+        for cause, n in (r.get("failed_by") or {}).items():
+            failed_by[cause] = failed_by.get(cause, 0) + n
+    out["failed_by"] = failed_by
+    out["cap_bound"] = any(r.get("cap_bound") for r in rows)
+    out["invalid_runs"] = sum(1 for r in rows if r.get("invalid"))
+    out["invalid_reasons"] = sorted({reason for r in rows for reason in r["invalid_reasons"]})
+    return out
+
+
+
 # -- processes ---------------------------------------------------------------------------------
+
+
+def _tool_path() -> str:
+    """PATH plus this interpreter's directory, where pip puts the scripts of a venv."""
+    return os.pathsep.join([os.environ.get("PATH", ""), os.path.dirname(sys.executable)])
 
 
 @contextlib.asynccontextmanager
@@ -165,14 +314,6 @@ async def wait_http(session: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError(f"{url} never became ready")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def balancer_config(pod_urls: Sequence[str], strategy: str, model: str, port: int,
                     admin_port: int, extra: dict[str, Any]) -> str:
     routing = {"strategy": strategy, **extra}
@@ -181,6 +322,8 @@ def balancer_config(pod_urls: Sequence[str], strategy: str, model: str, port: in
                    "log_level": "warning"},
         "pools": [{"name": "sim", "models": [model], "endpoints": list(pod_urls)}],
         "routing": routing,
+        # Nothing sends traffic once a run is over: no Service needs time to see it leave.
+        "drain": {"delay": 0, "timeout": 5},
     })
 
 
@@ -211,23 +354,21 @@ backend pods
 
 
 class Progress:
-    """A one-line live view of a run: elapsed time, requests, errors, TTFT p50."""
+    """A one-line live view of a run: elapsed time, requests, failures, recent TTFT p50."""
 
     def __init__(self, name: str, duration_s: float) -> None:
         self.name = name
         self.duration_s = duration_s
         self.ttfts: list[float] = []
         self.requests = 0
-        self.errors = 0
+        self.failures = 0
         self.started = time.monotonic()
         self.tty = sys.stdout.isatty()
 
     def on_sample(self, sample: Sample) -> None:
-        if sample.cancelled:
-            return
         self.requests += 1
-        if sample.error is not None:
-            self.errors += 1
+        if not sample.ok:
+            self.failures += 1
         elif sample.ttft_s is not None:
             self.ttfts.append(sample.ttft_s)
 
@@ -235,8 +376,9 @@ class Progress:
         elapsed = time.monotonic() - self.started
         p50 = percentile(self.ttfts[-500:], 50)
         ttft = f"{p50:6.3f} s" if p50 is not None else "     - "
-        return (f"  {self.name:<14} {min(elapsed, self.duration_s):5.0f}/{self.duration_s:.0f} s"
-                f"  requests {self.requests:6d}  errors {self.errors:4d}  TTFT p50 (recent) {ttft}")
+        return (f"  {self.name:<16} {min(elapsed, self.duration_s):5.0f}/{self.duration_s:.0f} s"
+                f"  requests {self.requests:6d}  failed {self.failures:4d}"
+                f"  TTFT p50 (recent) {ttft}")
 
     async def run(self) -> None:
         while True:
@@ -247,31 +389,58 @@ class Progress:
                 print(self.line(), flush=True)
 
 
+def label(name: str, replicas: int) -> str:
+    """A contender's name in tables: balancer strategies in a fleet say how many replicas."""
+    return f"{name} x{replicas}" if name in STRATEGIES and replicas > 1 else name
+
+
+async def _pod_stats(session: aiohttp.ClientSession, pod_urls: Sequence[str]
+                     ) -> list[dict[str, Any]]:
+    stats = []
+    for url in pod_urls:
+        async with session.get(url + "/stats") as response:
+            stats.append(await response.json())
+    return stats
+
+
+async def _reset_after(session: aiohttp.ClientSession, pod_urls: Sequence[str], delay: float
+                       ) -> int:
+    """At the end of the warm-up, zero the pods' counters; returns their clock pauses so far."""
+    await asyncio.sleep(delay)
+    resets = sum(s.get("clock_resets", 0) for s in await _pod_stats(session, pod_urls))
+    for url in pod_urls:
+        async with session.post(url + "/stats/reset") as response:
+            await response.read()
+    return resets
+
+
 async def run_contender(
     name: str,
     trace: list[TraceRecord],
     *,
     pods: PodOptions,
-    duration_s: float,
+    run: RunOptions,
     model: str,
     routing: dict[str, Any],
     log_dir: Path,
-    concurrency: int,
+    repeat: int = 0,
 ) -> Outcome:
     """Fresh pods, the contender in front of them, the trace played through it."""
     python = sys.executable
+    tag = f"{name}-{repeat}"
     pod_args = [python, "-m", "loadtest.simserver", "--pods", str(pods.pods),
                 "--port", "0", "--model", model, "--time-scale", str(pods.time_scale),
                 "--log-level", "warning", *pods.extra]
     async with contextlib.AsyncExitStack() as stack:
         pod_proc = await stack.enter_async_context(
-            process(pod_args, name=f"{name}-pods", log_dir=log_dir))
-        matches = await wait_for_line(log_dir / f"{name}-pods.log",
+            process(pod_args, name=f"{tag}-pods", log_dir=log_dir))
+        matches = await wait_for_line(log_dir / f"{tag}-pods.log",
                                       r"listening on (http://\S+)", pods.pods, pod_proc)
         pod_urls = [m.group(1) for m in matches]
         session = await stack.enter_async_context(aiohttp.ClientSession())
         for url in pod_urls:
             await wait_http(session, url + "/health")
+        pids = {"pods": pod_proc.pid}
 
         route: Callable[[str], str] | None = None
         base_url = ""
@@ -286,61 +455,79 @@ async def run_contender(
                 return url + "/v1"
         elif name == HAPROXY:
             port = free_port()
-            config = log_dir / "haproxy.cfg"
+            config = log_dir / f"{tag}-haproxy.cfg"
             # The same bound as balancer's, for a like-for-like comparison.
             load_factor = routing.get("load_factor", RoutingSettings().load_factor)
             config.write_text(haproxy_config(pod_urls, port, load_factor))
-            await stack.enter_async_context(
-                process(["haproxy", "-f", str(config)], name="haproxy", log_dir=log_dir))
+            proc = await stack.enter_async_context(
+                process(["haproxy", "-f", str(config)], name=f"{tag}-haproxy", log_dir=log_dir))
+            pids[HAPROXY] = proc.pid
             base_url = f"http://127.0.0.1:{port}/v1"
             session_header = SESSION_HEADER
             await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
         elif name == VLLM_ROUTER:
             port, metrics_port = free_port(), free_port()
             executable = shutil.which(VLLM_ROUTER, path=_tool_path()) or VLLM_ROUTER
-            await stack.enter_async_context(process(
+            proc = await stack.enter_async_context(process(
                 [executable, "--host", "127.0.0.1", "--port", str(port),
                  "--worker-urls", *pod_urls, "--policy", "cache_aware",
                  "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
                  "--log-level", "warning"],
-                name=VLLM_ROUTER, log_dir=log_dir))
+                name=f"{tag}-{VLLM_ROUTER}", log_dir=log_dir))
+            pids[VLLM_ROUTER] = proc.pid
             base_url = f"http://127.0.0.1:{port}/v1"
             await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
         else:
-            port, admin_port = free_port(), free_port()
-            config = log_dir / f"{name}.yaml"
-            config.write_text(balancer_config(pod_urls, name, model, port, admin_port, routing))
-            await stack.enter_async_context(process(
-                [python, "-m", "balancer", "serve", "--config", str(config)],
-                name=f"{name}-balancer", log_dir=log_dir))
-            await wait_http(session, f"http://127.0.0.1:{admin_port}/readyz")
-            base_url = f"http://127.0.0.1:{port}/v1"
+            urls = []
+            for replica in range(run.replicas):
+                port, admin_port = free_port(), free_port()
+                config = log_dir / f"{tag}-{replica}.yaml"
+                config.write_text(
+                    balancer_config(pod_urls, name, model, port, admin_port, routing))
+                proc = await stack.enter_async_context(process(
+                    [python, "-m", "balancer", "serve", "--config", str(config)],
+                    name=f"{tag}-balancer-{replica}", log_dir=log_dir))
+                pids["balancer" if run.replicas == 1 else f"balancer-{replica}"] = proc.pid
+                await wait_http(session, f"http://127.0.0.1:{admin_port}/readyz")
+                urls.append(f"http://127.0.0.1:{port}/v1")
+            base_url = urls[0]
+            if len(urls) > 1:
+                pick = random.Random(run.seed).choice
 
-        progress = Progress(name, duration_s)
+                def route(conversation_id: str) -> str:
+                    return pick(urls)
+
+        shown = label(name, run.replicas)
+        progress = Progress(shown, run.duration_s)
         ticker = asyncio.create_task(progress.run())
+        reset = asyncio.create_task(_reset_after(session, pod_urls, run.warmup_s))
+        meter = CpuMeter(pids, "self")
         try:
             result = await play(
-                trace, base_url or pod_urls[0] + "/v1", duration_s=duration_s,
-                concurrency=concurrency, route=route, session_header=session_header,
-                on_sample=progress.on_sample, grace_s=5.0, request_timeout_s=120.0,
+                trace, base_url or pod_urls[0] + "/v1", duration_s=run.duration_s,
+                concurrency=run.concurrency, route=route, session_header=session_header,
+                on_sample=progress.on_sample, grace_s=run.grace_s, request_timeout_s=120.0,
+                body_overrides=run.body_overrides,
             )
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+        cpu = meter.stop()
+        resets_at_warmup = 0
+        if reset.done():
+            resets_at_warmup = reset.result()
+        else:  # a run shorter than its warm-up: the counters cover the whole run
+            reset.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reset
         print(("\r" if progress.tty else "") + progress.line(), flush=True)
-        pod_stats = []
-        for url in pod_urls:
-            async with session.get(url + "/stats") as response:
-                pod_stats.append(await response.json())
-    ttfts = sorted(s.ttft_s for s in result.samples
-                   if s.error is None and not s.cancelled and s.ttft_s is not None)
-    busy: dict[str, float] = {str(p.get("pod")): 0.0 for p in pod_stats}
-    for sample in result.samples:
-        if sample.pod is not None and sample.e2e_s is not None:
-            busy[sample.pod] = busy.get(sample.pod, 0.0) + sample.e2e_s
-    in_flight = {pod: total / result.wall_s for pod, total in busy.items()} if result.wall_s else {}
-    return Outcome(name, summarize(result), pod_stats, ttfts, in_flight)
+        pod_stats = await _pod_stats(session, pod_urls)
+    clock_resets = sum(s.get("clock_resets", 0) for s in pod_stats) - resets_at_warmup
+    summary = summarize(result, warmup_s=run.warmup_s, cooldown_s=run.cooldown_s, slo=run.slo)
+    return Outcome(shown, repeat, result, summary, pod_stats, cpu, clock_resets,
+                   mean_in_flight(result.samples, result.window(run.warmup_s, run.cooldown_s)))
+
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -354,106 +541,134 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("| contender | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | E2E p50 (s) | req/s "
-              "| output tok/s | prefix-cache hit rate | pod load max/mean (in flight) "
-              "| pod requests max/mean | errors |")
-    lines = [header, "|" + "---|" * 11]
+def _spread(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """``median (min-max)`` over repeats, or the single value."""
+    value = _fmt(row.get(key), digits)
+    low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+    if row.get("repeats", 1) > 1 and None not in (row.get(key), low, high):
+        return f"{value} ({_fmt(low, digits)}..{_fmt(high, digits)})"
+    return value
+
+
+def _failures(row: Mapping[str, Any]) -> str:
+    causes = ", ".join(f"{cause} {n}" for cause, n in sorted(row.get("failed_by", {}).items()))
+    return f"{row['failed']}" + (f" ({causes})" if causes else "")
+
+
+TABLE_NOTE = (
+    "Latency counts from when each request was due. *offered*: requests due in the measured "
+    "window; *completed* + *failed* + *unfinished* = offered. *Unfinished*: still running (or "
+    "never sent) when the run ended; they count as failures, and at their age (a lower bound) "
+    "in *TTFT p99 censored*. Latencies otherwise cover completed requests. *goodput*: "
+    "completed requests/s within the SLO. *pod load*: max/mean of the time-weighted requests "
+    "in flight per pod. With repeats: median (min-max). *valid*: no: the host, not the "
+    "modelled GPUs, was the bottleneck (reasons in the JSON)."
+)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per contender (aggregated rows, see :func:`aggregate`)."""
+    header = ("| contender | offered | completed | failed | unfinished | TTFT p50 (s) "
+              "| TTFT p99 (s) | TTFT p99 censored (s) | ITL p50 (s) | E2E p50 (s) "
+              "| output tok/s | goodput (req/s) | prefix-cache hit rate | pod load max/mean "
+              "| valid |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
+        valid = "yes" if not r.get("invalid_runs") else f"no ({r['invalid_runs']})"
         lines.append(
-            f"| {r['contender']} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p90_s'])} "
-            f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['e2e_p50_s'])} "
-            f"| {_fmt(r['requests_per_s'], 1)} | {_fmt(r['output_tokens_per_s'], 0)} "
-            f"| {_fmt(r['hit_rate'])} | {_fmt(r['load_max_over_mean'], 2)} "
-            f"| {_fmt(r['requests_max_over_mean'], 2)} | {r['errors']}/{r['requests']} |")
+            f"| {r['contender']} | {r['offered']} | {r['completed']} | {_failures(r)} "
+            f"| {r['unfinished']} | {_spread(r, 'ttft_p50_s')} | {_spread(r, 'ttft_p99_s')} "
+            f"| ≥ {_spread(r, 'ttft_p99_censored_s')} | {_spread(r, 'itl_p50_s')} "
+            f"| {_spread(r, 'e2e_p50_s')} | {_spread(r, 'output_tokens_per_s', 0)} "
+            f"| {_spread(r, 'goodput_per_s', 2)} | {_spread(r, 'hit_rate')} "
+            f"| {_spread(r, 'load_max_over_mean', 2)} | {valid} |")
     return "\n".join(lines)
 
 
-def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """CHWBL against round-robin, least-request and the oracle, where those ran."""
+def ratios(rows: Sequence[Mapping[str, Any]], subject: str = "chwbl") -> dict[str, str]:
+    """The subject (CHWBL by default) against every other contender, in words."""
+    from loadtest.plots import ratio_words
+
     by = {r["contender"]: r for r in rows}
-    out: dict[str, Any] = {}
-    chwbl = by.get("chwbl")
-    if chwbl is None:
-        return out
-
-    def change(key: str, other: str) -> float | None:
-        a, b = chwbl.get(key), by.get(other, {}).get(key)
-        return (a / b - 1) if a is not None and b else None
-
-    for other in ("round-robin", "least-request", "random", HAPROXY, VLLM_ROUTER):
-        if other in by:
-            out[f"vs_{other}"] = {
-                "ttft_p50_change": change("ttft_p50_s", other),
-                "ttft_p99_change": change("ttft_p99_s", other),
-                "output_tokens_per_s_change": change("output_tokens_per_s", other),
-                "requests_per_s_change": change("requests_per_s", other),
-            }
-    if ORACLE in by and chwbl["hit_rate"] and by[ORACLE]["hit_rate"]:
-        out["hit_rate_vs_oracle"] = chwbl["hit_rate"] / by[ORACLE]["hit_rate"]
+    mine = by.get(subject)
+    if mine is None:
+        return {}
+    out = {f"vs {name}": ratio_words(mine, other) for name, other in by.items() if name != subject}
+    oracle = by.get(ORACLE)
+    if oracle is not None and mine.get("hit_rate") and oracle.get("hit_rate"):
+        share = mine["hit_rate"] / oracle["hit_rate"]
+        out["hit rate vs sticky-oracle"] = f"{100 * share:.1f}% of the oracle's"
     return out
 
 
-def plot(outcomes: Sequence[Outcome], rows: Sequence[dict[str, Any]], out_dir: Path
-         ) -> list[Path]:
-    """TTFT CDF, throughput, hit rate and load per pod, one PNG each."""
-    import matplotlib
+def subtitle(args: argparse.Namespace, trace_size: int) -> str:
+    """The run's parameters in one line, for plots and tables."""
+    rate = "default rate" if args.rate is None else f"{args.rate:g}/s"
+    replicas = f", {args.replicas} replicas" if args.replicas > 1 else ""
+    return (f"{args.workload} (seed {args.seed}, {rate}, {trace_size} requests in the trace), "
+            f"{args.pods} pods{replicas}, {args.duration:g} s per run "
+            f"({args.warmup:g} s warm-up, {args.cooldown:g} s cool-down), "
+            f"{args.repeat} repeat{'s' if args.repeat > 1 else ''}")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = []
-    names = [r["contender"] for r in rows]
+def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequence[Outcome],
+                 trace_size: int) -> dict[str, Any]:
+    """The markdown table, the JSON report, the samples and the plots, in ``args.out``."""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_run = [o.row() for o in outcomes]
+    names = list(dict.fromkeys(o.name for o in outcomes))
+    rows = [aggregate([r for r in per_run if r["contender"] == name]) for name in names]
+    line = subtitle(args, trace_size)
+    run_options = run_options_from(args)
+    report = {
+        "command": " ".join(["python -m loadtest.compare", *argv]),
+        "parameters": line,
+        "workload": args.workload,
+        "seed": args.seed,
+        "rate": args.rate,
+        "trace_requests": trace_size,
+        "duration_s": args.duration,
+        "window": {"warmup_s": args.warmup, "cooldown_s": args.cooldown},
+        "slo": {"ttft_s": run_options.slo.ttft_s, "itl_s": run_options.slo.itl_s},
+        "pods": args.pods,
+        "pod_args": list(args.pod_arg),
+        "replicas": args.replicas,
+        "repeats": args.repeat,
+        "routing": parse_routing(args.routing),
+        "shape": list(args.shape),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "rows": rows,
+        "runs": per_run,
+        "ratios": ratios(rows),
+    }
+    table = markdown_table(rows)
+    ratio_lines = [f"- chwbl {key}: {words}" for key, words in report["ratios"].items()]
+    (out_dir / "compare.md").write_text(
+        f"# Strategy comparison\n\n`{report['command']}`\n\n{line}\n\n{table}\n\n"
+        f"{TABLE_NOTE}\n\n" + "\n".join(ratio_lines) + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
+    with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for o in outcomes:
+            write_samples(o.result.samples, f, contender=o.name, repeat=o.repeat)
+    print()
+    print(line)
+    print(table)
+    print("\n".join(ratio_lines))
+    for r in rows:
+        if r["invalid_runs"]:
+            print(f"  INVALID {r['contender']}: " + "; ".join(r["invalid_reasons"]))
+        if r["cap_bound"]:
+            print(f"  {r['contender']}: the client's concurrency cap bound; raise --concurrency")
+    if not args.no_plots:
+        from loadtest.plots import plot_comparison
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for outcome in outcomes:
-        if outcome.ttfts:
-            n = len(outcome.ttfts)
-            ax.plot(outcome.ttfts, [(i + 1) / n for i in range(n)], label=outcome.name)
-    ax.set_xscale("log")
-    ax.set_xlabel("time to first token (s, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("TTFT distribution")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "ttft_cdf.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    for key, label, filename in (
-        ("output_tokens_per_s", "output tokens/s", "throughput.png"),
-        ("hit_rate", "prefix-cache hit rate (pods' counters)", "hit_rate.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        values = [r[key] or 0 for r in rows]
-        bars = ax.bar(names, values, color="tab:blue")
-        ax.bar_label(bars, labels=[_fmt(v, 2 if key == "hit_rate" else 0) for v in values])
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=20)
-        paths.append(out_dir / filename)
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        served = r["pod_requests"]
-        ax.bar([p + i * width for p in range(len(served))], served, width, label=r["contender"])
-    pods = len(rows[0]["pod_requests"]) if rows else 0
-    ax.set_xticks([p + width * (len(rows) - 1) / 2 for p in range(pods)],
-                  [f"pod {p}" for p in range(pods)])
-    ax.set_ylabel("requests served")
-    ax.set_title("load per pod")
-    ax.legend(fontsize="small", ncol=min(3, len(rows)), loc="upper center",
-              bbox_to_anchor=(0.5, -0.12))
-    paths.append(out_dir / "pod_load.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+        first = {o.name: o.result.samples for o in outcomes if o.repeat == 0}
+        paths = plot_comparison(first, rows, out_dir, line, window=run_options.window())
+        print("plots: " + ", ".join(str(p) for p in paths))
+    print(f"table: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}; "
+          f"samples: {out_dir / 'samples.jsonl'}")
+    return report
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -473,7 +688,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=None,
                         help="arrivals per second (conversations or requests); workload default")
     parser.add_argument("--duration", type=float, default=60.0,
-                        help="seconds each contender is driven")
+                        help="seconds in which requests become due, per run")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S,
+                        help="seconds at the start left out of the statistics (default: "
+                             "%(default)s)")
+    parser.add_argument("--cooldown", type=float, default=DEFAULT_COOLDOWN_S,
+                        help="seconds at the end left out of the statistics (default: "
+                             "%(default)s)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                        help="seconds requests may finish after the duration; then they are "
+                             "unfinished (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender, interleaved (A B C, A B C, ...)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="balancer processes per balancer contender; each request goes to "
+                             "one at random (a fleet of sidecars)")
+    parser.add_argument("--slo-ttft", type=float, default=Slo().ttft_s,
+                        help="goodput SLO: time to first token, seconds (default: %(default)s)")
+    parser.add_argument("--slo-itl", type=float, default=Slo().itl_s,
+                        help="goodput SLO: mean inter-token gap, seconds (default: %(default)s)")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {INVALID_EXIT} when any run was invalid (host-limited)")
     parser.add_argument("--pods", type=int, default=4, help="simulated pods")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="simulated pods' wall seconds per simulated second")
@@ -485,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--shape think_mean_s=1 (see loadtest/workloads.py)")
     parser.add_argument("--routing", action="append", default=[], metavar="KEY=VALUE",
                         help="balancer routing setting, e.g. --routing prefix_chars=200")
-    parser.add_argument("--concurrency", type=int, default=512,
-                        help="requests in flight at most on the client side")
+    parser.add_argument("--concurrency", type=int, default=2048,
+                        help="requests in flight at most on the client side (reported when "
+                             "it binds)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", default="results/compare", help="output directory")
     parser.add_argument("--no-plots", action="store_true")
@@ -530,9 +766,20 @@ def parse_shape(workload: str, items: Sequence[str]) -> Any:
     return dataclasses.replace(shape, **changes)
 
 
-async def run_all(args: argparse.Namespace) -> list[Outcome]:
-    """Play the workload through every contender, one after the other."""
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+def run_options_from(args: argparse.Namespace) -> RunOptions:
+    if args.warmup < 0 or args.cooldown < 0 or args.warmup + args.cooldown >= args.duration:
+        raise SystemExit("--warmup and --cooldown must be >= 0 and leave part of --duration")
+    if args.repeat < 1 or args.replicas < 1:
+        raise SystemExit("--repeat and --replicas must be >= 1")
+    return RunOptions(
+        duration_s=args.duration, warmup_s=args.warmup, cooldown_s=args.cooldown,
+        grace_s=args.grace, slo=Slo(args.slo_ttft, args.slo_itl), concurrency=args.concurrency,
+        replicas=args.replicas, seed=args.seed)
+
+
+def contenders_from(spec: str) -> list[str]:
+    """The contenders asked for, less optional tools that are not installed."""
+    contenders = [c.strip() for c in spec.split(",") if c.strip()]
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s): {', '.join(unknown)}")
@@ -540,75 +787,62 @@ async def run_all(args: argparse.Namespace) -> list[Outcome]:
         if tool in contenders and shutil.which(tool, path=_tool_path()) is None:
             print(f"{tool} is not installed: skipping it ({install})")
             contenders.remove(tool)
+    return contenders
+
+
+def trace_from(args: argparse.Namespace, rate: float | None) -> list[TraceRecord]:
+    """The seeded workload the arguments describe, at ``rate`` (None: the workload's default),
+    with arrivals over ``--duration``."""
     options: dict[str, Any] = {"duration_s": args.duration, "model": args.model}
-    if args.rate is not None:
-        options["rate"] = args.rate
+    if rate is not None:
+        options["rate"] = rate
     if args.shape:
         options["shape"] = parse_shape(args.workload, args.shape)
-    trace = generate(args.workload, args.seed, **options)
+    return generate(args.workload, args.seed, **options)
+
+
+def pod_options_from(args: argparse.Namespace) -> PodOptions:
+    return PodOptions(pods=args.pods, time_scale=args.time_scale, extra=list(args.pod_arg))
+
+
+async def run_all(args: argparse.Namespace, trace: list[TraceRecord]) -> list[Outcome]:
+    """Play the workload through every contender, interleaved over the repeats."""
+    contenders = contenders_from(args.contenders)
+    run = run_options_from(args)
     routing = parse_routing(args.routing)
-    pods = PodOptions(pods=args.pods, time_scale=args.time_scale, extra=list(args.pod_arg))
-    print(f"workload {args.workload} (seed {args.seed}): {len(trace)} requests over "
-          f"{args.duration:g} s, {args.pods} simulated pods, contenders: {', '.join(contenders)}")
+    pods = pod_options_from(args)
+    print(f"workload {args.workload} (seed {args.seed}): {len(trace)} requests in the trace over "
+          f"{args.duration:g} s, {args.pods} simulated pods, contenders: {', '.join(contenders)}"
+          f", {args.repeat} repeat(s)")
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="balancer-compare-") as tmp:
         log_dir = Path(tmp)
-        for name in contenders:
-            outcomes.append(await run_contender(
-                name, trace, pods=pods, duration_s=args.duration, model=args.model,
-                routing=routing, log_dir=log_dir, concurrency=args.concurrency))
+        for repeat in range(args.repeat):
+            for name in contenders:
+                outcomes.append(await run_contender(
+                    name, trace, pods=pods, run=run, model=args.model, routing=routing,
+                    log_dir=log_dir, repeat=repeat))
     return outcomes
-
-
-def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequence[Outcome]
-                 ) -> dict[str, Any]:
-    """The markdown table, the JSON report and the plots, in ``args.out``."""
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [o.row() for o in outcomes]
-    report = {
-        "command": " ".join(["python -m loadtest.compare", *argv]),
-        "workload": args.workload,
-        "seed": args.seed,
-        "rate": args.rate,
-        "duration_s": args.duration,
-        "pods": args.pods,
-        "pod_args": list(args.pod_arg),
-        "routing": parse_routing(args.routing),
-        "shape": list(args.shape),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "rows": rows,
-        "ratios": ratios(rows),
-        "summaries": {o.name: o.summary for o in outcomes},
-    }
-    table = markdown_table(rows)
-    (out_dir / "compare.md").write_text(
-        f"# Strategy comparison\n\n`{report['command']}`\n\n{table}\n")
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
-    print()
-    print(table)
-    for key, value in report["ratios"].items():
-        print(f"  chwbl {key}: {json.dumps(value)}")
-    if not args.no_plots:
-        paths = plot(outcomes, rows, out_dir)
-        print("plots: " + ", ".join(str(p) for p in paths))
-    print(f"table: {out_dir / 'compare.md'} and {out_dir / 'compare.json'}")
-    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    run_options_from(args)  # reject bad window settings before anything starts
     # SIGTERM stops a run like Ctrl-C does, so the pods and balancers it started are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    raise_fd_limit()
+    trace = trace_from(args, args.rate)
     try:
         import uvloop
 
-        outcomes = uvloop.run(run_all(args))
+        outcomes = uvloop.run(run_all(args, trace))
     except KeyboardInterrupt:
         print("\ninterrupted: every process started was stopped", file=sys.stderr)
         return 130
-    write_report(args, argv, outcomes)
+    report = write_report(args, argv, outcomes, len(trace))
+    if args.strict and any(r["invalid_runs"] for r in report["rows"]):
+        return INVALID_EXIT
     return 0
 
 

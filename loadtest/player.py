@@ -3,48 +3,67 @@
 :func:`play` is an open-loop asyncio client. Each conversation of the trace (format:
 :mod:`loadtest.trace`) starts at its arrival time whether or not earlier requests have
 finished; within a conversation each turn waits for the previous reply, then for the turn's
-think time. Every request streams (``stream: true`` with ``stream_options.include_usage``) and
-the SSE body is read line by line as it arrives, so:
+think time. A request is *due* at its conversation's arrival time (first turn) or when its turn
+came, and every latency counts from then, so time spent waiting in the client (for the
+concurrency cap, for a busy event loop) is in the figures. Every request streams (``stream:
+true`` with ``stream_options.include_usage``) and the SSE body is read line by line as it
+arrives, so:
 
-* TTFT is the time from sending the request to the first chunk that carries content (text or
-  reasoning), not to the response headers;
+* TTFT is the time from due to the first chunk that carries content (text or reasoning), not
+  to the response headers;
 * inter-token latency (ITL) is the gap between consecutive content-bearing chunks;
-* end-to-end latency (E2E) runs to ``data: [DONE]``.
+* end-to-end latency (E2E) runs from due to ``data: [DONE]``.
 
 All times come from ``time.perf_counter``. The reply actually received is appended to the
 conversation's history (``append`` turns), so later turns carry real histories and prefix caches
 see what they would in production.
 
-Bounds: ``duration_s`` stops starting requests at the deadline, lets requests in flight finish
-for up to ``grace_s`` and then cancels them (recorded as cancelled, not as errors);
-``max_requests`` caps the number of requests sent; ``concurrency`` caps requests in flight
-(further requests queue, and the wait is recorded as ``queue_s``); ``request_timeout_s`` bounds
-each request. The run always ends with no task left behind. Request failures (HTTP errors,
-broken or truncated streams, timeouts, refused connections) are recorded in the samples and end
-that conversation (there is no reply to append); they are never raised.
+Bounds: ``duration_s`` stops requests from becoming due at the deadline; requests already due
+are still sent, may finish for up to ``grace_s``, and are then recorded as *unfinished* with
+their age (see :mod:`loadtest.stats`: they count as failures and in the censored latencies).
+``max_requests`` caps the number of requests sent; ``concurrency`` caps requests in flight (the
+run reports the peak, so a cap that bound is visible); ``request_timeout_s`` bounds each
+request. The run always ends with no task left behind. Request failures (HTTP errors, broken or
+truncated streams, timeouts, refused connections) are recorded in the samples with their cause
+and end that conversation (there is no reply to append); they are never raised.
 
 Usage::
 
     records = load_trace("trace.jsonl")
     result = await play(records, "http://127.0.0.1:8080/v1", duration_s=60)
-    print(summarize(result))
+    print(summarize(result, warmup_s=10))
+
+As a command, ``python -m loadtest.player --trace FILE --url URL`` replays a trace against any
+OpenAI base URL and writes the table, the summary and the raw samples (see ``--help``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import random
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from loadtest.stats import RunResult, Sample
-from loadtest.trace import Conversation, TraceRecord, body_kind, group_conversations
+from loadtest.stats import UNFINISHED, RunResult, Sample, Slo, summarize, write_samples
+from loadtest.trace import (
+    Conversation,
+    TraceError,
+    TraceRecord,
+    body_kind,
+    group_conversations,
+    load_trace,
+)
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -56,9 +75,12 @@ __all__ = [
     "Sample",
     "StreamRecorder",
     "http_error",
+    "main",
     "normalize_base_url",
     "play",
+    "poisson_arrivals",
     "request_body",
+    "summary_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,16 +91,17 @@ ENDPOINT_HEADER = "x-balancer-endpoint"
 POD_HEADER = "x-sim-pod"
 """Response header in which a simulated model server names the pod that served the request."""
 
-DEFAULT_CONCURRENCY = 256
-"""Requests in flight at most. High enough that a demo run stays open-loop; it exists so a
-misconfigured run cannot open thousands of sockets."""
+DEFAULT_CONCURRENCY = 2048
+"""Requests in flight at most. Far above what the published loads reach (a few hundred at the
+knee), so it never binds there; it exists so a misconfigured run cannot open sockets without
+end. Runs report their peak in flight, and a summary says when the cap bound."""
 
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
 """Per request, headers to ``[DONE]``. A 4k-token reply at 30 tokens/s takes about that long."""
 
 DEFAULT_GRACE_S = 10.0
-"""After the deadline, requests in flight may finish for this long. Cutting them off at once
-would drop the slowest requests from the latency figures."""
+"""After the deadline, requests already due may finish for this long; then they are recorded
+as unfinished with their age."""
 
 ERROR_BODY_MAX = 512
 """Bytes of an error response's body kept in the sample's error message."""
@@ -114,12 +137,16 @@ def request_body(
     messages: list[dict[str, Any]] | None,
     model: str | None,
     max_tokens: int | None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body to send for ``record``: streaming with usage, overrides applied.
 
-    ``messages`` (chat only) replaces the record's messages, e.g. with the history prepended.
+    ``messages`` (chat only) replaces the record's messages, e.g. with the history prepended;
+    ``overrides`` sets body fields (``temperature``, ``ignore_eos``...).
     """
     body = dict(record.body)
+    if overrides:
+        body.update(overrides)
     if messages is not None:
         body["messages"] = messages
     if model is not None:
@@ -140,15 +167,16 @@ class StreamRecorder:
     """Reads an OpenAI event stream line by line into a :class:`Sample`.
 
     Feed each raw line with the time it arrived; the recorder sets ``ttft_s`` at the first
-    content-bearing chunk, appends inter-chunk gaps to ``itl_s``, takes token counts from
+    content-bearing chunk (counted from ``due``, the moment the request became due, so a wait in
+    the client is part of it), appends inter-chunk gaps to ``itl_s``, takes token counts from
     ``usage`` and records in-stream errors. Shared by the asyncio player and the Locust users
     so both measure the same way.
     """
 
-    def __init__(self, sample: Sample, sent: float) -> None:
+    def __init__(self, sample: Sample, due: float) -> None:
         self.sample = sample
-        self.sent = sent
-        """``time.perf_counter()`` when the request was sent."""
+        self.due = due
+        """``time.perf_counter()`` when the request became due (closed-loop clients: sent)."""
         self.done = False
         """``data: [DONE]`` has been read."""
         self.chunks = 0
@@ -176,17 +204,17 @@ class StreamRecorder:
         except ValueError:
             chunk = None
         if not isinstance(chunk, dict):
-            sample.error = f"bad SSE data: {data[:80]!r}"
+            sample.fail("stream", f"bad SSE data: {data[:80]!r}")
             return
         if "error" in chunk:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else error
-            sample.error = f"stream error: {message}"
+            sample.fail("stream", f"stream error: {message}")
             return
         if self._take_content(chunk.get("choices")):
             self.chunks += 1
             if self._last is None:
-                sample.ttft_s = now - self.sent
+                sample.ttft_s = now - self.due
             else:
                 sample.itl_s.append(now - self._last)
             self._last = now
@@ -200,8 +228,8 @@ class StreamRecorder:
         A stream that ended without ``[DONE]`` is an error (an upstream failure must not pass
         for a short reply); without ``usage``, output tokens are the content chunks counted.
         """
-        if self.sample.error is None and not self.done:
-            self.sample.error = "stream ended before [DONE]"
+        if not self.done:
+            self.sample.fail("stream", "stream ended before [DONE]")
         if self.sample.output_tokens == 0:
             self.sample.output_tokens = self.chunks
         return self.reply
@@ -245,7 +273,10 @@ class StreamRecorder:
 
 
 class _Player:
-    """One run's state: the session, the bounds and the tasks it started."""
+    """One run's state: the session, the bounds and the tasks it started.
+
+    Times are ``time.perf_counter()`` values; a sample's instants count from ``origin``.
+    """
 
     def __init__(
         self,
@@ -262,6 +293,7 @@ class _Player:
         time_scale: float,
         on_sample: Callable[[Sample], None] | None,
         route: Callable[[str], str] | None = None,
+        body_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url
@@ -269,6 +301,8 @@ class _Player:
         self._model = model
         self._max_tokens = max_tokens
         self._max_requests = max_requests
+        self._body_overrides = dict(body_overrides or {})
+        self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._timeout_s = request_timeout_s
@@ -287,17 +321,20 @@ class _Player:
         self.samples: list[Sample] = []
         self.active: set[asyncio.Task[None]] = set()
         self.started: list[asyncio.Task[None]] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._sent = 0
-        self._origin = 0.0
+        self.origin = time.perf_counter()
 
     def stop(self, reason: str) -> None:
-        """Start no more requests; the first reason given is kept."""
+        """No more requests become due; the first reason given is kept."""
         if not self._stop.is_set():
             self.stopped_by = reason
             self._stop.set()
 
-    async def _stopped_within(self, delay: float) -> bool:
-        """Sleep ``delay`` seconds; True (early) if the run is stopped meanwhile."""
+    async def _stopped_by(self, when: float) -> bool:
+        """Sleep until ``when`` (perf_counter); True (early) if the run is stopped meanwhile."""
+        delay = when - time.perf_counter()
         if self._stop.is_set() or delay <= 0:
             return self._stop.is_set()
         try:
@@ -308,86 +345,98 @@ class _Player:
         return True
 
     async def schedule(self, conversations: list[Conversation]) -> None:
-        """Start each conversation at its arrival time (open loop)."""
-        loop = asyncio.get_running_loop()
-        self._origin = time.perf_counter()
-        start = loop.time()
+        """Start each conversation at its arrival time (open loop).
+
+        The arrival time, not the moment the task got to run, is when its first request is
+        due: a late scheduler shows up in the latency instead of shifting the load.
+        """
         for conversation in conversations:
-            delay = start + conversation.at * self._time_scale - loop.time()
-            if await self._stopped_within(delay):
+            due = self.origin + conversation.at * self._time_scale
+            if await self._stopped_by(due):
                 return
             task = asyncio.create_task(
-                self._conversation(conversation),
+                self._conversation(conversation, due),
                 name=f"conversation {conversation.conversation_id}",
             )
             self.started.append(task)
             self.active.add(task)
             task.add_done_callback(self.active.discard)
 
-    async def _conversation(self, conversation: Conversation) -> None:
+    async def _conversation(self, conversation: Conversation, due: float) -> None:
         history: list[dict[str, Any]] = []
         for index, record in enumerate(conversation.turns):
-            think = record.think_s * self._time_scale if index > 0 else 0.0
-            if await self._stopped_within(think):
-                return
+            if index > 0:
+                # The next turn is due a think time after the reply ended.
+                due = time.perf_counter() + record.think_s * self._time_scale
+                if await self._stopped_by(due):
+                    return
             messages: list[dict[str, Any]] | None = None
             if body_kind(record.body) == "chat":
                 new = list(record.body["messages"])
                 messages = history + new if record.append else new
-            reply = await self._turn(conversation.conversation_id, record, messages)
+            reply = await self._turn(conversation.conversation_id, record, messages, due)
             if reply is None:
                 return
             if messages is not None:
                 history = [*messages, {"role": "assistant", "content": reply}]
 
     async def _turn(
-        self, conversation_id: str, record: TraceRecord, messages: list[dict[str, Any]] | None
+        self,
+        conversation_id: str,
+        record: TraceRecord,
+        messages: list[dict[str, Any]] | None,
+        due: float,
     ) -> str | None:
-        """Send one turn when a slot is free; the reply text, or None if not sent or failed."""
-        queued = time.perf_counter()
-        async with self._slots:
-            if self._stop.is_set():
+        """Send one due turn as soon as a slot is free; the reply text, or None if it failed.
+
+        A request that is due counts, sent or not: if the run ends while it waits for a slot
+        or streams, it is recorded as unfinished with its age.
+        """
+        if self._max_requests is not None:
+            if self._sent >= self._max_requests:
+                self.stop("max-requests")
                 return None
-            if self._max_requests is not None:
-                if self._sent >= self._max_requests:
-                    self.stop("max-requests")
-                    return None
-                self._sent += 1
-                if self._sent >= self._max_requests:
-                    self.stop("max-requests")
-            sent = time.perf_counter()
-            sample = Sample(
-                conversation_id=conversation_id,
-                turn=record.turn,
-                start_s=sent - self._origin,
-                queue_s=sent - queued,
-            )
-            body = request_body(record, messages, self._model, self._max_tokens)
-            try:
-                reply = await self._stream(sample, body, sent)
-            except asyncio.CancelledError:
-                sample.cancelled = True
-                sample.error = "cancelled: the run ended"
-                sample.e2e_s = time.perf_counter() - sent
-                self._record(sample)
-                raise
-            sample.e2e_s = time.perf_counter() - sent
+            self._sent += 1
+            if self._sent >= self._max_requests:
+                self.stop("max-requests")
+        sample = Sample(conversation_id=conversation_id, turn=record.turn,
+                        due_s=due - self.origin)
+        try:
+            async with self._slots:
+                sent = time.perf_counter()
+                sample.sent_s = sent - self.origin
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    body = request_body(record, messages, self._model, self._max_tokens,
+                                        self._body_overrides)
+                    reply = await self._stream(sample, body, due)
+                finally:
+                    self.in_flight -= 1
+        except asyncio.CancelledError:
+            sample.fail(UNFINISHED, "unfinished: the run ended" if sample.sent_s is not None
+                        else "unfinished: never sent (client concurrency cap)")
+            sample.e2e_s = time.perf_counter() - due
             self._record(sample)
-            return reply if sample.error is None else None
+            raise
+        sample.e2e_s = time.perf_counter() - due
+        self._record(sample)
+        return reply if sample.ok else None
 
     def _record(self, sample: Sample) -> None:
         self.samples.append(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
 
-    async def _stream(self, sample: Sample, body: dict[str, Any], sent: float) -> str:
+    async def _stream(self, sample: Sample, body: dict[str, Any], due: float) -> str:
         """POST ``body`` and read its event stream into ``sample``; returns the reply text."""
         path = "/chat/completions" if "messages" in body else "/completions"
         headers = dict(self._headers)
         if self._session_header:
             headers[self._session_header] = sample.conversation_id
-        recorder = StreamRecorder(sample, sent)
+        recorder = StreamRecorder(sample, due)
         base_url = self._base_url if self._route is None else self._route(sample.conversation_id)
+        sample.target = base_url
         try:
             async with self._session.post(
                 base_url + path, json=body, headers=headers, timeout=self._timeout
@@ -397,14 +446,14 @@ class _Player:
                 sample.pod = response.headers.get(POD_HEADER)
                 if response.status != 200:
                     text = await response.content.read(ERROR_BODY_MAX)
-                    sample.error = http_error(response.status, text)
+                    sample.fail("http", http_error(response.status, text))
                     return ""
-                while not recorder.done and sample.error is None:
+                while not recorder.done and sample.ok:
                     line = await response.content.readline()
                     if not line:
                         break
                     recorder.feed(line, time.perf_counter())
-                if recorder.done and sample.error is None:
+                if recorder.done and sample.ok:
                     # Read the end of the body (the last chunk after [DONE]): a response left
                     # unfinished closes its connection, so the next request would pay a new
                     # connect and the server would log a client disconnect (balancer: code 499)
@@ -412,14 +461,15 @@ class _Player:
                     with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                         await response.content.read()
         except TimeoutError:
-            sample.error = f"timeout after {self._timeout_s:g} s"
+            sample.fail("timeout", f"timeout after {self._timeout_s:g} s")
         except aiohttp.ClientPayloadError as e:
-            sample.error = f"stream broken: {e}"
+            sample.fail("stream", f"stream broken: {e}")
         except (aiohttp.ClientError, OSError) as e:
-            sample.error = f"{type(e).__name__}: {e}"
+            cause = "connect" if sample.status is None else "stream"
+            sample.fail(cause, f"{type(e).__name__}: {e}")
         except ValueError as e:  # an SSE line over aiohttp's line limit
-            sample.error = f"bad stream: {e}"
-        return recorder.finish()
+            sample.fail("stream", f"bad stream: {e}")
+        return recorder.finish() if sample.ok else recorder.reply
 
 
 async def play(
@@ -439,22 +489,27 @@ async def play(
     session: aiohttp.ClientSession | None = None,
     on_sample: Callable[[Sample], None] | None = None,
     route: Callable[[str], str] | None = None,
+    body_overrides: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Play ``trace`` against the OpenAI-compatible ``base_url`` and return every sample.
 
     ``trace``: records (e.g. from :func:`loadtest.trace.load_trace` or a generator in
     :mod:`loadtest.workloads`) or conversations. ``base_url``: e.g. ``http://127.0.0.1:8080/v1``
     (``/v1`` is added if the URL has no path). ``model`` and ``max_tokens`` override the
-    bodies' values when given. ``duration_s``: no request starts after it; requests in flight
-    get ``grace_s`` more, then are cancelled. ``max_requests``: at most this many are sent.
-    Without either, the run lasts until the trace is played out. ``concurrency``: requests in
-    flight at most. ``request_timeout_s``: per request. ``headers``: sent with every request.
-    ``session_header``: if set, a header of that name carries the conversation id (a session
-    key for balancers that hash one). ``time_scale`` multiplies arrival and think times (0.5
-    plays twice as fast). ``session``: reuse a client session (its connector limits apply).
-    ``on_sample`` is called with each sample as it completes. ``route``: a base URL per
-    conversation id (with ``/v1``), overriding ``base_url``; a sticky oracle uses it to pin
-    each conversation to one server.
+    bodies' values when given; ``body_overrides`` sets further body fields (e.g.
+    ``{"temperature": 0, "ignore_eos": True}`` so every contender sees the same outputs).
+    ``duration_s``: no request becomes due after it; requests due before it are still sent,
+    and those not finished ``grace_s`` later are recorded as unfinished. ``max_requests``: at
+    most this many are sent. Without either, the run lasts until the trace is played out.
+    ``concurrency``: requests in flight at most (a request due while the cap is reached waits,
+    and the wait is in its latency). ``request_timeout_s``: per request. ``headers``: sent
+    with every request. ``session_header``: if set, a header of that name carries the
+    conversation id (a session key for balancers that hash one). ``time_scale`` multiplies
+    arrival and think times (0.5 plays twice as fast). ``session``: reuse a client session (its
+    connector limits apply). ``on_sample`` is called with each sample as it completes.
+    ``route``: a base URL (with ``/v1``) for each request, given its conversation id,
+    overriding ``base_url``: a sticky oracle pins each conversation to one server, a fleet
+    picks one of several balancer replicas per request.
     """
     if duration_s is not None and duration_s <= 0:
         raise ValueError("duration_s must be > 0")
@@ -485,18 +540,20 @@ async def play(
         time_scale=time_scale,
         on_sample=on_sample,
         route=route,
+        body_overrides=body_overrides,
     )
     if max_requests == 0:
         player.stop("max-requests")
     started_at = time.time()
-    start = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    deadline = None if duration_s is None else loop.time() + duration_s
+    start = player.origin
+    deadline = None if duration_s is None else start + duration_s
     scheduler = asyncio.create_task(player.schedule(conversations), name="scheduler")
+    window_end: float | None = None
     try:
         await _wait_until_idle(scheduler, player, deadline)
         if not scheduler.done() or player.active:
             player.stop("duration")
+            window_end = duration_s
             if player.active:
                 await asyncio.wait(set(player.active), timeout=grace_s)
     finally:
@@ -504,10 +561,13 @@ async def play(
         if own_session:
             await session.close()
     return RunResult(
-        samples=sorted(player.samples, key=lambda s: s.start_s),
+        samples=sorted(player.samples, key=lambda s: s.due_s),
         wall_s=time.perf_counter() - start,
+        window_end_s=window_end,
         started_at=started_at,
         stopped_by=player.stopped_by,
+        concurrency_cap=concurrency,
+        peak_in_flight=player.peak_in_flight,
     )
 
 
@@ -515,14 +575,13 @@ async def _wait_until_idle(
     scheduler: asyncio.Task[None], player: _Player, deadline: float | None
 ) -> None:
     """Wait until the scheduler and every conversation have finished, or the deadline."""
-    loop = asyncio.get_running_loop()
     while True:
         pending: set[asyncio.Task[None]] = set(player.active)
         if not scheduler.done():
             pending.add(scheduler)
         if not pending:
             return
-        timeout = None if deadline is None else deadline - loop.time()
+        timeout = None if deadline is None else deadline - time.perf_counter()
         if timeout is not None and timeout <= 0:
             return
         await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -538,3 +597,170 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         logger.error("load player task failed", exc_info=failure)
     if failures:
         raise failures[0]
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def poisson_arrivals(
+    conversations: Sequence[Conversation], rate: float, seed: int
+) -> list[Conversation]:
+    """The same conversations, arriving as a Poisson process of ``rate`` per second (seeded),
+    in their original order."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    rng = random.Random(seed)
+    at = 0.0
+    out = []
+    for conversation in conversations:
+        out.append(dataclasses.replace(conversation, at=at))
+        at += rng.expovariate(rate)
+    return out
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+    """A run's summary as a short markdown report: the accounting, then the figures."""
+
+    def s(key: str, digits: int = 3) -> str:
+        value = summary.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    causes = ", ".join(f"{c} {n}" for c, n in summary["failed_by"].items()) or "none"
+    lines = [
+        f"window: {summary['window_s']:.1f} s after a {summary['warmup_s']:g} s warm-up; "
+        f"requests by due time",
+        "",
+        "| offered | sent | completed | failed | unfinished | TTFT p50 (s) | TTFT p90 (s) "
+        "| TTFT p99 (s) | TTFT p99 censored (s) | ITL p50 (s) | ITL p99 (s) | E2E p50 (s) "
+        "| E2E p99 (s) | req/s | output tok/s | goodput (req/s) | cached prompt share |",
+        "|" + "---|" * 17,
+        f"| {summary['offered']} | {summary['sent']} | {summary['completed']} "
+        f"| {summary['failed']} | {summary['unfinished']} | {s('ttft_p50_s')} "
+        f"| {s('ttft_p90_s')} | {s('ttft_p99_s')} | ≥ {s('ttft_p99_censored_s')} "
+        f"| {s('itl_p50_s')} | {s('itl_p99_s')} | {s('e2e_p50_s')} | {s('e2e_p99_s')} "
+        f"| {s('requests_per_s', 2)} | {s('output_tokens_per_s', 0)} "
+        f"| {s('goodput_per_s', 2)} | {s('cached_token_share')} |",
+        "",
+        f"failures by cause: {causes}; client wait p99 {s('wait_p99_s')} s; peak in flight "
+        f"{summary['peak_in_flight']} of a cap of {summary['concurrency_cap']}"
+        + (" (the cap bound: raise --concurrency)" if summary["cap_bound"] else ""),
+        f"SLO for goodput: TTFT ≤ {summary['slo']['ttft_s']:g} s, mean ITL ≤ "
+        f"{summary['slo']['itl_s']:g} s",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.player",
+        description="Replay a trace open-loop against an OpenAI-compatible base URL and write "
+                    "a table, a summary and every request's sample.",
+    )
+    parser.add_argument("--trace", required=True, help="JSONL trace (format: loadtest/trace.py)")
+    parser.add_argument("--url", required=True,
+                        help="OpenAI base URL: a balancer, a Service, a model server")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--rate-scale", type=float, default=1.0,
+                        help="multiply the trace's arrival rate (and think times' pace) by X: "
+                             "2 plays twice as fast (default: 1, the trace's timestamps)")
+    timing.add_argument("--rate", type=float, default=None,
+                        help="ignore the trace's arrival times: conversations arrive as a "
+                             "Poisson process of this many per second")
+    parser.add_argument("--seed", type=int, default=1, help="seed of --rate arrivals")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds in which requests become due (default: the whole trace)")
+    parser.add_argument("--max-requests", type=int, default=None)
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds at the start left out of the statistics")
+    parser.add_argument("--cooldown", type=float, default=0.0,
+                        help="seconds at the end left out of the statistics (with --duration)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                        help="seconds requests may finish after --duration (default: "
+                             "%(default)s)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="requests in flight at most (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds per request (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="model to send (default: the bodies')")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="set every body's temperature (0: identical outputs everywhere)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="send ignore_eos: true (vLLM), so replies run to max_tokens")
+    parser.add_argument("--session-header", default=None,
+                        help="send each conversation's id in this header (e.g. x-session-id)")
+    parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                        help="extra request header, e.g. 'Authorization: Bearer ...'")
+    parser.add_argument("--slo-ttft", type=float, default=Slo().ttft_s,
+                        help="goodput SLO: time to first token, seconds (default: %(default)s)")
+    parser.add_argument("--slo-itl", type=float, default=Slo().itl_s,
+                        help="goodput SLO: mean inter-token gap, seconds (default: %(default)s)")
+    parser.add_argument("--out", default="results/player", help="output directory")
+    return parser
+
+
+def _headers(items: Sequence[str]) -> dict[str, str]:
+    headers = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--header {item!r}: expected NAME:VALUE")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rate_scale <= 0:
+        raise SystemExit("--rate-scale must be > 0")
+    if args.duration is None and args.cooldown:
+        raise SystemExit("--cooldown needs --duration")
+    try:
+        conversations = group_conversations(load_trace(args.trace))
+    except (TraceError, OSError) as e:
+        raise SystemExit(f"cannot use the trace:\n{e}") from e
+    if args.rate is not None:
+        conversations = poisson_arrivals(conversations, args.rate, args.seed)
+    overrides: dict[str, Any] = {}
+    if args.temperature is not None:
+        overrides["temperature"] = args.temperature
+    if args.ignore_eos:
+        overrides["ignore_eos"] = True
+    slo = Slo(args.slo_ttft, args.slo_itl)
+
+    async def run() -> RunResult:
+        return await play(
+            conversations, args.url, model=args.model, max_tokens=args.max_tokens,
+            duration_s=args.duration, max_requests=args.max_requests,
+            concurrency=args.concurrency, request_timeout_s=args.request_timeout,
+            grace_s=args.grace, headers=_headers(args.header),
+            session_header=args.session_header, time_scale=1.0 / args.rate_scale,
+            body_overrides=overrides)
+
+    import uvloop
+
+    from loadtest.hostcpu import raise_fd_limit
+
+    raise_fd_limit()
+    try:
+        result = uvloop.run(run())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    summary = summarize(result, warmup_s=args.warmup, cooldown_s=args.cooldown, slo=slo)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = summary_text(summary)
+    (out / "summary.md").write_text(
+        f"# Trace replay\n\n`python -m loadtest.player {' '.join(argv or sys.argv[1:])}`\n\n"
+        f"{text}\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+        write_samples(result.samples, f)
+    print(text)
+    print(f"written: {out / 'summary.md'}, {out / 'summary.json'}, {out / 'samples.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

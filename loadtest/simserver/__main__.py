@@ -16,14 +16,15 @@ from typing import Any
 
 from .config import DEFAULT_MODEL, SimConfig
 from .engine import (
+    DEFAULT_ATTN_MS_PER_MILLION_PAIRS,
     DEFAULT_KV_CACHE_BLOCKS,
+    DEFAULT_KV_READ_MS_PER_TOKEN,
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_MS_PER_TOKEN,
     DEFAULT_STEP_BASE_MS,
-    DEFAULT_STEP_MS_PER_SEQ,
     EngineConfig,
 )
 from .faults import ERROR_STATUSES, FaultConfig
@@ -81,22 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV pool (and prefix cache) size, in blocks of 16 tokens",
     )
     engine.add_argument(
-        "--prefill-ms-per-token",
-        type=float,
-        default=DEFAULT_PREFILL_MS_PER_TOKEN,
-        help="step time per uncached prompt token, in simulated ms",
-    )
-    engine.add_argument(
         "--step-base-ms",
         type=float,
         default=DEFAULT_STEP_BASE_MS,
-        help="fixed time of every step, in simulated ms",
+        help="fixed time of every step (the weights read once), in simulated ms",
     )
     engine.add_argument(
-        "--step-ms-per-seq",
+        "--kv-read-ms-per-token",
         type=float,
-        default=DEFAULT_STEP_MS_PER_SEQ,
-        help="step time per decoding sequence, in simulated ms",
+        default=DEFAULT_KV_READ_MS_PER_TOKEN,
+        help="step time per context token whose KV the step reads (each decoding sequence's"
+        " prompt + output so far, each prefill chunk's prefix), in simulated ms",
+    )
+    engine.add_argument(
+        "--prefill-ms-per-token",
+        type=float,
+        default=DEFAULT_PREFILL_MS_PER_TOKEN,
+        help="step time per uncached token prefilled, in simulated ms",
+    )
+    engine.add_argument(
+        "--attn-ms-per-million-pairs",
+        type=float,
+        default=DEFAULT_ATTN_MS_PER_MILLION_PAIRS,
+        help="prefill attention: step time per million (new token, attended token) pairs,"
+        " in simulated ms",
     )
     engine.add_argument(
         "--max-model-len",
@@ -159,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiplies every step's duration (a slow GPU)",
     )
     faults.add_argument(
+        "--host-cpu-ms",
+        type=float,
+        default=0.0,
+        help="CPU ms the process burns per engine step (a starved host)",
+    )
+    faults.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -175,7 +190,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         kv_cache_blocks=args.kv_cache_blocks,
         prefill_ms_per_token=args.prefill_ms_per_token,
         step_base_ms=args.step_base_ms,
-        step_ms_per_seq=args.step_ms_per_seq,
+        kv_read_ms_per_token=args.kv_read_ms_per_token,
+        attn_ms_per_million_pairs=args.attn_ms_per_million_pairs,
         max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens,
     )
@@ -188,6 +204,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         hang_after_chunks=args.hang_after_chunks,
         exit_after=args.exit_after,
         latency_multiplier=args.latency_multiplier,
+        host_cpu_ms=args.host_cpu_ms,
         seed=args.seed,
     )
     base = SimConfig(

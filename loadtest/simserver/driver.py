@@ -55,6 +55,8 @@ class EngineDriver:
         self.time_scale = time_scale
         self.clock_resets = 0
         """Times the host fell more than MAX_LAG_S behind and simulated time paused."""
+        self.host_cpu_s = 0.0
+        """CPU seconds burnt per step (fault injection: a starved host)."""
         self._clock = clock
         self._listener = listener
         self._origin = clock() - engine.now * time_scale / 1000.0
@@ -112,6 +114,8 @@ class EngineDriver:
             if out is None:
                 self._wake.clear()
                 continue
+            if self.host_cpu_s:
+                _burn(self.host_cpu_s)
             delay = self._origin + self.wall_seconds(engine.now) - self._clock()
             if delay < -MAX_LAG_S:
                 self._origin -= delay
@@ -133,3 +137,10 @@ class EngineDriver:
             queue.put_nowait((index, token))
             if token.finished:
                 del sinks[token.seq.id]
+
+
+def _burn(seconds: float) -> None:
+    """Keep the CPU busy for ``seconds`` (a starved host; blocking on purpose)."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass

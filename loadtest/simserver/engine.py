@@ -1,6 +1,6 @@
 """A simulated LLM inference engine: continuous batching over a prefix-cached KV pool.
 
-The engine behaves like vLLM's scheduler, in simulated milliseconds, without any real model:
+The engine behaves like vLLM V1's scheduler, in simulated milliseconds, without any real model:
 
 * A request's prompt is split into pseudo-tokens (:mod:`.text`) and its full KV blocks into
   chained hashes. When it is admitted, its longest cached block prefix is reused; the rest of the
@@ -8,16 +8,30 @@ The engine behaves like vLLM's scheduler, in simulated milliseconds, without any
 * Each :meth:`Engine.step` builds one batch under a token budget: first one decode token for each
   running sequence that has finished its prefill, then prefill chunks of running sequences, then
   newly admitted waiting sequences, first come first served (chunked prefill). Admission stops
-  at ``max_num_seqs`` running sequences or when the KV pool cannot hold the next sequence.
-* The step lasts ``base + prefill tokens x cost per token + decoding sequences x cost per
-  sequence``. A sequence whose prefill completes emits its first token at the end of that step
-  (its time to first token); afterwards it emits one token per step until it has ``max_tokens``.
+  at ``max_num_seqs`` running sequences or when the KV pool cannot hold the next prompt, and is
+  skipped in a step that had to preempt.
+* A step's duration follows the calibration (``shared/data/h100-llama8b-calibration.md``)::
+
+      step_base_ms                                   weights read once per step
+    + kv_read_ms_per_token   x context tokens read    every decoding sequence's whole context
+                                                      and every prefill chunk's prefix
+    + prefill_ms_per_token   x uncached tokens        prefill of the step's chunks
+    + attn_ms_per_million_pairs x 1e-6 x pairs        prefill attention: each new token of a
+                                                      chunk attends to its prefix and to itself
+
+  A sequence whose prefill completes emits its first token at the end of that step (its time to
+  first token); afterwards it emits one token per step until it has ``max_tokens``.
+* KV blocks are allocated as the context grows, as vLLM V1 does: at admission a sequence takes
+  blocks for its prompt (less the cached blocks it reuses), then one more block whenever a decode
+  step's token starts a new block. When the pool has no free or evictable block for a running
+  sequence's next token, the most recently admitted running sequence is *preempted* (recompute
+  mode): its blocks are released (its computed full blocks stay cached, evictable), and it goes
+  back to the front of the waiting queue with the tokens it already generated. Re-admitted, it
+  prefills its prompt plus that output (mostly prefix-cache hits) and carries on generating;
+  tokens it already emitted are not emitted again and its time to first token is kept.
 * Blocks are cached as soon as they are computed (prompt blocks during prefill, output blocks as
   they fill up) and stay pinned while their sequence runs; when it finishes they become
   evictable, most recently used.
-* An admitted sequence reserves KV blocks for its whole context (prompt plus ``max_tokens``), so
-  it never has to be preempted. vLLM allocates blocks as a sequence grows and preempts when the
-  pool runs out; the two differ only when the pool is nearly full.
 
 The engine is pure and synchronous: time only moves in :meth:`Engine.step` (by the step's
 duration) and in :meth:`Engine.add_request` (an idle engine jumps to the arrival time). A server
@@ -28,7 +42,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import math
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Final
@@ -46,22 +59,54 @@ from .text import (
 )
 
 # Defaults: Llama-3.1-8B in bf16 on one NVIDIA H100 80GB, from the project's calibration notes
-# (h100-llama8b-calibration.md, "Cost model for a simulated engine: measured on an NVIDIA H100
-# 80GB HBM3"): measured prefill costs plus a memory-bandwidth roofline for decode.
+# (shared/data/h100-llama8b-calibration.md and .json, "Cost model for a simulated engine: measured
+# on an NVIDIA H100 80GB HBM3"): measured prefill costs plus a memory-bandwidth roofline for
+# decode, taken at the bandwidth serving engines actually reach.
 
-DEFAULT_PREFILL_MS_PER_TOKEN: Final = 0.03
-"""Uncached prefill cost. Measured: 31-33k tokens/s for 1,024-8,192-token prompts, i.e. about
-0.031 ms per prompt token (2,048 tokens: 62 ms; 8,192 tokens: 263 ms). Cached tokens cost
-nothing: 64-1,024 new tokens after a 2,048-6,144-token cached prefix cost only the new tokens."""
+MODEL_WEIGHT_BYTES: Final = 16.06e9
+"""Bytes of weights read by every forward pass: 8.03 B parameters in bf16 ("16 GB")."""
 
-DEFAULT_STEP_BASE_MS: Final = 5.5
-"""Fixed cost of a forward pass. Roofline for memory-bound decode: reading 16 GB of weights at
-~3 TB/s takes about 5.5 ms per step. (The eager-mode floor measured, 25-30 ms, is launch
-overhead that a serving engine with CUDA graphs mostly removes.)"""
+KV_BYTES_PER_TOKEN: Final = 128 * 1024
+"""KV cache per context token: 32 layers x (K, V) x 8 KV heads x 128 dims x 2 bytes = 128 KiB."""
 
-DEFAULT_STEP_MS_PER_SEQ: Final = 0.09
-"""Extra cost per decoding sequence. Roofline: 128 KB of KV cache per token; a sequence with a
-2k-token context adds ~256 MB of reads per step, ~0.09 ms at ~3 TB/s."""
+HBM_BYTES_PER_S: Final = 3.0e12
+"""The card's measured memory bandwidth used by the calibration's roofline ("~3 TB/s"; the H100
+SXM's data sheet says 3.35 TB/s)."""
+
+BANDWIDTH_EFFICIENCY: Final = 0.7
+"""Share of the roofline bandwidth a serving engine reaches: the calibration says 60-80%."""
+
+EFFECTIVE_BYTES_PER_S: Final = HBM_BYTES_PER_S * BANDWIDTH_EFFICIENCY
+"""Bandwidth of the decode cost model: 2.1 TB/s."""
+
+DEFAULT_STEP_BASE_MS: Final = round(MODEL_WEIGHT_BYTES / EFFECTIVE_BYTES_PER_S * 1e3, 2)
+"""Fixed cost of a forward pass: the weights read at the effective bandwidth, 16.06 GB / 2.1 TB/s
+= 7.65 ms (the calibration's roofline at 100% of ~3 TB/s is 5.5 ms). The eager-mode floor
+measured, 25-30 ms, is launch overhead that a serving engine with CUDA graphs mostly removes."""
+
+DEFAULT_KV_READ_MS_PER_TOKEN: Final = round(KV_BYTES_PER_TOKEN / EFFECTIVE_BYTES_PER_S * 1e3, 7)
+"""Step time per context token read: 128 KiB of KV at 2.1 TB/s = 6.24e-5 ms. Each decoding
+sequence reads its whole context every step (2,048 tokens: 0.128 ms, the calibration's ~0.09 ms
+at 100% bandwidth), so a decode step grows with the context of every running sequence. A prefill
+chunk reads the KV of its prefix (cached or computed earlier) once: the calibration measured the
+cached prefix as almost free (64-256 new tokens after 2,048-6,144 cached: 25-35 ms, inside the
+eager floor), and this term keeps it small (6,144 tokens: 0.38 ms)."""
+
+DEFAULT_PREFILL_MS_PER_TOKEN: Final = 0.0257
+"""Uncached prefill cost per token (the linear part: GEMMs). Fitted with
+:data:`DEFAULT_ATTN_MS_PER_MILLION_PAIRS` to the measured uncached prefills over the step base
+(2,048 tokens: 62.3 ms; 4,096: 124.7 ms; 8,192: 262.9 ms; the model gives 63.1, 124.1, 263.1).
+Overall that is the calibration's ~0.03 ms per prompt token (31-33k tokens/s)."""
+
+DEFAULT_ATTN_MS_PER_MILLION_PAIRS: Final = 1.34
+"""Prefill attention compute, per million (new token, attended token) pairs: a chunk of n new
+tokens after p tokens of prefix attends to n x p + n(n+1)/2 pairs. Fitted to the uncached
+prefills, whose cost per token grows with the length (0.0304 ms from 2k to 4k tokens, 0.0338 ms
+from 4k to 8k): 1.34e-6 ms per pair is ~390 TFLOP/s at 0.5 MFLOP per pair (4 x 128 dims x 32
+heads x 32 layers), what flash attention reaches on an H100. The calibration's cached-prefix
+figures show this term: 1,024 new tokens cost 7.3 ms more after 2,048 cached tokens and 17.4 ms
+more after 6,144 than 1,024 uncached ones (2.8-3.5e-6 ms per pair: eager attention over a cached
+prefix with an explicit mask, 2-3x slower than the flash kernels a serving engine uses)."""
 
 DEFAULT_KV_CACHE_BLOCKS: Final = 29_000
 """KV pool size: 128 KB per token, ~60 GB left after the weights -> ~470k tokens, about 29k blocks
@@ -96,11 +141,16 @@ class EngineConfig:
     kv_cache_blocks: int = DEFAULT_KV_CACHE_BLOCKS
     """KV pool size, in blocks of 16 tokens; also bounds the prefix cache."""
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
-    """Step time added per uncached prompt token prefilled in the step (ms)."""
+    """Step time added per uncached token prefilled in the step (ms per token)."""
     step_base_ms: float = DEFAULT_STEP_BASE_MS
-    """Step time of any non-empty step (ms)."""
-    step_ms_per_seq: float = DEFAULT_STEP_MS_PER_SEQ
-    """Step time added per decoding sequence in the step (ms)."""
+    """Step time of any non-empty step: the weights read once (ms)."""
+    kv_read_ms_per_token: float = DEFAULT_KV_READ_MS_PER_TOKEN
+    """Step time added per context token whose KV the step reads (ms per token): the whole
+    context (prompt and output so far) of each decoding sequence, the prefix of each prefill
+    chunk."""
+    attn_ms_per_million_pairs: float = DEFAULT_ATTN_MS_PER_MILLION_PAIRS
+    """Step time added per million (new token, attended token) pairs of the step's prefill chunks
+    (ms per 10^6 pairs)."""
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     """Longest prompt plus output accepted, in tokens."""
     default_max_tokens: int = DEFAULT_MAX_TOKENS
@@ -113,7 +163,12 @@ class EngineConfig:
         for name in ("max_model_len", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("prefill_ms_per_token", "step_base_ms", "step_ms_per_seq"):
+        for name in (
+            "prefill_ms_per_token",
+            "step_base_ms",
+            "kv_read_ms_per_token",
+            "attn_ms_per_million_pairs",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -130,15 +185,22 @@ class SeqState(enum.Enum):
     ABORTED = "aborted"
 
 
+def _blocks_for(tokens: int) -> int:
+    """KV blocks holding `tokens` tokens."""
+    return -(-tokens // BLOCK_TOKENS)
+
+
 class Sequence:
     """One request inside the engine. Read its public attributes; the engine writes them."""
 
     __slots__ = (
         "_committed",
+        "_hashes",
         "_held",
         "_last_hash",
         "_pending",
         "_reserved",
+        "_target",
         "_words",
         "arrival_ms",
         "cached_tokens",
@@ -148,6 +210,7 @@ class Sequence:
         "id",
         "max_tokens",
         "output",
+        "preemptions",
         "prompt",
         "prompt_hashes",
         "prompt_tokens",
@@ -164,17 +227,27 @@ class Sequence:
         """Chained hashes of the prompt's full blocks."""
         self.state = SeqState.WAITING
         self.cached_tokens = 0
-        """Prompt tokens found in the prefix cache at admission."""
+        """Prompt tokens found in the prefix cache at the first admission."""
         self.computed_tokens = 0
-        """Prompt tokens whose KV exists (cached or prefilled)."""
+        """Tokens to prefill whose KV exists (cached or prefilled): tokens of the prompt, or after
+        a preemption of the prompt and the output generated before it."""
         self.output: list[str] = []
         """Generated tokens, four characters each."""
+        self.preemptions = 0
+        """Times the sequence was preempted (and its KV recomputed)."""
         self.first_token_ms: float | None = None
         self.finish_ms: float | None = None
         self._words = PseudoWords(text_seed(prompt))
+        self._hashes = list(self.prompt_hashes)
+        """Chained hashes of the full blocks of the prompt and the output so far."""
+        self._target = self.prompt_tokens
+        """Tokens to prefill before the next token: the prompt, or prompt and output so far."""
         self._held: list[int] = []
+        """Hashes of the cached blocks the sequence references."""
         self._reserved = 0
+        """Blocks the sequence holds that are not (or not uniquely) cached."""
         self._committed = 0
+        """Leading entries of `_hashes` whose blocks were computed (or reused) in this run."""
         self._last_hash = self.prompt_hashes[-1] if self.prompt_hashes else ROOT_HASH
         self._pending = prompt[len(self.prompt_hashes) * BLOCK_CHARS :]
 
@@ -192,13 +265,23 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed_tokens < self.prompt_tokens
+        return self.computed_tokens < self._target
+
+    @property
+    def context_tokens(self) -> int:
+        """Prompt plus output tokens so far: what a decode step of this sequence reads."""
+        return self.prompt_tokens + len(self.output)
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks the sequence holds now."""
+        return len(self._held) + self._reserved
 
     def __repr__(self) -> str:
         return (
             f"Sequence(id={self.id}, state={self.state.value}, prompt_tokens={self.prompt_tokens},"
-            f" cached={self.cached_tokens}, computed={self.computed_tokens},"
-            f" output={len(self.output)}/{self.max_tokens})"
+            f" cached={self.cached_tokens}, computed={self.computed_tokens}/{self._target},"
+            f" output={len(self.output)}/{self.max_tokens}, preemptions={self.preemptions})"
         )
 
 
@@ -209,7 +292,7 @@ class TokenOutput:
     seq: Sequence
     token: str
     first: bool
-    """The sequence's first token: its prefill completed in this step."""
+    """The sequence's first token: its (first) prefill completed in this step."""
     finished: bool
     """The sequence's last token: it has now generated `max_tokens`."""
 
@@ -221,7 +304,7 @@ class StepOutput:
     start_ms: float
     end_ms: float
     prefill_tokens: int
-    """Uncached prompt tokens computed in the step."""
+    """Uncached tokens computed in the step (prompt tokens, or recomputed ones)."""
     decode_seqs: int
     """Sequences that decoded one token in the step."""
     prefill_seqs: int
@@ -229,6 +312,10 @@ class StepOutput:
     admitted: int
     """Waiting sequences admitted in the step."""
     outputs: list[TokenOutput]
+    preempted: int = 0
+    """Running sequences preempted in the step to free KV blocks."""
+    context_tokens: int = 0
+    """Context tokens whose KV the step read: decoding sequences' contexts, prefill prefixes."""
 
     @property
     def duration_ms(self) -> float:
@@ -245,16 +332,22 @@ class EngineStats:
 
     requests_added: int = 0
     requests_admitted: int = 0
+    """Requests admitted for the first time (re-admissions after a preemption not counted)."""
     requests_finished: int = 0
     requests_aborted: int = 0
     prompt_tokens: int = 0
     """Prompt tokens of admitted requests."""
     prefix_cache_queries: int = 0
-    """Prompt tokens looked up in the prefix cache (vLLM: ``prefix_cache_queries``)."""
+    """Prompt tokens looked up in the prefix cache at first admission (vLLM:
+    ``prefix_cache_queries``)."""
     prefix_cache_hits: int = 0
     """Prompt tokens found there (vLLM: ``prefix_cache_hits``)."""
     prefill_tokens: int = 0
-    """Prompt tokens actually computed (not cached)."""
+    """Tokens actually computed in prefill (not cached), recomputations included."""
+    recomputed_tokens: int = 0
+    """Part of `prefill_tokens` computed for preempted sequences after their re-admission."""
+    preemptions: int = 0
+    """Running sequences preempted for lack of KV blocks (vLLM: ``num_preemptions``)."""
     generation_tokens: int = 0
     steps: int = 0
     busy_ms: float = 0.0
@@ -289,6 +382,9 @@ class Engine:
         self._baseline = EngineStats()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._decode_context = 0
+        """Sum of `context_tokens` over running sequences past their prefill, kept up to date
+        as tokens are emitted and sequences come and go (a step's KV read without a loop)."""
         self._ids = itertools.count(1)
 
     # -- queries -------------------------------------------------------------------------------
@@ -311,13 +407,18 @@ class Engine:
         return self.cache.usage
 
     @property
+    def decode_context_tokens(self) -> int:
+        """Total context of the running sequences past their prefill: the next decode's KV read."""
+        return self._decode_context
+
+    @property
     def running(self) -> list[Sequence]:
         """Running sequences in admission order (a copy)."""
         return list(self._running)
 
     @property
     def waiting(self) -> list[Sequence]:
-        """Waiting sequences in arrival order (a copy)."""
+        """Waiting sequences in queue order (a copy): preempted ones first, then by arrival."""
         return list(self._waiting)
 
     def stats(self) -> EngineStats:
@@ -331,8 +432,8 @@ class Engine:
         self.peak_waiting = len(self._waiting)
 
     def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
-        """KV blocks a sequence holds for its whole context."""
-        return math.ceil((prompt_tokens + max_tokens) / BLOCK_TOKENS)
+        """KV blocks of a sequence's whole context: more than it ever holds at once."""
+        return _blocks_for(prompt_tokens + max_tokens)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -357,6 +458,8 @@ class Engine:
                 f"However, you requested {prompt_tokens + max_tokens} tokens "
                 f"({prompt_tokens} in the prompt, {max_tokens} in the completion)."
             )
+        # A sequence alone on the engine must be able to grow to its whole context, or it would
+        # preempt itself for ever.
         if self.blocks_needed(prompt_tokens, max_tokens) > self.cache.capacity:
             raise EngineError(
                 f"the request needs {self.blocks_needed(prompt_tokens, max_tokens)} KV blocks;"
@@ -378,6 +481,8 @@ class Engine:
             self._waiting.remove(seq)
         elif seq.state is SeqState.RUNNING:
             self._running.remove(seq)
+            if not seq.prefilling:
+                self._decode_context -= seq.context_tokens
             self._release(seq)
         else:
             return False
@@ -389,15 +494,16 @@ class Engine:
     # -- scheduling ----------------------------------------------------------------------------
 
     def _cached_blocks_for(self, seq: Sequence) -> int:
-        # vLLM recomputes at least the last prompt token (it needs its logits), so a fully
+        # vLLM recomputes at least the last token to prefill (it needs its logits), so a fully
         # cached prompt still prefills its last block.
-        limit = (seq.prompt_tokens - 1) // BLOCK_TOKENS
-        return min(self.cache.match(seq.prompt_hashes[:limit]), limit)
+        limit = (seq._target - 1) // BLOCK_TOKENS
+        return min(self.cache.match(seq._hashes[:limit]), limit)
 
     def _try_admit(self, seq: Sequence) -> bool:
+        """Admit `seq` with blocks for what it has to prefill, if the pool has them."""
         cache = self.cache
-        hits = seq.prompt_hashes[: self._cached_blocks_for(seq)]
-        new_blocks = self.blocks_needed(seq.prompt_tokens, seq.max_tokens) - len(hits)
+        hits = seq._hashes[: self._cached_blocks_for(seq)]
+        new_blocks = _blocks_for(seq._target) - len(hits)
         # Pinning an evictable hit takes it out of the free pool too.
         evictable_hits = sum(1 for block_hash in hits if cache.refcount(block_hash) == 0)
         if new_blocks > cache.free_blocks - evictable_hits:
@@ -407,75 +513,153 @@ class Engine:
         seq._held = list(hits)
         seq._reserved = new_blocks
         seq._committed = len(hits)
-        seq.cached_tokens = seq.computed_tokens = len(hits) * BLOCK_TOKENS
+        seq.computed_tokens = len(hits) * BLOCK_TOKENS
         seq.state = SeqState.RUNNING
-        totals = self.totals
-        totals.requests_admitted += 1
-        totals.prompt_tokens += seq.prompt_tokens
-        totals.prefix_cache_queries += seq.prompt_tokens
-        totals.prefix_cache_hits += seq.cached_tokens
+        if seq.preemptions == 0:
+            # As in vLLM, the cache counters and a request's cached tokens are those of its
+            # first admission; a recomputation's hits are not reported.
+            seq.cached_tokens = seq.computed_tokens
+            totals = self.totals
+            totals.requests_admitted += 1
+            totals.prompt_tokens += seq.prompt_tokens
+            totals.prefix_cache_queries += seq.prompt_tokens
+            totals.prefix_cache_hits += seq.cached_tokens
         return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence (already out of the running list) back to the front of the
+        waiting queue; it keeps its output and will prefill it with its prompt (recompute)."""
+        if not seq.prefilling:
+            self._decode_context -= seq.context_tokens
+        self._release(seq)
+        seq.state = SeqState.WAITING
+        seq.preemptions += 1
+        seq.computed_tokens = 0
+        seq._committed = 0
+        seq._target = seq.context_tokens
+        self._waiting.appendleft(seq)
+        self.totals.preemptions += 1
 
     def step(self) -> StepOutput | None:
         """Run one step from the current clock; None (and no time passes) if there is no work."""
         config = self.config
+        cache = self.cache
+        running = self._running
         budget = config.max_num_batched_tokens
+
+        # Decode: every running sequence past its prefill computes the KV of its last token,
+        # which needs a new block every 16 tokens. As in vLLM V1, when the pool has none the last
+        # admitted running sequence is preempted, until the block is free or the sequence
+        # needing it was the one preempted. Victims come from the end of the list, so no
+        # sequence already scheduled in this step is ever preempted.
         decode: list[Sequence] = []
+        preempted = 0
+        index = 0
+        while index < len(running):
+            seq = running[index]
+            index += 1
+            if seq.computed_tokens < seq._target:
+                continue
+            need = (
+                -(-(seq.prompt_tokens + len(seq.output)) // BLOCK_TOKENS)
+                - len(seq._held)
+                - seq._reserved
+            )
+            if need > 0:
+                while cache.free_blocks < need:
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted += 1
+                    if victim is seq:
+                        break
+                if seq.state is not SeqState.RUNNING:
+                    break  # it was the last running sequence
+                cache.reserve(need)
+                seq._reserved += need
+            decode.append(seq)
+            budget -= 1
+
         prefill: list[tuple[Sequence, int]] = []
-        for seq in self._running:
-            if not seq.prefilling and budget > 0:
-                decode.append(seq)
-                budget -= 1
-        for seq in self._running:
-            if seq.prefilling and budget > 0:
-                chunk = min(seq.prompt_tokens - seq.computed_tokens, budget)
+        for seq in running:
+            if budget <= 0:
+                break
+            if seq.computed_tokens < seq._target:
+                chunk = min(seq._target - seq.computed_tokens, budget)
                 prefill.append((seq, chunk))
                 budget -= chunk
+
+        # vLLM V1 admits nobody in a step that had to preempt.
         admitted = 0
         waiting = self._waiting
-        while waiting and budget > 0 and len(self._running) < config.max_num_seqs:
+        while not preempted and waiting and budget > 0 and len(running) < config.max_num_seqs:
             seq = waiting[0]
             if not self._try_admit(seq):
                 break  # first come, first served: nobody overtakes the head of the queue
             waiting.popleft()
-            self._running.append(seq)
+            running.append(seq)
             admitted += 1
-            chunk = min(seq.prompt_tokens - seq.computed_tokens, budget)
+            chunk = min(seq._target - seq.computed_tokens, budget)
             prefill.append((seq, chunk))
             budget -= chunk
+        if preempted:
+            self.peak_waiting = max(self.peak_waiting, len(waiting))
         if not decode and not prefill:
             return None
 
-        prefill_tokens = sum(chunk for _, chunk in prefill)
+        prefill_tokens = 0
+        recomputed = 0
+        prefix_tokens = 0
+        pairs = 0
+        for seq, chunk in prefill:
+            done = seq.computed_tokens
+            prefill_tokens += chunk
+            prefix_tokens += done
+            pairs += chunk * done + chunk * (chunk + 1) // 2
+            if seq.preemptions:
+                recomputed += chunk
+        context_tokens = self._decode_context + prefix_tokens
         duration = (
             config.step_base_ms
+            + config.kv_read_ms_per_token * context_tokens
             + config.prefill_ms_per_token * prefill_tokens
-            + config.step_ms_per_seq * len(decode)
+            + config.attn_ms_per_million_pairs * 1e-6 * pairs
         ) * self.latency_multiplier
         start = self.now
         end = self.now = start + duration
 
         outputs: list[TokenOutput] = []
+        finished: list[Sequence] = []
         for seq in decode:
-            outputs.append(self._emit(seq, end, first=False))
+            out = self._emit(seq, end)
+            outputs.append(out)
+            if out.finished:
+                finished.append(seq)
+                self._decode_context -= seq.context_tokens - 1  # its context before the token
+        self._decode_context += len(decode) - len(finished)
         for seq, chunk in prefill:
             seq.computed_tokens += chunk
-            self._commit_prompt_blocks(seq)
-            if not seq.prefilling:
-                seq.first_token_ms = end
-                outputs.append(self._emit(seq, end, first=True))
-        finished = [out.seq for out in outputs if out.finished]
+            self._commit_computed_blocks(seq)
+            if seq.computed_tokens >= seq._target:
+                if seq.first_token_ms is None:
+                    seq.first_token_ms = end
+                out = self._emit(seq, end)
+                outputs.append(out)
+                if out.finished:
+                    finished.append(seq)
+                else:
+                    self._decode_context += seq.context_tokens
         if finished:
-            done = {id(seq) for seq in finished}
-            self._running = [seq for seq in self._running if id(seq) not in done]
+            done_ids = {id(seq) for seq in finished}
+            running[:] = [seq for seq in running if id(seq) not in done_ids]
 
         totals = self.totals
         totals.prefill_tokens += prefill_tokens
+        totals.recomputed_tokens += recomputed
         totals.generation_tokens += len(outputs)
         totals.requests_finished += len(finished)
         totals.steps += 1
         totals.busy_ms += duration
-        self.peak_running = max(self.peak_running, len(self._running) + len(finished))
+        self.peak_running = max(self.peak_running, len(running) + len(finished))
         return StepOutput(
             start_ms=start,
             end_ms=end,
@@ -484,6 +668,8 @@ class Engine:
             prefill_seqs=len(prefill),
             admitted=admitted,
             outputs=outputs,
+            preempted=preempted,
+            context_tokens=context_tokens,
         )
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[StepOutput]:
@@ -503,22 +689,27 @@ class Engine:
             seq._held.append(block_hash)
             seq._reserved -= 1
 
-    def _commit_prompt_blocks(self, seq: Sequence) -> None:
-        target = min(seq.computed_tokens // BLOCK_TOKENS, len(seq.prompt_hashes))
+    def _commit_computed_blocks(self, seq: Sequence) -> None:
+        target = min(seq.computed_tokens // BLOCK_TOKENS, len(seq._hashes))
         for index in range(seq._committed, target):
-            self._commit(seq, seq.prompt_hashes[index])
+            self._commit(seq, seq._hashes[index])
         seq._committed = max(seq._committed, target)
 
-    def _emit(self, seq: Sequence, now: float, *, first: bool) -> TokenOutput:
+    def _emit(self, seq: Sequence, now: float) -> TokenOutput:
+        first = not seq.output
         last = len(seq.output) + 1 == seq.max_tokens
         token = seq._words.next_token(last=last)
         seq.output.append(token)
         # Output tokens extend the sequence's text; each 64 characters make a cacheable block
-        # that the next turn of a conversation (prompt + this reply + more) starts with.
+        # that the next turn of a conversation (prompt + this reply + more) starts with. The
+        # sequence holds a block for it: it has one per 16 tokens of its context, and text has
+        # at most 4 characters per token.
         pending = seq._pending + token
         if len(pending) >= BLOCK_CHARS:
             seq._last_hash = chain_hash(seq._last_hash, pending[:BLOCK_CHARS])
+            seq._hashes.append(seq._last_hash)
             self._commit(seq, seq._last_hash)
+            seq._committed = len(seq._hashes)
             pending = pending[BLOCK_CHARS:]
         seq._pending = pending
         if last:

@@ -45,6 +45,9 @@ class FaultConfig:
     """Exit the whole process abruptly when request N+1 arrives (a crash); None: never."""
     latency_multiplier: float = 1.0
     """Multiplies every engine step's duration (a slow or throttled GPU)."""
+    host_cpu_ms: float = 0.0
+    """CPU time the pod's process burns in every engine step, in ms: a starved host, so that
+    load tests can show they flag runs in which the host, not the modelled GPU, was the limit."""
     seed: int = 0
     """Seed of the generator deciding which requests fail or hang."""
 
@@ -67,6 +70,8 @@ class FaultConfig:
             raise FaultConfigError("exit_after must not be negative")
         if self.latency_multiplier <= 0:
             raise FaultConfigError("latency_multiplier must be positive")
+        if self.host_cpu_ms < 0:
+            raise FaultConfigError("host_cpu_ms must not be negative")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +88,9 @@ class FaultConfig:
 
 
 _INT_SETTINGS = frozenset({"error_status", "retry_after", "hang_after_chunks", "seed"})
-_FLOAT_SETTINGS = frozenset({"error_rate", "slow_start", "hang_rate", "latency_multiplier"})
+_FLOAT_SETTINGS = frozenset(
+    {"error_rate", "slow_start", "hang_rate", "latency_multiplier", "host_cpu_ms"}
+)
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -126,6 +126,11 @@ class _EngineCollector(Collector):
             "Number of generation tokens processed.",
             totals.generation_tokens,
         )
+        yield counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            totals.preemptions,
+        )
         success = CounterMetricFamily(
             "vllm:request_success",
             "Count of successfully processed requests.",

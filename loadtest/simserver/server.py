@@ -146,6 +146,7 @@ class SimPod:
         self.driver = EngineDriver(
             self.engine, config.time_scale, clock=clock, listener=self._on_token
         )
+        self.driver.host_cpu_s = config.faults.host_cpu_ms / 1000.0
         self.faults = FaultInjector(config.faults, clock())
         self.counters = ServerCounters()
         self.started_at = clock()
@@ -169,6 +170,7 @@ class SimPod:
     def update_faults(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         config = self.faults.update(changes, self.clock())
         self.engine.latency_multiplier = config.latency_multiplier
+        self.driver.host_cpu_s = config.host_cpu_ms / 1000.0
         return config.to_json()
 
     def stats(self) -> dict[str, Any]:
@@ -200,6 +202,8 @@ class SimPod:
             "cached_tokens": window.prefix_cache_hits,
             "prefill_tokens": window.prefill_tokens,
             "generation_tokens": window.generation_tokens,
+            "preemptions": window.preemptions,
+            "recomputed_tokens": window.recomputed_tokens,
             "prefix_cache_queries": queries,
             "prefix_cache_hits": window.prefix_cache_hits,
             "hit_rate": window.prefix_cache_hits / queries if queries else 0.0,

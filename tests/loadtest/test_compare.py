@@ -24,19 +24,23 @@ from loadtest.compare import (
     ORACLE,
     STRATEGIES,
     Outcome,
+    aggregate,
     balancer_config,
     haproxy_config,
+    invalid_reasons,
     markdown_table,
+    mean_in_flight,
     parse_routing,
     parse_shape,
     ratios,
 )
+from loadtest.stats import RunResult, Sample, Window
 from loadtest.workloads import MultiTurnShape, SharedDocsShape, UniqueShape
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 CONTENDERS = ["chwbl", "round-robin", ORACLE]
-PLOTS = ("ttft_cdf.png", "throughput.png", "hit_rate.png", "pod_load.png")
+PLOTS = ("ttft_cdf.png", "ttft_over_time.png", "throughput.png", "hit_rate.png", "pod_load.png")
 RUN_TIMEOUT_S = 90.0
 INTERRUPT_TIMEOUT_S = 20.0
 
@@ -44,27 +48,32 @@ INTERRUPT_TIMEOUT_S = 20.0
 def _summary(**values: Any) -> dict[str, Any]:
     """A run summary with the keys a comparison row reads."""
     summary: dict[str, Any] = {
-        "ttft_p50_s": 0.1,
-        "ttft_p90_s": 0.2,
-        "ttft_p99_s": 0.4,
-        "e2e_p50_s": 1.0,
-        "requests_per_s": 5.0,
-        "output_tokens_per_s": 400.0,
-        "requests": 50,
-        "errors": 0,
-    }
+        "offered": 52, "sent": 52, "completed": 50, "failed": 1, "failed_by": {"http": 1},
+        "unfinished": 1, "unsent": 0, "ttft_p50_s": 0.1, "ttft_p90_s": 0.2, "ttft_p99_s": 0.4,
+        "ttft_p99_censored_s": 0.5, "itl_p50_s": 0.01, "e2e_p50_s": 1.0, "requests_per_s": 5.0,
+        "output_tokens_per_s": 400.0, "goodput_per_s": 4.5, "offered_per_s": 5.2,
+    }  # fmt: skip
     summary.update(values)
     return summary
 
 
 def _pod(served: int, queries: int, hits: int) -> dict[str, Any]:
-    return {"requests_served": served, "prefix_cache_queries": queries, "prefix_cache_hits": hits}
+    return {"requests_served": served, "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "busy_fraction": 0.5, "preemptions": 1}
+
+
+def _outcome(name: str, pods: list[dict[str, Any]] | None = None, *, repeat: int = 0,
+             cpu: dict[str, float | None] | None = None, clock_resets: int = 0,
+             **summary: Any) -> Outcome:
+    pods = pods if pods is not None else [_pod(10, 1000, 500), _pod(30, 1000, 700)]
+    return Outcome(name, repeat, RunResult([], 60.0), _summary(**summary), pods,
+                   cpu if cpu is not None else {"pods": 40.0, "machine": 90.0}, clock_resets,
+                   {"p1": 1.0, "p2": 3.0})
 
 
 def _row(name: str, **values: Any) -> dict[str, Any]:
-    """A comparison row as the runner builds it; ``values`` override its fields."""
-    pods = [_pod(10, 1000, 500), _pod(30, 1000, 700)]
-    row = Outcome(name, _summary(), pods, [0.1, 0.2]).row()
+    """A contender's aggregated row as the runner builds it; ``values`` override its fields."""
+    row = aggregate([_outcome(name).row()])
     row.update(values)
     return row
 
@@ -78,18 +87,76 @@ def _cells(line: str) -> list[str]:
 
 
 def test_a_row_takes_hit_rate_and_pod_load_from_the_pods_counters() -> None:
-    """A row's hit rate is all pods' hits over all their queries, and it lists each pod's load."""
-    row = _row("chwbl")
+    """A row's hit rate is all pods' hits over all their queries; its load imbalance is the
+    time-weighted in-flight max over mean, not requests served."""
+    row = _outcome("chwbl").row()
     assert row["contender"] == "chwbl"
     assert row["hit_rate"] == pytest.approx(1200 / 2000)
     assert row["pod_requests"] == [10, 30]
-    assert row["ttft_p50_s"] == 0.1 and row["errors"] == 0 and row["requests"] == 50
+    assert row["load_max_over_mean"] == pytest.approx(1.5)
+    assert row["preemptions"] == 2 and row["pod_busy_fraction"] == [0.5, 0.5]
+    assert (row["offered"], row["completed"], row["failed"], row["unfinished"]) == (52, 50, 1, 1)
+    assert row["invalid"] is False and row["invalid_reasons"] == []
 
 
 def test_a_row_without_prefix_cache_queries_has_no_hit_rate() -> None:
     """Pods that answered no prefix-cache query give a hit rate of None, not a division error."""
-    row = Outcome("random", _summary(), [_pod(0, 0, 0), _pod(0, 0, 0)], []).row()
-    assert row["hit_rate"] is None
+    assert _outcome("random", [_pod(0, 0, 0), _pod(0, 0, 0)]).row()["hit_rate"] is None
+
+
+@pytest.mark.parametrize(
+    ("cpu", "resets", "reason"),
+    [
+        ({"pods": 95.0, "machine": 120.0}, 0, "pods process at 95% of a core"),
+        ({"balancer": 91.0, "machine": 120.0}, 0, "balancer process at 91% of a core"),
+        ({"generator": 99.0, "machine": 120.0}, 0, "generator process at 99% of a core"),
+        ({"pods": 50.0, "machine": 100.0 * (os.cpu_count() or 1)}, 0, "host CPU at 100%"),
+        ({"pods": 50.0, "machine": 60.0}, 3, "simulated clocks paused 3 times"),
+    ],
+)
+def test_a_run_limited_by_the_host_is_invalid_and_says_why(
+    cpu: dict[str, float | None], resets: int, reason: str
+) -> None:
+    """A saturated process, a saturated machine or a paused simulated clock flags the run."""
+    reasons = invalid_reasons(cpu, resets)
+    assert any(r.startswith(reason) for r in reasons), reasons
+    row = _outcome("chwbl", cpu=cpu, clock_resets=resets).row()
+    assert row["invalid"] is True
+
+
+def test_a_run_within_the_hosts_means_is_valid() -> None:
+    """Busy but not saturated processes and no clock pause leave the run valid."""
+    assert invalid_reasons({"pods": 70.0, "balancer": 40.0, "generator": 60.0,
+                            "machine": 100.0, "other": 5.0, "irq": 3.0}, 0) == []
+    assert invalid_reasons({"pods": None, "machine": None}, 0) == []
+
+
+def test_mean_in_flight_is_time_weighted_within_the_window() -> None:
+    """A request counts at its pod from sent to end, clipped to the window."""
+    samples = [
+        Sample("a", 0, 0.0, sent_s=0.0, e2e_s=10.0, pod="p1"),  # 5 s inside [5, 15)
+        Sample("b", 0, 6.0, sent_s=7.0, e2e_s=3.0, pod="p1"),  # 7 to 9: 2 s
+        Sample("c", 0, 5.0, sent_s=5.0, e2e_s=20.0, pod="p2"),  # 5 to 15: 10 s
+        Sample("d", 0, 5.0, sent_s=None, e2e_s=2.0, pod=None, outcome="unfinished"),
+    ]
+    load = mean_in_flight(samples, Window(5.0, 15.0))
+    assert load == {"p1": pytest.approx(0.7), "p2": pytest.approx(1.0)}
+
+
+def test_repeats_aggregate_to_the_median_with_min_and_max() -> None:
+    """Figures become medians with their range; counts add up; invalid runs are counted."""
+    rows = [
+        _outcome("chwbl", repeat=0, ttft_p50_s=0.1, output_tokens_per_s=300.0).row(),
+        _outcome("chwbl", repeat=1, ttft_p50_s=0.3, output_tokens_per_s=500.0).row(),
+        _outcome("chwbl", repeat=2, ttft_p50_s=0.2, output_tokens_per_s=100.0,
+                 clock_resets=2).row(),
+    ]
+    row = aggregate(rows)
+    assert row["repeats"] == 3
+    assert (row["ttft_p50_s"], row["ttft_p50_s_min"], row["ttft_p50_s_max"]) == (0.2, 0.1, 0.3)
+    assert row["output_tokens_per_s"] == 300.0
+    assert (row["offered"], row["completed"], row["failed_by"]) == (156, 150, {"http": 3})
+    assert row["invalid_runs"] == 1 and row["clock_resets"] == 2
 
 
 def test_markdown_table_has_a_header_a_separator_and_one_line_per_row() -> None:
@@ -98,7 +165,8 @@ def test_markdown_table_has_a_header_a_separator_and_one_line_per_row() -> None:
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 2 + len(rows)
     header = _cells(lines[0])
-    assert header[0] == "contender" and "TTFT p50 (s)" in header and header[-1] == "errors"
+    assert header[0] == "contender" and "TTFT p50 (s)" in header and header[-1] == "valid"
+    assert {"offered", "completed", "failed", "unfinished", "TTFT p99 censored (s)"} <= set(header)
     assert set(_cells(lines[1])) == {"---"} and len(_cells(lines[1])) == len(header)
     for line, row in zip(lines[2:], rows, strict=True):
         cells = _cells(line)
@@ -106,15 +174,18 @@ def test_markdown_table_has_a_header_a_separator_and_one_line_per_row() -> None:
         assert cells[0] == row["contender"]
 
 
-def test_markdown_table_formats_figures_and_shows_missing_ones_as_dashes() -> None:
-    """Seconds get three decimals, errors read 'errors/requests', and None becomes '-'."""
-    rows = [_row("chwbl", ttft_p50_s=0.12345, hit_rate=None, errors=2, requests=40)]
+def test_markdown_table_formats_figures_spreads_and_missing_ones() -> None:
+    """Seconds get three decimals, failures their causes, repeats a range, None a dash."""
+    rows = [aggregate([_outcome("chwbl", ttft_p50_s=0.12345).row(),
+                       _outcome("chwbl", repeat=1, ttft_p50_s=0.2, clock_resets=1).row()])]
+    rows[0]["hit_rate"] = None
     lines = markdown_table(rows).splitlines()
-    header, cells = _cells(lines[0]), _cells(lines[2])
-    by_column = dict(zip(header, cells, strict=True))
-    assert by_column["TTFT p50 (s)"] == "0.123"
+    by_column = dict(zip(_cells(lines[0]), _cells(lines[2]), strict=True))
+    assert by_column["TTFT p50 (s)"] == "0.162 (0.123..0.200)"
     assert by_column["prefix-cache hit rate"] == "-"
-    assert by_column["errors"] == "2/40"
+    assert by_column["failed"] == "2 (http 2)"
+    assert by_column["TTFT p99 censored (s)"].startswith("≥ 0.500")
+    assert by_column["valid"] == "no (1)"
 
 
 def test_markdown_table_of_no_rows_is_just_the_header() -> None:
@@ -130,41 +201,24 @@ def test_ratios_are_empty_without_chwbl() -> None:
     assert ratios([_row("round-robin"), _row(ORACLE)]) == {}
 
 
-def test_ratios_give_relative_changes_against_each_baseline_that_ran() -> None:
-    """CHWBL's figures are compared with each baseline as a relative change (a/b - 1)."""
+def test_ratios_are_words_against_each_other_contender() -> None:
+    """CHWBL's figures against each other contender read as signed percentages."""
     rows = [
-        _row("chwbl", ttft_p50_s=0.05, ttft_p99_s=0.2, output_tokens_per_s=500.0),
+        _row("chwbl", ttft_p50_s=0.05, ttft_p99_s=0.2, output_tokens_per_s=816.0),
         _row("round-robin", ttft_p50_s=0.1, ttft_p99_s=0.4, output_tokens_per_s=400.0),
     ]
     out = ratios(rows)
-    assert set(out) == {"vs_round-robin"}
-    versus = out["vs_round-robin"]
-    assert versus["ttft_p50_change"] == pytest.approx(-0.5)
-    assert versus["ttft_p99_change"] == pytest.approx(-0.5)
-    assert versus["output_tokens_per_s_change"] == pytest.approx(0.25)
-    assert versus["requests_per_s_change"] == pytest.approx(0.0)
-
-
-def test_ratios_are_none_where_a_baseline_figure_is_missing_or_zero() -> None:
-    """A change against a missing or zero figure is None rather than a division error."""
-    rows = [
-        _row("chwbl"),
-        _row("least-request", ttft_p50_s=None, ttft_p99_s=0.0),
-        _row("random"),
-    ]
-    out = ratios(rows)
-    assert set(out) == {"vs_least-request", "vs_random"}
-    assert out["vs_least-request"]["ttft_p50_change"] is None
-    assert out["vs_least-request"]["ttft_p99_change"] is None
-    assert out["vs_random"]["ttft_p50_change"] == pytest.approx(0.0)
+    assert set(out) == {"vs round-robin"}
+    words = out["vs round-robin"]
+    assert "TTFT p50 \u221250%" in words and "TTFT p99 \u221250%" in words
+    assert "output tokens/s +104%" in words
 
 
 def test_ratios_compare_the_hit_rate_with_the_oracle_when_both_have_one() -> None:
-    """CHWBL's hit rate over the sticky oracle's is reported, and left out if either is None."""
+    """CHWBL's hit rate as a share of the sticky oracle's is reported, when both have one."""
     rows = [_row("chwbl", hit_rate=0.45), _row(ORACLE, hit_rate=0.5)]
-    assert ratios(rows)["hit_rate_vs_oracle"] == pytest.approx(0.9)
-    assert "hit_rate_vs_oracle" not in ratios([_row("chwbl"), _row(ORACLE, hit_rate=None)])
-    assert "hit_rate_vs_oracle" not in ratios([_row("chwbl", hit_rate=None), _row(ORACLE)])
+    assert ratios(rows)["hit rate vs sticky-oracle"] == "90.0% of the oracle's"
+    assert "hit rate vs sticky-oracle" not in ratios([_row("chwbl"), _row(ORACLE, hit_rate=None)])
 
 
 # -- command-line parsing ------------------------------------------------------------------------
@@ -300,35 +354,70 @@ def _run_compare(args: list[str]) -> tuple[int, str]:
     return process.returncode, output.decode(errors="replace")
 
 
-def test_a_short_comparison_writes_rows_a_table_and_four_plots(tmp_path: Path) -> None:
-    """A 4-second run of three contenders exits 0 with error-free rows, a table and plots."""
+def test_a_short_comparison_accounts_for_every_request_and_writes_its_report(
+    tmp_path: Path,
+) -> None:
+    """A 4-second run of three contenders, twice, exits 0 with rows in which offered =
+    completed + failed + unfinished, a table, one sample per request and the plots."""
     out = tmp_path / "compare"
     code, output = _run_compare(
-        ["--contenders", ",".join(CONTENDERS), "--duration", "4", "--rate", "2",
-         "--time-scale", "0.2", "--out", str(out)]
+        ["--contenders", ",".join(CONTENDERS), "--duration", "4", "--warmup", "1",
+         "--cooldown", "0.5", "--rate", "2", "--time-scale", "0.2", "--repeat", "2",
+         "--out", str(out)]
     )  # fmt: skip
     assert code == 0, output
 
     report = json.loads((out / "compare.json").read_text())
     rows = {row["contender"]: row for row in report["rows"]}
     assert list(rows) == CONTENDERS, output
+    runs = report["runs"]
+    assert [(r["contender"], r["repeat"]) for r in runs] == [
+        (name, repeat) for repeat in (0, 1) for name in CONTENDERS]  # interleaved
+    for run in runs:
+        assert run["offered"] == run["completed"] + run["failed"] + run["unfinished"], run
+        assert run["offered"] > 0 and run["failed"] == 0, run
     for name, row in rows.items():
-        assert row["errors"] == 0 and row["requests"] > 0, (name, row)
+        assert row["repeats"] == 2
         for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s"):
             assert row[key] is not None and row[key] > 0, (name, key, row)
+            assert row[f"{key}_min"] <= row[key] <= row[f"{key}_max"], (name, key, row)
         assert row["requests_per_s"] > 0, (name, row)
         hit_rate = row["hit_rate"]
         if hit_rate is not None:
             assert isinstance(hit_rate, float) and math.isfinite(hit_rate), (name, row)
             assert 0.0 <= hit_rate <= 1.0, (name, row)
     assert isinstance(rows[ORACLE]["hit_rate"], float)  # the pods answered cache queries
-    assert "vs_round-robin" in report["ratios"]
+    assert "vs round-robin" in report["ratios"]
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for run in runs:
+        mine = [s for s in samples
+                if (s["contender"], s["repeat"]) == (run["contender"], run["repeat"])]
+        in_window = [s for s in mine if 1.0 <= s["due_s"] < 3.5]
+        assert len(in_window) == run["offered"], run
 
     table = (out / "compare.md").read_text()
-    assert "| contender |" in table
+    assert "| contender |" in table and "Unfinished" in table
     for name in CONTENDERS:
         assert f"| {name} |" in table
     for name in PLOTS:
         plot = out / name
         assert plot.exists() and plot.stat().st_size > 0, name
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_starved_simulator_is_flagged_and_strict_mode_fails(tmp_path: Path) -> None:
+    """Pods whose every engine step burns 5 ms of CPU (four of them in one process, steps of
+    ~8 ms) cannot keep up with the modelled GPUs: the process saturates its core, the clocks
+    pause, the row is marked invalid with the reasons, and --strict exits 3."""
+    out = tmp_path / "starved"
+    code, output = _run_compare(
+        ["--contenders", "chwbl", "--duration", "3", "--warmup", "0.5", "--cooldown", "0",
+         "--rate", "4", "--pod-arg=--host-cpu-ms=5", "--strict", "--no-plots", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 3, output
+    (row,) = json.loads((out / "compare.json").read_text())["rows"]
+    assert row["invalid_runs"] == 1
+    assert any("paused" in reason or "% of a core" in reason for reason in row["invalid_reasons"])
+    assert "INVALID chwbl" in output
+    assert "| no (1) |" in (out / "compare.md").read_text()

@@ -22,6 +22,7 @@ from loadtest.simserver import (
     pod_configs,
     run_pods,
 )
+from loadtest.simserver.__main__ import build_parser, configs_from_args
 from loadtest.simserver.text import count_tokens, render_chat
 
 # One simulated second lasts 10 ms: a default 128-token reply takes ~7 ms of wall time.
@@ -191,7 +192,8 @@ async def test_repeated_prompt_reports_cached_tokens(aiohttp_client: AiohttpClie
 async def test_a_cached_prompt_answers_much_sooner(aiohttp_client: AiohttpClient) -> None:
     """Time to first token on the wire follows the engine: a long cold prompt is slow, the same
     prompt again is fast."""
-    # 8,000 tokens: 5.5 + 0.03 x 8000 = 245.5 simulated ms, 123 ms of wall time at 0.5.
+    # 8,000 tokens: 7.65 + 0.0257 x 8000 + 1.34e-6 x 8000 x 8001 / 2 = 256 simulated ms, 128 ms
+    # of wall time at 0.5.
     client = await _client(aiohttp_client, replace(FAST, time_scale=0.5))
     body = _chat("x" * 32_000, max_tokens=2, stream=True)
     ttfts = []
@@ -202,7 +204,7 @@ async def test_a_cached_prompt_answers_much_sooner(aiohttp_client: AiohttpClient
             ttfts.append(time.monotonic() - start)
             await response.read()
     assert ttfts[0] >= 0.12  # cannot beat the simulated prefill
-    assert ttfts[1] < 0.06  # ~3 ms of simulated work, plenty of slack for a loaded host
+    assert ttfts[1] < 0.06  # ~9 ms of simulated work, plenty of slack for a loaded host
 
 
 async def test_unknown_model_is_404_with_openai_error(aiohttp_client: AiohttpClient) -> None:
@@ -300,6 +302,7 @@ async def test_metrics_parse_and_use_vllm_names(aiohttp_client: AiohttpClient) -
     assert value("vllm:prefix_cache_hits_total") == hits > 0
     assert value("vllm:prompt_tokens_total") == 2 * usage["prompt_tokens"]
     assert value("vllm:generation_tokens_total") == 6
+    assert value("vllm:num_preemptions_total") == 0
     success = (("finished_reason", "length"), ("model_name", DEFAULT_MODEL))
     assert value("vllm:request_success_total", success) == 2
     assert value("vllm:time_to_first_token_seconds_count") == 2
@@ -324,6 +327,7 @@ async def test_stats_report_load_and_reset_keeps_the_cache(aiohttp_client: Aioht
     assert stats["steps"] >= 4 and stats["busy_s"] > 0
     assert stats["ttft_s"]["count"] == 3 and stats["ttft_s"]["p50"] > 0
     assert stats["kv_blocks_cached"] > 0 and stats["kv_usage"] == 0
+    assert stats["preemptions"] == stats["recomputed_tokens"] == 0
     for key in ("peak_running", "peak_waiting", "e2e_s", "faults", "time_scale", "uptime_s"):
         assert key in stats
     async with client.post("/stats/reset") as response:
@@ -334,6 +338,32 @@ async def test_stats_report_load_and_reset_keeps_the_cache(aiohttp_client: Aioht
     async with client.post("/v1/chat/completions", json=body) as response:
         assert (await response.json())["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert (await _stats(client))["hit_rate"] > 0.5
+
+
+async def test_preemptions_are_reported(aiohttp_client: AiohttpClient) -> None:
+    """A pool too small for two growing replies preempts one; both still get every token, and
+    /stats and /metrics (vLLM's counter) count the preemption."""
+    engine = EngineConfig(kv_cache_blocks=20, max_num_seqs=4)
+    client = await _client(aiohttp_client, replace(FAST, engine=engine))
+    prompts = ["".join(f"{seed}:{i};" for i in range(64))[:256] for seed in "ab"]  # 64 tokens
+    body = {"model": DEFAULT_MODEL, "prompt": prompts, "max_tokens": 100}
+    async with client.post("/v1/completions", json=body) as response:
+        assert response.status == 200
+        result = await response.json()
+    assert [len(c["text"]) for c in result["choices"]] == [400, 400]
+    assert result["usage"]["completion_tokens"] == 200
+    stats = await _stats(client)
+    assert stats["preemptions"] == 1 and 0 < stats["recomputed_tokens"] < 64
+    assert stats["generation_tokens"] == 200 and stats["kv_blocks_used"] == 0
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    preemptions = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vllm:num_preemptions_total"
+    ]
+    assert preemptions == [1]
 
 
 async def test_tokenize_counts_pseudo_tokens(aiohttp_client: AiohttpClient) -> None:
@@ -394,7 +424,12 @@ async def test_stepping_follows_the_wall_clock_without_drift(
     aiohttp_client: AiohttpClient,
 ) -> None:
     """100 steps of 2 simulated ms at scale 1 take about 200 ms: late wake-ups do not add up."""
-    engine = EngineConfig(step_base_ms=2.0, step_ms_per_seq=0.0, prefill_ms_per_token=0.0)
+    engine = EngineConfig(
+        step_base_ms=2.0,
+        kv_read_ms_per_token=0.0,
+        prefill_ms_per_token=0.0,
+        attn_ms_per_million_pairs=0.0,
+    )
     client = await _client(aiohttp_client, replace(FAST, time_scale=1.0, engine=engine))
     start = time.monotonic()
     async with client.post("/v1/chat/completions", json=_chat(max_tokens=100)) as response:
@@ -437,3 +472,25 @@ async def test_every_response_names_the_pod(aiohttp_client: AiohttpClient) -> No
     for method, path in (("GET", "/nowhere"), ("GET", "/metrics"), ("POST", "/stats/reset")):
         async with client.request(method, path) as response:
             assert response.headers["x-sim-pod"] == "pod-a"
+
+
+def test_command_line_sets_the_cost_model() -> None:
+    """The engine flags of ``python -m loadtest.simserver`` reach the engine config; without
+    them a pod runs the calibrated defaults."""
+    parser = build_parser()
+    (default,) = configs_from_args(parser.parse_args([]))
+    assert default.engine == EngineConfig()
+    argv = ["--pods", "2", "--step-base-ms", "5", "--kv-read-ms-per-token", "0.001"]
+    argv += ["--prefill-ms-per-token", "0.02", "--attn-ms-per-million-pairs", "0"]
+    configs = configs_from_args(parser.parse_args(argv))
+    assert len(configs) == 2
+    assert all(
+        c.engine
+        == EngineConfig(
+            step_base_ms=5.0,
+            kv_read_ms_per_token=0.001,
+            prefill_ms_per_token=0.02,
+            attn_ms_per_million_pairs=0.0,
+        )
+        for c in configs
+    )
