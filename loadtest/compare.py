@@ -73,10 +73,12 @@ OPTIONAL_TOOLS = {HAPROXY: "apt-get install haproxy", VLLM_ROUTER: "pip install 
 SESSION_HEADER = "x-session-id"
 STARTUP_TIMEOUT_S = 30.0
 
-DEFAULT_WARMUP_S = 10.0
-"""Seconds at the start left out of the statistics. The pods start with empty caches and every
-conversation's first turn is a miss; by 10 s, at the rates we publish, hit rates and TTFT have
-levelled off (see ``ttft_over_time.png``)."""
+DEFAULT_WARMUP_S = 25.0
+"""Seconds at the start left out of the statistics. The pods start with empty caches, and the
+number of conversations in progress grows from zero until conversations start to end: with the
+multi-turn workload's 3-10 turns of a few seconds each, it reaches about three quarters of its
+steady level in 25 s (``pod_load.png`` shows the ramp, ``ttft_over_time.png`` what it does to
+latency)."""
 
 DEFAULT_COOLDOWN_S = 5.0
 """Seconds at the end left out. Requests due then meet a system that no longer gets the
@@ -92,6 +94,10 @@ capacity: its queueing, not the modelled GPUs, shaped the latencies. Such a run 
 
 HOST_SATURATED_SHARE = 0.9
 """The machine busy this share of all its cores: every process competed for CPU. Invalid."""
+
+CLOCK_PAUSED_SHARE = 0.01
+"""The simulated clocks may stand still this share of a run (host hiccups) before it is
+invalid."""
 
 INVALID_EXIT = 3
 """Exit status of ``--strict`` when a run was invalid."""
@@ -110,7 +116,7 @@ class PodOptions:
 class RunOptions:
     """How each contender is driven and measured."""
 
-    duration_s: float = 60.0
+    duration_s: float = 75.0
     warmup_s: float = DEFAULT_WARMUP_S
     cooldown_s: float = DEFAULT_COOLDOWN_S
     grace_s: float = DEFAULT_GRACE_S
@@ -138,14 +144,17 @@ class Outcome:
     """Each pod's ``/stats`` after the run (counters since the warm-up ended)."""
     cpu: dict[str, float | None] = field(default_factory=dict)
     """Percent of one core per process over the run (see :class:`loadtest.hostcpu.CpuMeter`)."""
-    clock_resets: int = 0
-    """Times a simulated pod's clock paused after the warm-up because its host fell behind."""
+    clock_paused_s: float = 0.0
+    """Wall seconds the pods' simulated clocks stood still after the warm-up because their
+    process fell behind (the most of any pod; they share one process)."""
     in_flight: dict[str, float] = field(default_factory=dict)
     """Mean requests in flight per pod over the window (time-weighted): the real imbalance."""
+    clock_span_s: float = 0.0
+    """Wall seconds from the end of the warm-up to the end of the run."""
 
     @property
     def invalid_reasons(self) -> list[str]:
-        return invalid_reasons(self.cpu, self.clock_resets)
+        return invalid_reasons(self.cpu, self.clock_paused_s, self.clock_span_s)
 
     def row(self) -> dict[str, Any]:
         """The run's figures, flat."""
@@ -168,7 +177,7 @@ class Outcome:
             "pod_busy_fraction": [round(b, 3) for b in busy],
             "preemptions": sum(p.get("preemptions", 0) for p in self.pods),
             "cpu": self.cpu,
-            "clock_resets": self.clock_resets,
+            "clock_paused_s": round(self.clock_paused_s, 3),
             "invalid": bool(reasons),
             "invalid_reasons": reasons,
         }
@@ -192,12 +201,19 @@ AGGREGATED_KEYS = (
 """Figures reported as the median over repeats, with their min and max."""
 
 SUMMED_KEYS = ("offered", "sent", "completed", "failed", "unfinished", "unsent", "preemptions",
-               "clock_resets")
+               "clock_paused_s")
 """Counts added up over repeats."""
 
 
-def invalid_reasons(cpu: Mapping[str, float | None], clock_resets: int) -> list[str]:
-    """Why a run measured the host rather than the modelled GPUs; empty if it did not."""
+def invalid_reasons(cpu: Mapping[str, float | None], clock_paused_s: float = 0.0,
+                    span_s: float = 0.0) -> list[str]:
+    """Why a run measured the host rather than the modelled GPUs; empty if it did not.
+
+    ``clock_paused_s`` of ``span_s``: how long the simulated clocks stood still because their
+    process fell behind. A pause of a tenth of a second now and then (a garbage collection, a
+    noisy neighbour) shifts a few requests; more than :data:`CLOCK_PAUSED_SHARE` of the run
+    means the pods' process could not keep up with the modelled GPUs.
+    """
     reasons = []
     for name, percent in cpu.items():
         if name in ("machine", "irq", "steal", "other") or percent is None:
@@ -208,8 +224,9 @@ def invalid_reasons(cpu: Mapping[str, float | None], clock_resets: int) -> list[
     cores = os.cpu_count() or 1
     if machine is not None and machine >= 100 * cores * HOST_SATURATED_SHARE:
         reasons.append(f"host CPU at {machine / cores:.0f}% of {cores} cores")
-    if clock_resets:
-        reasons.append(f"simulated clocks paused {clock_resets} times (host behind)")
+    if span_s > 0 and clock_paused_s > CLOCK_PAUSED_SHARE * span_s:
+        reasons.append(f"simulated clocks stood still {clock_paused_s:.2f} s "
+                       f"({clock_paused_s / span_s:.1%} of the run): host behind")
     return reasons
 
 
@@ -403,15 +420,20 @@ async def _pod_stats(session: aiohttp.ClientSession, pod_urls: Sequence[str]
     return stats
 
 
+def _paused_s(pod_stats: Sequence[Mapping[str, Any]]) -> float:
+    return max((float(s.get("clock_paused_s", 0.0)) for s in pod_stats), default=0.0)
+
+
 async def _reset_after(session: aiohttp.ClientSession, pod_urls: Sequence[str], delay: float
-                       ) -> int:
-    """At the end of the warm-up, zero the pods' counters; returns their clock pauses so far."""
+                       ) -> tuple[float, float]:
+    """At the end of the warm-up, zero the pods' counters; returns when (``perf_counter``) and
+    how long their clocks had stood still by then."""
     await asyncio.sleep(delay)
-    resets = sum(s.get("clock_resets", 0) for s in await _pod_stats(session, pod_urls))
+    paused = _paused_s(await _pod_stats(session, pod_urls))
     for url in pod_urls:
         async with session.post(url + "/stats/reset") as response:
             await response.read()
-    return resets
+    return time.perf_counter(), paused
 
 
 async def run_contender(
@@ -502,6 +524,7 @@ async def run_contender(
         ticker = asyncio.create_task(progress.run())
         reset = asyncio.create_task(_reset_after(session, pod_urls, run.warmup_s))
         meter = CpuMeter(pids, "self")
+        began = time.perf_counter()
         try:
             result = await play(
                 trace, base_url or pod_urls[0] + "/v1", duration_s=run.duration_s,
@@ -514,20 +537,21 @@ async def run_contender(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         cpu = meter.stop()
-        resets_at_warmup = 0
+        ended = time.perf_counter()
+        since, paused_at_warmup = began, 0.0
         if reset.done():
-            resets_at_warmup = reset.result()
+            since, paused_at_warmup = reset.result()
         else:  # a run shorter than its warm-up: the counters cover the whole run
             reset.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reset
         print(("\r" if progress.tty else "") + progress.line(), flush=True)
         pod_stats = await _pod_stats(session, pod_urls)
-    clock_resets = sum(s.get("clock_resets", 0) for s in pod_stats) - resets_at_warmup
     summary = summarize(result, warmup_s=run.warmup_s, cooldown_s=run.cooldown_s, slo=run.slo)
-    return Outcome(shown, repeat, result, summary, pod_stats, cpu, clock_resets,
-                   mean_in_flight(result.samples, result.window(run.warmup_s, run.cooldown_s)))
-
+    window = result.window(run.warmup_s, run.cooldown_s)
+    return Outcome(shown, repeat, result, summary, pod_stats, cpu,
+                   _paused_s(pod_stats) - paused_at_warmup,
+                   mean_in_flight(result.samples, window), ended - since)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -687,8 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=None,
                         help="arrivals per second (conversations or requests); workload default")
-    parser.add_argument("--duration", type=float, default=60.0,
-                        help="seconds in which requests become due, per run")
+    parser.add_argument("--duration", type=float, default=75.0,
+                        help="seconds in which requests become due, per run (default: "
+                             "%(default)s)")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S,
                         help="seconds at the start left out of the statistics (default: "
                              "%(default)s)")

@@ -657,8 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "a table, a summary and every request's sample.",
     )
     parser.add_argument("--trace", required=True, help="JSONL trace (format: loadtest/trace.py)")
-    parser.add_argument("--url", required=True,
-                        help="OpenAI base URL: a balancer, a Service, a model server")
+    parser.add_argument("--url", required=True, action="append",
+                        help="OpenAI base URL: a balancer, a Service, a model server; give it "
+                             "more than once to send each request to one of them at random "
+                             "(a fleet of sidecars, or a client-side spread)")
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--rate-scale", type=float, default=1.0,
                         help="multiply the trace's arrival rate (and think times' pace) by X: "
@@ -727,10 +729,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ignore_eos:
         overrides["ignore_eos"] = True
     slo = Slo(args.slo_ttft, args.slo_itl)
+    urls = [normalize_base_url(url) for url in args.url]
+    route = None
+    if len(urls) > 1:
+        pick = random.Random(args.seed).choice
+
+        def route(conversation_id: str) -> str:
+            return pick(urls)
 
     async def run() -> RunResult:
         return await play(
-            conversations, args.url, model=args.model, max_tokens=args.max_tokens,
+            conversations, urls[0], route=route, model=args.model, max_tokens=args.max_tokens,
             duration_s=args.duration, max_requests=args.max_requests,
             concurrency=args.concurrency, request_timeout_s=args.request_timeout,
             grace_s=args.grace, headers=_headers(args.header),

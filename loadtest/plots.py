@@ -409,8 +409,8 @@ def _plot_pod_load(
     x_max = max([*ends, window.end_s if window else 0.0, 1.0])
     bucket = bucket_s if bucket_s is not None else _auto_load_bucket(x_max)
     loads = {name: in_flight_series(samples, bucket) for name, samples in series.items()}
-    pods = sorted({pod for load in loads.values() for pod in load}, key=_natural)
-    pod_colour = {pod: _POD_COLOURS[i % len(_POD_COLOURS)] for i, pod in enumerate(pods)}
+    # Each contender runs against its own fresh pods: a panel shows only its pods, numbered
+    # in natural order, so "pod 1" has one colour in every panel.
 
     count = max(1, len(series))
     ncols = min(3, count)
@@ -421,10 +421,12 @@ def _plot_pod_load(
     for ax, (name, load) in zip(flat, loads.items(), strict=False):
         _shade_outside(ax, window, 0.0, x_max)
         starts = sorted({start for points in load.values() for start, _ in points})
-        for pod in pods:
+        pods = sorted(load, key=_natural)
+        for i, pod in enumerate(pods):
             values = dict(load.get(pod, ()))
             ax.plot([t + bucket / 2 for t in starts], [values.get(t, 0.0) for t in starts],
-                    color=pod_colour[pod], linewidth=1.2, label=pod)
+                    color=_POD_COLOURS[i % len(_POD_COLOURS)], linewidth=1.2,
+                    label=f"pod {i + 1}")
         if starts and pods:
             even = [math.fsum(dict(load.get(p, ())).get(t, 0.0) for p in pods) / len(pods)
                     for t in starts]
@@ -444,7 +446,8 @@ def _plot_pod_load(
         row[0].set_ylabel("requests in flight")
     for ax in axes[-1]:
         ax.set_xlabel("time since start (s)")
-    handles, labels = flat[0].get_legend_handles_labels()
+    handles, labels = max((ax.get_legend_handles_labels() for ax in flat),
+                          key=lambda pair: len(pair[0]))
     if handles:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=min(6, len(handles)), fontsize="small", frameon=False)
@@ -598,12 +601,13 @@ _SWEEP_PANELS = (
     ("ttft_p50_s", "TTFT p50 (lower is better)", "seconds, log scale", True),
     ("ttft_p99_s", "TTFT p99 (lower is better)", "seconds, log scale", True),
     ("output_tokens_per_s", "Output tokens/s", "tokens/s", False),
-    ("goodput_per_s", "Goodput: requests/s completed within the SLO", "requests/s", False),
+    ("goodput_share", "Goodput: share of offered requests completed within the SLO",
+     "share of offered", False),
 )
 
 
-def _knee_label(name: str, knee: float | None) -> str:
-    return f"{name} (no knee)" if knee is None else f"{name} (knee {knee:.1f} requests/s)"
+def _knee_label(name: str, knee: float | None, unit: str) -> str:
+    return f"{name} (no knee)" if knee is None else f"{name} (knee {knee:g} {unit})"
 
 
 def plot_sweep(
@@ -613,15 +617,18 @@ def plot_sweep(
     subtitle: str,
     *,
     share: float = 0.95,
+    unit: str = "requests/s",
 ) -> list[Path]:
-    """Write ``sweep.png``: TTFT p50, TTFT p99, output tokens/s and goodput against the
-    offered rate, one colour per contender, each contender's knee as a dotted vertical line.
+    """Write ``sweep.png``: TTFT p50, TTFT p99, output tokens/s and the goodput share against
+    the offered rate, one colour per contender, each contender's knee as a dotted vertical line.
 
-    ``points[contender]`` are dicts with ``offered_per_s`` (the x axis), ``ttft_p50_s``,
-    ``ttft_p99_s``, ``output_tokens_per_s``, ``goodput_per_s`` and optionally ``invalid``
-    (host-limited: hollow markers). Points without an offered rate cannot be placed and are
-    left out. The goodput panel carries the lines "all offered met the SLO" (y = x) and
-    ``share`` of it, between which the knee rule passes.
+    ``points[contender]`` are dicts with ``rate`` (the x axis: the arrival rate asked for, in
+    ``unit``; ``offered_per_s`` where a point has none), ``ttft_p50_s``, ``ttft_p99_s``,
+    ``output_tokens_per_s``, ``goodput_share`` and optionally ``invalid`` (host-limited: hollow
+    markers). The x axis is the rate asked for, not the requests offered: in a multi-turn
+    workload each turn waits for the previous reply, so a saturated contender is offered fewer
+    requests than a fast one at the same arrival rate. The goodput panel carries the lines
+    "all offered met the SLO" and ``share``, between which the knee rule passes.
     """
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -633,8 +640,9 @@ def plot_sweep(
     x_max = 0.0
     drawn = [False] * len(axes)
     for name, raw in points.items():
-        placed = sorted(((x, p) for p in raw if (x := _finite(p.get("offered_per_s")))
-                         is not None), key=lambda xp: xp[0])
+        placed = sorted(((x, p) for p in raw
+                         if (x := _finite(p.get("rate", p.get("offered_per_s")))) is not None),
+                        key=lambda xp: xp[0])
         x_max = max([x_max, *(x for x, _ in placed)])
         colour, style = colours[name], _emphasis(name)
         for i, (ax, (key, _, _, log)) in enumerate(zip(axes, _SWEEP_PANELS, strict=True)):
@@ -656,14 +664,14 @@ def plot_sweep(
                 ax.axvline(knee, color=colour, linestyle=":", linewidth=1.6, zorder=1)
     x_max = max([x_max, *(k for k in knees.values() if k is not None), 1e-9]) * 1.05
     goodput = axes[3]
-    goodput.plot([0, x_max], [0, x_max], color="black", linestyle="--", linewidth=1,
-                 label="all offered met the SLO")
-    goodput.plot([0, x_max], [0, share * x_max], color="0.5", linestyle="-.", linewidth=1,
-                 label=f"{share:.0%} of offered")
-    goodput.legend(fontsize="small", loc="upper left")
-    for ax, (_, title, unit, log), filled in zip(axes, _SWEEP_PANELS, drawn, strict=True):
+    goodput.axhline(1.0, color="black", linestyle="--", linewidth=1,
+                    label="all offered met the SLO")
+    goodput.axhline(share, color="0.5", linestyle="-.", linewidth=1,
+                    label=f"{share:.0%} of offered")
+    goodput.legend(fontsize="small", loc="lower left")
+    for ax, (_, title, y_unit, log), filled in zip(axes, _SWEEP_PANELS, drawn, strict=True):
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel(unit)
+        ax.set_ylabel(y_unit)
         if not filled:
             _no_data(ax)
         elif log:
@@ -674,9 +682,9 @@ def plot_sweep(
         ax.set_xlim(0, x_max)
         ax.grid(True, which="both", alpha=0.3)
     for ax in grid[-1]:
-        ax.set_xlabel("offered rate (requests/s)")
+        ax.set_xlabel(f"offered rate ({unit})")
     handles = [Line2D([], [], color=colours[name], marker="o", **_emphasis(name),
-                      label=_knee_label(name, knees.get(name)))
+                      label=_knee_label(name, knees.get(name), unit))
                for name in points]
     handles += [
         Line2D([], [], color="0.3", marker="o", linestyle="none", markerfacecolor="white",

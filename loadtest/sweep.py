@@ -4,17 +4,19 @@
 every contender (as :mod:`loadtest.compare` does for one rate: fresh pods per run, open-loop
 timing, every request accounted for, warm-up and cool-down left out, host-limited runs flagged)
 and plots TTFT p50/p99, output tokens/s and goodput against the offered rate. Each contender's
-*knee* is the highest offered rate at which goodput (completed requests/s within the SLO) is
-still at least 95% of the offered rate, at that rate and every lower one
-(:func:`loadtest.sweep_core.find_knee`). That is how operating points are chosen: a comparison
-at "80% of the knee" means the same thing for every contender and every machine.
+*knee* is the highest rate of the ladder at which goodput (completed requests/s within the SLO)
+is still at least 95% of the requests offered, at that rate and every lower one
+(:func:`loadtest.sweep_core.find_knee`). Rates are arrivals per second: new conversations for
+the multi-turn workload (whose later turns wait for the replies, so the requests offered
+depend on the contender), requests for the others. That is how operating points are chosen:
+a comparison at "80% of the knee" means the same thing for every contender and every machine.
 
 Rates ascend in the outer loop and contenders alternate inside it (with ``--repeat``, repeats
 in between), so slow drift of the host spreads over every contender. Writes ``sweep.md``,
 ``sweep.json``, ``samples.jsonl`` (every request of every run, with its contender, rate and
 repeat) and ``sweep.png`` in ``--out``.
 
-Example (3 contenders x 6 rates, about 15 minutes on 2 cores)::
+Example (3 contenders x 6 rates, about 18 minutes on 2 cores)::
 
     python -m loadtest.sweep --contenders chwbl,round-robin,sticky-oracle --rates 4,8,12,16,20,24
 """
@@ -39,9 +41,9 @@ DEFAULT_RATES = "4,8,12,16,20,24"
 """New conversations per second for the default multi-turn workload on 4 simulated pods: from
 well below the knee of every contender to well past CHWBL's."""
 
-DEFAULT_DURATION_S = 40.0
-"""Per run. With the 10 s warm-up and 5 s cool-down that leaves a 25 s window: a sweep of 3
-contenders over 6 rates stays within about 15 minutes on 2 cores."""
+DEFAULT_DURATION_S = 50.0
+"""Per run. With the 25 s warm-up and 5 s cool-down that leaves a 20 s window: a sweep of 3
+contenders over 6 rates takes about 18 minutes on 2 cores."""
 
 POINT_KEYS = ("offered", "completed", "failed", "unfinished", "offered_per_s", "ttft_p50_s",
               "ttft_p99_s", "ttft_p99_censored_s", "itl_p50_s", "output_tokens_per_s",
@@ -126,17 +128,21 @@ def points_of(outcomes: Sequence[tuple[float, compare.Outcome]]
     return points
 
 
+def rate_unit(workload: str) -> str:
+    """What a workload's rate counts: conversations for multi-turn chat, else requests."""
+    return "new conversations/s" if workload == "multi-turn" else "requests/s"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(points: dict[str, list[dict[str, Any]]], knees: dict[str, float | None],
-             lines: Sequence[str]) -> str:
+def markdown(points: dict[str, list[dict[str, Any]]], lines: Sequence[str], unit: str) -> str:
     """A table per contender and the knee sentences."""
     out = []
     for name, series in points.items():
         out += [f"### {name}", "",
-                "| rate (/s) | offered (req/s) | TTFT p50 (s) | TTFT p99 (s) "
+                f"| rate ({unit}) | offered (req/s) | TTFT p50 (s) | TTFT p99 (s) "
                 "| TTFT p99 censored (s) | output tok/s | goodput (req/s) | goodput share "
                 "| unfinished | valid |",
                 "|" + "---|" * 10]
@@ -168,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     points = points_of(outcomes)
     knees = {name: find_knee(series, args.knee_share) for name, series in points.items()}
-    lines = [knee_line(name, knees[name], series, share=args.knee_share)
+    unit = rate_unit(args.workload)
+    lines = [knee_line(name, knees[name], series, share=args.knee_share, unit=unit)
              for name, series in points.items()]
     run = compare.run_options_from(args)
     subtitle = (f"{args.workload} (seed {args.seed}), {args.pods} pods, {args.duration:g} s per "
@@ -176,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{run.slo.ttft_s:g} s and ITL ≤ {run.slo.itl_s:g} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(points, knees, lines)
+    text = markdown(points, lines, unit)
     command = " ".join(["python -m loadtest.sweep", *argv])
     (out / "sweep.md").write_text(f"# Rate sweep\n\n`{command}`\n\n{subtitle}\n\n{text}\n")
     (out / "sweep.json").write_text(json.dumps(
@@ -191,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plots:
         from loadtest.plots import plot_sweep
 
-        paths = plot_sweep(points, knees, out, subtitle)
+        paths = plot_sweep(points, knees, out, subtitle, share=args.knee_share, unit=unit)
         print("plots: " + ", ".join(str(p) for p in paths))
     print(f"written: {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'samples.jsonl'}")
     invalid = any(p["invalid"] for series in points.values() for p in series)

@@ -13,9 +13,12 @@ The first failure on the way up ends the search.
 
 Further rules, so the answer does not depend on how the points happen to be stored:
 
-* Points are considered in order of ``offered_per_s`` (what the client actually offered), not
-  in the order given, nor by the ``rate`` asked for. A point with no ``offered_per_s`` is
-  placed by its ``rate`` and fails; a point with neither is malformed (``ValueError``).
+* Points are considered in order of the ``rate`` asked for (the ladder), not in the order
+  given, nor by the requests actually offered: in a closed-loop workload (multi-turn chat,
+  where each turn waits for the previous reply) a saturated contender is offered *fewer*
+  requests than at a lower rate, so ordering by ``offered_per_s`` would put collapsed points
+  among healthy ones. A point without ``rate`` is placed by its ``offered_per_s``; one with
+  neither is malformed (``ValueError``). The knee is reported on the same axis.
 * Points tied on the rate axis must all pass: a failure ties with nothing, so the knee is
   always strictly below the first failing rate.
 * A point with a missing, non-finite or non-positive figure **fails**: no measurement is not
@@ -74,8 +77,8 @@ def _number(value: Any) -> float | None:
 
 
 def _position(point: Mapping[str, Any]) -> float:
-    """Where a point sits on the rate axis: its offered rate, else the rate asked for."""
-    for key in ("offered_per_s", "rate"):
+    """Where a point sits on the rate axis: the rate asked for, else its offered rate."""
+    for key in ("rate", "offered_per_s"):
         value = _number(point.get(key))
         if value is not None:
             return value
@@ -128,6 +131,7 @@ def knee_line(
     points: Sequence[Mapping[str, Any]],
     *,
     share: float = DEFAULT_SHARE,
+    unit: str = "requests/s",
 ) -> str:
     """One sentence for the report: where ``name``'s knee is, bracketed by the first failing
     rate, or why there is none. ``knee`` is :func:`find_knee` of ``points`` (passed in so the
@@ -140,10 +144,10 @@ def knee_line(
     if knee is None:
         lowest = _position(ordered[0])
         return (f"{name}: no knee: goodput below {share:.0%} of offered already at "
-                f"{_rate(lowest)} requests/s")
+                f"{_rate(lowest)} {unit}")
     failure = _first_failure(ordered, share)
     if failure is None:
-        return (f"{name}: knee at {_rate(knee)} requests/s or higher ({goal} at every rate "
+        return (f"{name}: knee at {_rate(knee)} {unit} or higher ({goal} at every rate "
                 "tried)")
-    return (f"{name}: knee at {_rate(knee)} requests/s ({goal} up to there; "
-            f"below from {_rate(failure)} requests/s)")
+    return (f"{name}: knee at {_rate(knee)} {unit} ({goal} up to there; "
+            f"below from {_rate(failure)} {unit})")

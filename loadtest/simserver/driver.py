@@ -55,6 +55,8 @@ class EngineDriver:
         self.time_scale = time_scale
         self.clock_resets = 0
         """Times the host fell more than MAX_LAG_S behind and simulated time paused."""
+        self.paused_s = 0.0
+        """Wall seconds simulated time stood still because the host fell behind."""
         self.host_cpu_s = 0.0
         """CPU seconds burnt per step (fault injection: a starved host)."""
         self._clock = clock
@@ -120,6 +122,7 @@ class EngineDriver:
             if delay < -MAX_LAG_S:
                 self._origin -= delay
                 self.clock_resets += 1
+                self.paused_s -= delay
                 log.debug("engine fell %.3f s behind; simulated time paused", -delay)
                 delay = 0.0
             await asyncio.sleep(max(delay, 0.0))

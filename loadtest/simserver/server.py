@@ -220,6 +220,7 @@ class SimPod:
             "ttft_s": _summary(counters.ttft_s),
             "e2e_s": _summary(counters.e2e_s),
             "clock_resets": self.driver.clock_resets,
+            "clock_paused_s": self.driver.paused_s,
             "starting": self.faults.starting(now),
             "faults": self.faults.config.to_json(),
         }

@@ -493,8 +493,8 @@ def test_poisson_arrivals_keep_order_and_rate() -> None:
 
 
 def test_the_player_command_replays_a_trace_against_two_simulated_pods(tmp_path: Path) -> None:
-    """``python -m loadtest.player`` replays a generated trace against a simulated pod and
-    writes the table, the summary and one sample per request, all of them completed."""
+    """``python -m loadtest.player`` replays a generated trace against two simulated pods (a
+    random one per request) and writes the table, the summary and one sample per request."""
     trace = tmp_path / "trace.jsonl"
     subprocess.run(
         [sys.executable, "-m", "loadtest.workloads", "multi-turn", "--seed", "2",
@@ -505,6 +505,7 @@ def test_the_player_command_replays_a_trace_against_two_simulated_pods(tmp_path:
         out = tmp_path / "out"
         done = subprocess.run(
             [sys.executable, "-m", "loadtest.player", "--trace", str(trace), "--url", urls[0],
+             "--url", urls[1],
              "--rate-scale", "2", "--max-tokens", "8", "--temperature", "0", "--ignore-eos",
              "--out", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -514,6 +515,7 @@ def test_the_player_command_replays_a_trace_against_two_simulated_pods(tmp_path:
     assert summary["offered"] == len(lines) > 0
     assert summary["completed"] == summary["offered"], summary["error_kinds"]
     assert summary["ttft_p50_s"] > 0
+    assert len(summary["per_pod"]) == 2  # each request went to one of the two URLs
     assert "| offered | sent | completed |" in (out / "summary.md").read_text()
     assert "offered" in done.stdout
 

@@ -102,6 +102,21 @@ def test_missing_figures_fail() -> None:
     assert find_knee([point(0, 1.0)]) is None
 
 
+def test_points_are_ordered_by_the_rate_asked_for_not_the_requests_offered() -> None:
+    """In a closed-loop workload a saturated contender is offered fewer requests than at a
+    lower rate; the knee follows the ladder, and is reported on it."""
+    points = [
+        {"rate": 12, "offered_per_s": 70.0, "goodput_per_s": 70.0},
+        {"rate": 16, "offered_per_s": 82.0, "goodput_per_s": 82.0},
+        {"rate": 20, "offered_per_s": 77.0, "goodput_per_s": 47.0},  # collapsed, offered less
+        {"rate": 24, "offered_per_s": 69.0, "goodput_per_s": 14.0},
+    ]
+    assert find_knee(points) == 16
+    assert knee_line("chwbl", 16, points, unit="new conversations/s") == (
+        "chwbl: knee at 16.0 new conversations/s (goodput ≥ 95% of offered up to there; "
+        "below from 20.0 new conversations/s)")
+
+
 def test_failure_tied_with_a_pass_wins() -> None:
     assert find_knee([point(2, 1.0), point(4, 1.0), point(4, 0.5)]) == 2
 
