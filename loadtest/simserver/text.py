@@ -18,6 +18,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import xxhash
 
 CHARS_PER_TOKEN = 4
@@ -137,12 +138,24 @@ def count_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
+_TOKEN_MIX = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=np.uint64)
+"""Odd multipliers that mix a pseudo-token's four code points into one id."""
+
+
 def token_ids(text: str) -> list[int]:
-    """Deterministic token ids for `text`, one per pseudo-token (as `/tokenize` returns them)."""
-    return [
-        xxhash.xxh32_intdigest(text[i : i + CHARS_PER_TOKEN].encode()) % VOCAB_SIZE
-        for i in range(0, len(text), CHARS_PER_TOKEN)
-    ]
+    """Deterministic token ids for `text`, one per pseudo-token (as `/tokenize` returns them).
+
+    Computed over all code points at once: a router that asks every pod to tokenize every
+    prompt (vLLM router's ``cache_aware``) sends thousands of tokens per request, and a
+    per-token Python loop made the pods' process, not the modelled GPUs, the bottleneck.
+    """
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    padding = -len(points) % CHARS_PER_TOKEN
+    if padding:
+        points = np.concatenate([points, np.zeros(padding, dtype=np.uint64)])
+    mixed = (points.reshape(-1, CHARS_PER_TOKEN) * _TOKEN_MIX).sum(axis=1, dtype=np.uint64)
+    ids: list[int] = ((mixed ^ (mixed >> np.uint64(29))) % np.uint64(VOCAB_SIZE)).tolist()
+    return ids
 
 
 def chain_hash(parent: int, block_text: str) -> int:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from loadtest.simserver.text import (
     BLOCK_CHARS,
+    VOCAB_SIZE,
     PromptError,
     PseudoWords,
     block_hashes,
@@ -102,6 +103,24 @@ def test_tokens_are_four_characters() -> None:
     assert count_tokens("abcde") == 2
     assert len(token_ids("abcdefghi")) == 3
     assert token_ids("abcdabcd")[0] == token_ids("abcdabcd")[1]
+
+
+@given(st.text(max_size=200), st.text(max_size=200))
+def test_token_ids_of_a_prefix_are_a_prefix_of_the_ids(head: str, tail: str) -> None:
+    """Ids depend only on each token's own four characters, so whole tokens of a prefix keep
+    their ids (what a prefix-tree router relies on); every id is within the vocabulary."""
+    head = head[: len(head) - len(head) % 4]
+    ids = token_ids(head + tail)
+    assert ids[: len(head) // 4] == token_ids(head)
+    assert len(ids) == count_tokens(head + tail)
+    assert all(0 <= i < VOCAB_SIZE for i in ids)
+
+
+def test_token_ids_tell_tokens_apart() -> None:
+    """Different four-character tokens, non-ASCII ones included, get different ids."""
+    words = ["abcd", "abce", "bacd", "éèàü", "日本語で", "    ", "1234"]
+    assert len({token_ids(word)[0] for word in words}) == len(words)
+    assert token_ids("") == []
 
 
 def test_block_hashes_cover_full_blocks_only() -> None:
