@@ -728,10 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replicas", type=int, default=1,
                         help="balancer processes per balancer contender; each request goes to "
                              "one at random (a fleet of sidecars)")
-    parser.add_argument("--slo-ttft", type=float, default=Slo().ttft_s,
-                        help="goodput SLO: time to first token, seconds (default: %(default)s)")
-    parser.add_argument("--slo-itl", type=float, default=Slo().itl_s,
-                        help="goodput SLO: mean inter-token gap, seconds (default: %(default)s)")
+    Slo.add_arguments(parser)
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {INVALID_EXIT} when any run was invalid (host-limited)")
     parser.add_argument("--pods", type=int, default=4, help="simulated pods")
@@ -798,7 +795,7 @@ def run_options_from(args: argparse.Namespace) -> RunOptions:
         raise SystemExit("--repeat and --replicas must be >= 1")
     return RunOptions(
         duration_s=args.duration, warmup_s=args.warmup, cooldown_s=args.cooldown,
-        grace_s=args.grace, slo=Slo(args.slo_ttft, args.slo_itl), concurrency=args.concurrency,
+        grace_s=args.grace, slo=Slo.from_arguments(args), concurrency=args.concurrency,
         replicas=args.replicas, seed=args.seed)
 
 

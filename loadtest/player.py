@@ -693,10 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send each conversation's id in this header (e.g. x-session-id)")
     parser.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                         help="extra request header, e.g. 'Authorization: Bearer ...'")
-    parser.add_argument("--slo-ttft", type=float, default=Slo().ttft_s,
-                        help="goodput SLO: time to first token, seconds (default: %(default)s)")
-    parser.add_argument("--slo-itl", type=float, default=Slo().itl_s,
-                        help="goodput SLO: mean inter-token gap, seconds (default: %(default)s)")
+    Slo.add_arguments(parser)
     parser.add_argument("--out", default="results/player", help="output directory")
     return parser
 
@@ -728,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["temperature"] = args.temperature
     if args.ignore_eos:
         overrides["ignore_eos"] = True
-    slo = Slo(args.slo_ttft, args.slo_itl)
+    slo = Slo.from_arguments(args)
     urls = [normalize_base_url(url) for url in args.url]
     route = None
     if len(urls) > 1:

@@ -30,6 +30,7 @@ This module imports nothing beyond the standard library; Locust loads it under g
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections import Counter
@@ -78,6 +79,22 @@ class Slo:
 
     ttft_s: float = 1.0
     itl_s: float = 0.1
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """``--slo-ttft`` and ``--slo-itl``, for every command that reports goodput."""
+        parser.add_argument("--slo-ttft", type=float, default=Slo.ttft_s,
+                            help="goodput SLO: time to first token, seconds (default: "
+                                 "%(default)s)")
+        parser.add_argument("--slo-itl", type=float, default=Slo.itl_s,
+                            help="goodput SLO: mean inter-token gap, seconds (default: "
+                                 "%(default)s)")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Slo:
+        if args.slo_ttft <= 0 or args.slo_itl <= 0:
+            raise SystemExit("--slo-ttft and --slo-itl must be > 0")
+        return cls(args.slo_ttft, args.slo_itl)
 
     def met_by(self, sample: Sample) -> bool:
         if sample.outcome != OK or sample.ttft_s is None or sample.ttft_s > self.ttft_s:
