@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from loadtest.hostcpu import free_port
 from loadtest.trace import TraceRecord, dump_trace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -254,10 +255,16 @@ async def test_processes_merge_into_one_summary_with_distinct_seeds(
     worker played its own conversations (seed + worker index, ids prefixed)."""
     summary_file = tmp_path / "summary.json"
     samples_file = tmp_path / "samples.jsonl"
+    port = free_port()
     output = await _locust(
         tmp_path,
         f"http://127.0.0.1:{upstream.port}",
         "--processes", "2",
+        # The master listens on loopback, on a port of its own: never 0.0.0.0, and never the
+        # default 5557 that another Locust on the machine may hold.
+        "--master-bind-host", "127.0.0.1",
+        "--master-bind-port", str(port),
+        "--master-port", str(port),
         "--workload", "multi-turn",
         "--seed", "3",
         "--max-tokens", "8",
