@@ -185,6 +185,16 @@ class MultiTurnShape:
     server has cached yet."""
     history_reply_tokens: tuple[int, int] = (100, 400)
     """Length of each earlier reply in that history (recorded chat replies run long)."""
+    steady_start_s: float = 0.0
+    """Start the trace in steady state: conversations also arrive during this many seconds
+    *before* it, and those still in progress at its start are picked up at their next turn,
+    their earlier turns (with replies written by the generator) sent as recorded history. A
+    trace that starts with no conversation in progress takes about a conversation's life to
+    reach its steady load, longer than a warm-up can cut; set this to about the longest
+    conversation's life (turns x (think time + reply time)). 0: off."""
+    steady_reply_s: float = 2.5
+    """Assumed reply time (s) when working out which turn a conversation that began before
+    the trace has reached: about E2E p50 at moderate load on the simulated pods."""
 
 
 @dataclass(frozen=True)
@@ -346,11 +356,66 @@ def multi_turn(
     shape: MultiTurnShape = MultiTurnShape(),
     model: str = DEFAULT_MODEL,
 ) -> list[TraceRecord]:
-    """A multi-turn chat trace: Poisson arrivals over ``duration_s`` (or ``conversations``)."""
+    """A multi-turn chat trace: Poisson arrivals over ``duration_s`` (or ``conversations``),
+    started in steady state when ``shape.steady_start_s`` is set."""
     stream = iter_multi_turn(seed, shape, model=model)
-    return records_of(
-        schedule(stream, seed=seed, rate=rate, duration_s=duration_s, count=conversations)
-    )
+    lead = shape.steady_start_s
+    if lead <= 0 or conversations is not None:
+        return records_of(
+            schedule(stream, seed=seed, rate=rate, duration_s=duration_s, count=conversations)
+        )
+    span = None if duration_s is None else duration_s + lead
+    early = schedule(stream, seed=seed, rate=rate, duration_s=span)
+    rng = random.Random(f"{seed}:pick-up")
+    text = TextGenerator(rng)
+    picked = []
+    for conversation in early:
+        at = round(conversation.at - lead, 3)
+        if at >= 0:
+            picked.append(_shifted(conversation, at))
+        elif (resumed := _pick_up(conversation, at, shape, text, rng)) is not None:
+            picked.append(resumed)
+    picked.sort(key=lambda c: c.at)
+    return records_of(picked)
+
+
+def _shifted(conversation: Conversation, at: float) -> Conversation:
+    turns = tuple(replace(turn, at=at) for turn in conversation.turns)
+    return replace(conversation, at=at, turns=turns)
+
+
+def _pick_up(
+    conversation: Conversation,
+    began: float,
+    shape: MultiTurnShape,
+    text: TextGenerator,
+    rng: random.Random,
+) -> Conversation | None:
+    """A conversation that began at ``began`` < 0, as it stands at 0: its first turn due at or
+    after 0, earlier turns folded into that turn's messages as recorded history; None if it
+    ended before 0."""
+    due = began
+    for index, turn in enumerate(conversation.turns):
+        if index > 0:
+            due += shape.steady_reply_s + turn.think_s
+        if due >= 0:
+            break
+    else:
+        return None
+    if index == 0:
+        return _shifted(conversation, round(due, 3))
+    messages: list[dict[str, Any]] = []
+    for earlier in conversation.turns[:index]:
+        messages += earlier.body["messages"]
+        reply = text.text(_uniform(rng, shape.max_tokens))
+        messages.append({"role": "assistant", "content": reply})
+    first = conversation.turns[index]
+    at = round(due, 3)
+    body = {**first.body, "messages": [*messages, *first.body["messages"]]}
+    turns = [replace(first, turn=0, at=at, think_s=0.0, append=False, body=body)]
+    turns += [replace(turn, turn=number, at=at)
+              for number, turn in enumerate(conversation.turns[index + 1:], start=1)]
+    return replace(conversation, at=at, turns=tuple(turns))
 
 
 def shared_docs(

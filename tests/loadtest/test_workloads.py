@@ -102,6 +102,43 @@ def test_changing_the_rate_keeps_the_content() -> None:
     assert [c.at for c in slow] != [c.at for c in fast]
 
 
+def test_a_steady_start_picks_up_conversations_in_progress() -> None:
+    """With a steady start the trace opens with conversations under way: picked up at their
+    next turn, their earlier turns (and generated replies) sent as history, nothing before
+    0, and about rate x a conversation's life of them, as in steady state."""
+    shape = workloads.MultiTurnShape(steady_start_s=60.0)
+    records = workloads.multi_turn(5, rate=2.0, duration_s=30.0, shape=shape)
+    conversations = group_conversations(records)
+    assert all(record.at >= 0 for record in records)
+    for conversation in conversations:
+        first, *later = conversation.turns
+        assert first.turn == 0 and not first.append and first.at == conversation.at
+        assert [t.turn for t in later] == list(range(1, len(later) + 1))
+        assert all(t.append for t in later)
+        roles = [m["role"] for m in first.body["messages"]]
+        assert roles[0] == "system" and roles[-1] == "user"
+        assert roles[1:-1] == ["user", "assistant"] * ((len(roles) - 2) // 2)
+    picked_up = [c for c in conversations if len(c.turns[0].body["messages"]) > 2]
+    # Turns of 3-10 (mean 6.5), 2 s think + 2.5 s assumed reply: lives of ~25 s, so about
+    # 2/s x 25 s = 50 conversations are under way at the start; all of them begin in the
+    # first turn gap.
+    assert 25 <= len(picked_up) <= 80
+    assert all(c.at < 30 for c in picked_up)
+    assert max(c.at for c in picked_up) > 1.0  # spread over a turn's gap, not a burst at 0
+    again = workloads.multi_turn(5, rate=2.0, duration_s=30.0, shape=shape)
+    assert again == records
+    assert parse_trace(json.dumps(r.to_json()) for r in records) == records
+
+
+def test_without_a_steady_start_the_trace_is_unchanged() -> None:
+    """steady_start_s = 0 (the default) leaves traces exactly as before."""
+    plain = workloads.multi_turn(5, rate=2.0, duration_s=20.0)
+    assert workloads.multi_turn(
+        5, rate=2.0, duration_s=20.0, shape=workloads.MultiTurnShape(steady_start_s=0.0)
+    ) == plain
+    assert min(r.at for r in plain) == 0.0
+
+
 def test_shared_docs_shape() -> None:
     """A few long documents, each followed by many short questions."""
     records = workloads.shared_docs(1, requests=120)
