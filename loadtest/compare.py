@@ -12,7 +12,8 @@ each contender, every one against fresh simulated pods (empty caches), and write
   conversation starts), so its cache hit rate is the ceiling for affinity routing;
 * ``haproxy`` (when installed): HAProxy 2.6 with ``hash-type consistent`` and
   ``hash-balance-factor`` on the ``x-session-id`` header, which the client sets to the
-  conversation id (HAProxy cannot read a JSON body, so it gets the oracle's key);
+  conversation id (HAProxy cannot read a JSON body, so it gets the oracle's key; configuration
+  in :mod:`loadtest.haproxy`);
 * ``vllm-router`` (when installed, ``pip install vllm-router``): its ``cache_aware`` policy,
   which keeps an approximate prefix tree of what it sent to each worker.
 
@@ -41,16 +42,12 @@ import asyncio
 import contextlib
 import json
 import os
-import random
-import re
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +55,19 @@ from typing import Any
 import aiohttp
 
 from balancer.config import RoutingSettings
-from loadtest.hostcpu import CpuMeter, free_port, raise_fd_limit
-from loadtest.player import play
+from loadtest import haproxy
+from loadtest.cells import fixed
+from loadtest.hostcpu import CpuMeter
+from loadtest.player import play, random_spread
+from loadtest.procs import (
+    HOST,
+    Services,
+    find_executable,
+    free_port,
+    raise_fd_limit,
+    wait_for_lines,
+    wait_ready,
+)
 from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
 from loadtest.trace import TraceRecord
 from loadtest.workloads import DEFAULT_MODEL, generate
@@ -71,7 +79,6 @@ VLLM_ROUTER = "vllm-router"
 CONTENDERS = (*STRATEGIES, ORACLE, HAPROXY, VLLM_ROUTER)
 OPTIONAL_TOOLS = {HAPROXY: "apt-get install haproxy", VLLM_ROUTER: "pip install vllm-router"}
 SESSION_HEADER = "x-session-id"
-STARTUP_TIMEOUT_S = 30.0
 
 DEFAULT_WARMUP_S = 25.0
 """Seconds at the start left out of the statistics. The pods start with empty caches, and the
@@ -269,102 +276,20 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-
-# -- processes ---------------------------------------------------------------------------------
-
-
-def _tool_path() -> str:
-    """PATH plus this interpreter's directory, where pip puts the scripts of a venv."""
-    return os.pathsep.join([os.environ.get("PATH", ""), os.path.dirname(sys.executable)])
-
-
-@contextlib.asynccontextmanager
-async def process(args: Sequence[str], *, name: str, log_dir: Path
-                  ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run a child process, its output to a log file; always terminate it (then kill)."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-
-
-def _read_log(path: Path) -> str:
-    """A child's log so far (small, local: read synchronously)."""
-    return path.read_text(errors="replace")
-
-
-async def wait_for_line(log_path: Path, pattern: str, count: int,
-                        proc: asyncio.subprocess.Process) -> list[re.Match[str]]:
-    """Wait until ``count`` lines of the log match ``pattern`` (bounded)."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.returncode is not None:
-            raise RuntimeError(f"{log_path.stem} exited early:\n{_read_log(log_path)[-2000:]}")
-        matches = [m for m in map(regex.search, _read_log(log_path).splitlines()) if m]
-        if len(matches) >= count:
-            return matches
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{log_path.stem} did not start:\n{_read_log(log_path)[-2000:]}")
-
-
-async def wait_http(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} never became ready")
+# -- configurations ----------------------------------------------------------------------------
 
 
 def balancer_config(pod_urls: Sequence[str], strategy: str, model: str, port: int,
                     admin_port: int, extra: dict[str, Any]) -> str:
     routing = {"strategy": strategy, **extra}
     return json.dumps({
-        "server": {"host": "127.0.0.1", "port": port, "admin_port": admin_port,
+        "server": {"host": HOST, "port": port, "admin_port": admin_port,
                    "log_level": "warning"},
         "pools": [{"name": "sim", "models": [model], "endpoints": list(pod_urls)}],
         "routing": routing,
         # Nothing sends traffic once a run is over: no Service needs time to see it leave.
         "drain": {"delay": 0, "timeout": 5},
     })
-
-
-def haproxy_config(pod_urls: Sequence[str], port: int, load_factor: float) -> str:
-    servers = "\n".join(
-        f"  server pod{i} {url.removeprefix('http://')}" for i, url in enumerate(pod_urls))
-    return f"""global
-  maxconn 4000
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 300s
-  timeout server 300s
-  option http-no-delay
-frontend front
-  bind 127.0.0.1:{port}
-  default_backend pods
-backend pods
-  balance hdr({SESSION_HEADER})
-  hash-type consistent
-  hash-balance-factor {round(load_factor * 100)}
-{servers}
-"""
 
 
 # -- one contender -----------------------------------------------------------------------------
@@ -454,14 +379,13 @@ async def run_contender(
                 "--port", "0", "--model", model, "--time-scale", str(pods.time_scale),
                 "--log-level", "warning", *pods.extra]
     async with contextlib.AsyncExitStack() as stack:
-        pod_proc = await stack.enter_async_context(
-            process(pod_args, name=f"{tag}-pods", log_dir=log_dir))
-        matches = await wait_for_line(log_dir / f"{tag}-pods.log",
-                                      r"listening on (http://\S+)", pods.pods, pod_proc)
+        services = await stack.enter_async_context(Services(log_dir))
+        pod_proc = services.start(f"{tag}-pods", pod_args)
+        matches = await wait_for_lines(pod_proc, r"listening on (http://\S+)", pods.pods)
         pod_urls = [m.group(1) for m in matches]
-        session = await stack.enter_async_context(aiohttp.ClientSession())
         for url in pod_urls:
-            await wait_http(session, url + "/health")
+            await wait_ready(pod_proc, url + "/health")
+        session = await stack.enter_async_context(aiohttp.ClientSession())
         pids = {"pods": pod_proc.pid}
 
         route: Callable[[str], str] | None = None
@@ -480,25 +404,25 @@ async def run_contender(
             config = log_dir / f"{tag}-haproxy.cfg"
             # The same bound as balancer's, for a like-for-like comparison.
             load_factor = routing.get("load_factor", RoutingSettings().load_factor)
-            config.write_text(haproxy_config(pod_urls, port, load_factor))
-            proc = await stack.enter_async_context(
-                process(["haproxy", "-f", str(config)], name=f"{tag}-haproxy", log_dir=log_dir))
+            config.write_text(haproxy.config(
+                pod_urls, port=port, balance=haproxy.balance_header(SESSION_HEADER),
+                load_factor=load_factor, maxconn=haproxy.maxconn_within_fd_limit()))
+            proc = services.start(f"{tag}-haproxy",
+                                  haproxy.argv(haproxy.find() or HAPROXY, config))
             pids[HAPROXY] = proc.pid
-            base_url = f"http://127.0.0.1:{port}/v1"
+            base_url = f"http://{HOST}:{port}/v1"
             session_header = SESSION_HEADER
-            await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
+            await wait_ready(proc, f"http://{HOST}:{port}/v1/models")
         elif name == VLLM_ROUTER:
             port, metrics_port = free_port(), free_port()
-            executable = shutil.which(VLLM_ROUTER, path=_tool_path()) or VLLM_ROUTER
-            proc = await stack.enter_async_context(process(
-                [executable, "--host", "127.0.0.1", "--port", str(port),
-                 "--worker-urls", *pod_urls, "--policy", "cache_aware",
-                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
-                 "--log-level", "warning"],
-                name=f"{tag}-{VLLM_ROUTER}", log_dir=log_dir))
+            proc = services.start(f"{tag}-{VLLM_ROUTER}", [
+                find_executable(VLLM_ROUTER) or VLLM_ROUTER, "--host", HOST, "--port", str(port),
+                "--worker-urls", *pod_urls, "--policy", "cache_aware",
+                "--prometheus-host", HOST, "--prometheus-port", str(metrics_port),
+                "--log-level", "warning"])
             pids[VLLM_ROUTER] = proc.pid
-            base_url = f"http://127.0.0.1:{port}/v1"
-            await wait_http(session, f"http://127.0.0.1:{port}/v1/models")
+            base_url = f"http://{HOST}:{port}/v1"
+            await wait_ready(proc, f"http://{HOST}:{port}/v1/models")
         else:
             urls = []
             for replica in range(run.replicas):
@@ -506,18 +430,13 @@ async def run_contender(
                 config = log_dir / f"{tag}-{replica}.yaml"
                 config.write_text(
                     balancer_config(pod_urls, name, model, port, admin_port, routing))
-                proc = await stack.enter_async_context(process(
-                    [python, "-m", "balancer", "serve", "--config", str(config)],
-                    name=f"{tag}-balancer-{replica}", log_dir=log_dir))
+                proc = services.start(f"{tag}-balancer-{replica}",
+                                      [python, "-m", "balancer", "serve", "--config", str(config)])
                 pids["balancer" if run.replicas == 1 else f"balancer-{replica}"] = proc.pid
-                await wait_http(session, f"http://127.0.0.1:{admin_port}/readyz")
-                urls.append(f"http://127.0.0.1:{port}/v1")
+                await wait_ready(proc, f"http://{HOST}:{admin_port}/readyz")
+                urls.append(f"http://{HOST}:{port}/v1")
             base_url = urls[0]
-            if len(urls) > 1:
-                pick = random.Random(run.seed).choice
-
-                def route(conversation_id: str) -> str:
-                    return pick(urls)
+            route = random_spread(urls, run.seed)
 
         shown = label(name, run.replicas)
         progress = Progress(shown, run.duration_s)
@@ -557,20 +476,12 @@ async def run_contender(
 # -- report ------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _spread(row: Mapping[str, Any], key: str, digits: int = 3) -> str:
     """``median (min-max)`` over repeats, or the single value."""
-    value = _fmt(row.get(key), digits)
+    value = fixed(row.get(key), digits)
     low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
     if row.get("repeats", 1) > 1 and None not in (row.get(key), low, high):
-        return f"{value} ({_fmt(low, digits)}..{_fmt(high, digits)})"
+        return f"{value} ({fixed(low, digits)}..{fixed(high, digits)})"
     return value
 
 
@@ -806,7 +717,7 @@ def contenders_from(spec: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown contender(s): {', '.join(unknown)}")
     for tool, install in OPTIONAL_TOOLS.items():
-        if tool in contenders and shutil.which(tool, path=_tool_path()) is None:
+        if tool in contenders and find_executable(tool) is None:
             print(f"{tool} is not installed: skipping it ({install})")
             contenders.remove(tool)
     return contenders

@@ -10,10 +10,8 @@ Linux only (``/proc``); elsewhere every reading is None and nothing is flagged.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,29 +21,11 @@ __all__ = [
     "CpuMeter",
     "SystemCpu",
     "background_cpu",
-    "free_port",
     "process_cpu_seconds",
-    "raise_fd_limit",
     "system_cpu",
 ]
 
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused port: the machine may run other servers, so fixed ports are never assumed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def raise_fd_limit() -> None:
-    """Many concurrent connections need many descriptors; use what the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def process_cpu_seconds(pid: int) -> float | None:

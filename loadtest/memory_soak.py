@@ -8,30 +8,26 @@ its own routing key), some with a session header, and some invalid ones (400/404
 balancer's VmRSS from ``/proc`` after ``--baseline`` requests (default 10,000) and at the end,
 and prints both. Growth beyond allocator noise would mean per-request state that is never
 freed (keys, request ids, label children, retry or health state).
+
+The servers' output goes to log files in a temporary directory (see :mod:`loadtest.procs`);
+every one is stopped when the soak ends, on error or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "bench-model"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loadtest.bench_upstream import CHAT_PATH
+from loadtest.bench_upstream import DEFAULT_MODEL as MODEL
+from loadtest.procs import HOST, Services, free_port, wait_ready
 
 
 def rss_kib(pid: int) -> int:
@@ -41,23 +37,10 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def _wait_http(url: str, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(url)
-            await asyncio.sleep(0.1)
-
-
-async def drive(url: str, total: int, concurrency: int, marks: dict[int, object],
-                on_mark: object) -> dict[int, int]:
+async def drive(url: str, total: int, concurrency: int, marks: Collection[int],
+                on_mark: Callable[[int], None]) -> dict[int, int]:
+    """Send ``total`` requests from ``concurrency`` connections; count the statuses, and call
+    ``on_mark(n)`` once request ``n`` (one of ``marks``) has been answered."""
     statuses: dict[int, int] = {}
     counter = 0
     lock = asyncio.Lock()
@@ -83,7 +66,7 @@ async def drive(url: str, total: int, concurrency: int, marks: dict[int, object]
                 await r.read()
                 statuses[r.status] = statuses.get(r.status, 0) + 1
             if n in marks:
-                on_mark(n)  # type: ignore[operator]
+                on_mark(n)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -92,59 +75,48 @@ async def drive(url: str, total: int, concurrency: int, marks: dict[int, object]
 
 
 async def main(args: argparse.Namespace) -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        upstream_urls = []
-        for _ in range(2):
-            port = _free_port()
-            # Starting a process returns at once; nothing here waits on it.
-            processes.append(subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "loadtest.bench_upstream", "--port", str(port)],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            upstream_urls.append(f"http://127.0.0.1:{port}")
-        for url in upstream_urls:
-            await _wait_http(url + "/health")
-        port, admin = _free_port(), _free_port()
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
-            config.write(
-                f"server: {{host: 127.0.0.1, port: {port}, admin_port: {admin}, "
-                f"log_level: warning}}\n"
-                f"pools:\n  - name: bench\n    models: [{MODEL}]\n"
-                f"    endpoints: [{', '.join(upstream_urls)}]\n"
-                "drain: {delay: 0, timeout: 5}\n")
-        balancer = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "balancer", "serve", "--config", config.name],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(balancer)
-        await _wait_http(f"http://127.0.0.1:{admin}/readyz")
-        readings: dict[int, int] = {0: rss_kib(balancer.pid)}
+    with tempfile.TemporaryDirectory(prefix="memory-soak-") as tmp:
+        async with Services(Path(tmp)) as services:
+            return await _soak(args, services, Path(tmp))
 
-        def mark(n: int) -> None:
-            readings[n] = rss_kib(balancer.pid)
 
-        marks = {m: None for m in (args.baseline, args.requests // 2, args.requests)}
-        started = time.monotonic()
-        statuses = await drive(f"http://127.0.0.1:{port}/v1/chat/completions",
-                               args.requests, args.concurrency, marks, mark)
-        elapsed = time.monotonic() - started
-        await asyncio.sleep(0.5)
-        readings[args.requests] = rss_kib(balancer.pid)
-        print(f"requests: {args.requests} in {elapsed:.1f} s "
-              f"({args.requests / elapsed:.0f} req/s); statuses {dict(sorted(statuses.items()))}")
-        for n, kib in sorted(readings.items()):
-            print(f"balancer VmRSS after {n:>7} requests: {kib / 1024:.1f} MiB")
-        growth = readings[args.requests] - readings[args.baseline]
-        print(f"growth from {args.baseline} to {args.requests} requests: {growth / 1024:+.1f} MiB")
-        return 0
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+async def _soak(args: argparse.Namespace, services: Services, tmpdir: Path) -> int:
+    upstream_urls = []
+    for i in range(2):
+        port = free_port()
+        upstream = services.start(f"upstream-{i}", [
+            sys.executable, "-m", "loadtest.bench_upstream", "--host", HOST, "--port", str(port)])
+        upstream_urls.append(f"http://{HOST}:{port}")
+        await wait_ready(upstream, upstream_urls[-1] + "/health")
+    port, admin = free_port(), free_port()
+    config = tmpdir / "balancer.yaml"
+    config.write_text(
+        f"server: {{host: {HOST}, port: {port}, admin_port: {admin}, log_level: warning}}\n"
+        f"pools:\n  - name: bench\n    models: [{MODEL}]\n"
+        f"    endpoints: [{', '.join(upstream_urls)}]\n"
+        "drain: {delay: 0, timeout: 5}\n")
+    balancer = services.start(
+        "balancer", [sys.executable, "-m", "balancer", "serve", "--config", str(config)])
+    await wait_ready(balancer, f"http://{HOST}:{admin}/readyz")
+    readings: dict[int, int] = {0: rss_kib(balancer.pid)}
+
+    def mark(n: int) -> None:
+        readings[n] = rss_kib(balancer.pid)
+
+    marks = {args.baseline, args.requests // 2, args.requests}
+    started = time.monotonic()
+    statuses = await drive(f"http://{HOST}:{port}{CHAT_PATH}",
+                           args.requests, args.concurrency, marks, mark)
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(0.5)
+    readings[args.requests] = rss_kib(balancer.pid)
+    print(f"requests: {args.requests} in {elapsed:.1f} s "
+          f"({args.requests / elapsed:.0f} req/s); statuses {dict(sorted(statuses.items()))}")
+    for n, kib in sorted(readings.items()):
+        print(f"balancer VmRSS after {n:>7} requests: {kib / 1024:.1f} MiB")
+    growth = readings[args.requests] - readings[args.baseline]
+    print(f"growth from {args.baseline} to {args.requests} requests: {growth / 1024:+.1f} MiB")
+    return 0
 
 
 def cli() -> int:

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from loadtest.cells import fixed
 from loadtest.stats import UNFINISHED, RunResult, Sample, Slo, summarize, write_samples
 from loadtest.trace import (
     Conversation,
@@ -116,6 +117,19 @@ def normalize_base_url(url: str) -> str:
     if not path:
         path = "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def random_spread(urls: Sequence[str], seed: int) -> Callable[[str], str] | None:
+    """A ``route`` that sends each request to one of ``urls`` at random (seeded): a client
+    in front of a fleet of balancer replicas, as behind a Service. None for a single URL."""
+    if len(urls) < 2:
+        return None
+    pick = random.Random(seed).choice
+
+    def route(conversation_id: str) -> str:
+        return pick(urls)
+
+    return route
 
 
 def http_error(status: int, body: bytes) -> str:
@@ -622,8 +636,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     """A run's summary as a short markdown report: the accounting, then the figures."""
 
     def s(key: str, digits: int = 3) -> str:
-        value = summary.get(key)
-        return "-" if value is None else f"{value:.{digits}f}"
+        return fixed(summary.get(key), digits)
 
     causes = ", ".join(f"{c} {n}" for c, n in summary["failed_by"].items()) or "none"
     lines = [
@@ -727,13 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["ignore_eos"] = True
     slo = Slo.from_arguments(args)
     urls = [normalize_base_url(url) for url in args.url]
-    route = None
-    if len(urls) > 1:
-        pick = random.Random(args.seed).choice
-
-        def route(conversation_id: str) -> str:
-            return pick(urls)
-
+    route = random_spread(urls, args.seed)
     async def run() -> RunResult:
         return await play(
             conversations, urls[0], route=route, model=args.model, max_tokens=args.max_tokens,
@@ -745,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvloop
 
-    from loadtest.hostcpu import raise_fd_limit
+    from loadtest.procs import raise_fd_limit
 
     raise_fd_limit()
     try:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import compare
-from loadtest.hostcpu import raise_fd_limit
+from loadtest.cells import fixed
+from loadtest.procs import raise_fd_limit
 from loadtest.stats import write_samples
 from loadtest.sweep_core import DEFAULT_SHARE, find_knee, knee_line, rate_ladder
 
@@ -133,10 +134,6 @@ def rate_unit(workload: str) -> str:
     return "new conversations/s" if workload == "multi-turn" else "requests/s"
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(points: dict[str, list[dict[str, Any]]], lines: Sequence[str], unit: str) -> str:
     """A table per contender and the knee sentences."""
     out = []
@@ -148,10 +145,10 @@ def markdown(points: dict[str, list[dict[str, Any]]], lines: Sequence[str], unit
                 "|" + "---|" * 10]
         for p in series:
             out.append(
-                f"| {p['rate']:g} | {_fmt(p['offered_per_s'], 2)} | {_fmt(p['ttft_p50_s'])} "
-                f"| {_fmt(p['ttft_p99_s'])} | ≥ {_fmt(p['ttft_p99_censored_s'])} "
-                f"| {_fmt(p['output_tokens_per_s'], 0)} | {_fmt(p['goodput_per_s'], 2)} "
-                f"| {_fmt(p['goodput_share'], 2)} | {p['unfinished']} "
+                f"| {p['rate']:g} | {fixed(p['offered_per_s'], 2)} | {fixed(p['ttft_p50_s'])} "
+                f"| {fixed(p['ttft_p99_s'])} | ≥ {fixed(p['ttft_p99_censored_s'])} "
+                f"| {fixed(p['output_tokens_per_s'], 0)} | {fixed(p['goodput_per_s'], 2)} "
+                f"| {fixed(p['goodput_share'], 2)} | {p['unfinished']} "
                 f"| {'no' if p['invalid'] else 'yes'} |")
         out.append("")
     out += ["### Knees", "", *[f"- {line}" for line in lines]]

@@ -26,7 +26,6 @@ from loadtest.compare import (
     Outcome,
     aggregate,
     balancer_config,
-    haproxy_config,
     invalid_reasons,
     markdown_table,
     mean_in_flight,
@@ -292,20 +291,6 @@ def test_balancer_config_carries_routing_settings_from_the_command_line() -> Non
     assert routing.load_factor == 1.5
     assert routing.prefix_chars == 200
     assert routing.key == KeyMode.PROMPT_PREFIX
-
-
-def test_haproxy_config_hashes_the_session_header_with_a_balance_factor() -> None:
-    """HAProxy binds to 127.0.0.1, hashes x-session-id consistently and lists every pod."""
-    text = haproxy_config(["http://127.0.0.1:8001", "http://127.0.0.1:8002"], 18081, 1.25)
-    lines = [line.strip() for line in text.splitlines()]
-    assert "bind 127.0.0.1:18081" in lines
-    assert "balance hdr(x-session-id)" in lines
-    assert "hash-type consistent" in lines
-    assert "hash-balance-factor 125" in lines
-    assert "server pod0 127.0.0.1:8001" in lines
-    assert "server pod1 127.0.0.1:8002" in lines
-    assert "http://" not in text
-    assert "hash-balance-factor 150" in haproxy_config(["http://127.0.0.1:1"], 1, 1.5)
 
 
 # -- end to end ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from loadtest.hostcpu import free_port
+from loadtest.procs import free_port
 from loadtest.trace import TraceRecord, dump_trace
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,14 +9,12 @@ one side of it: Locust's exact summary, the balancer's metrics, the pods' counte
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,15 +25,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.procs import Services, free_port, wait_for_lines, wait_ready
+
 REPO = Path(__file__).resolve().parents[2]
 LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PODS = 2
 USERS = 4
 RUN_SECONDS = 10
-STARTUP_TIMEOUT_S = 30.0
 LOCUST_TIMEOUT_S = 60.0  # start-up, the run and the summary, on a busy 2-core machine
-STOP_TIMEOUT_S = 10.0
 POD_LINE = re.compile(r"sim pod (\S+) listening on (http://\S+)")
 
 pytestmark = pytest.mark.skipif(
@@ -57,33 +55,9 @@ class Run:
     pod_stats: list[dict[str, Any]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _locust_command() -> list[str]:
     script = Path(sys.executable).with_name("locust")
     return [str(script)] if script.exists() else [sys.executable, "-m", "locust"]
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate a child (SIGTERM, then SIGKILL) and reap it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -92,32 +66,6 @@ def _get(url: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def _pod_urls(log: Path, process: subprocess.Popen[bytes]) -> list[str]:
-    """Wait for the simulated pods' ``listening`` lines and return their URLs."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        assert process.poll() is None, f"simserver exited early:\n{text}"
-        urls = [m.group(2) for m in POD_LINE.finditer(text)]
-        if len(urls) >= PODS:
-            return urls
-        time.sleep(0.1)
-    raise AssertionError(f"simserver did not start:\n{log.read_text(errors='replace')}")
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"balancer exited early:\n{log.read_text()}"
-        try:
-            if _get(url)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never became ready:\n{log.read_text()}")
 
 
 def _requests_total(metrics: str) -> dict[tuple[str, str], float]:
@@ -132,20 +80,17 @@ def _requests_total(metrics: str) -> dict[tuple[str, str], float]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """Pods, balancer and one Locust run; every process is stopped before the tests look."""
+    """Pods, balancer and one Locust run; every process is stopped before the tests look
+    (leaving the ``with`` block stops them, newest first, also when something failed)."""
     tmp = tmp_path_factory.mktemp("locust-balancer")
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        pods_log = tmp / "pods.log"
-        pods = _start(
-            [sys.executable, "-m", "loadtest.simserver", "--pods", str(PODS), "--port", "0",
-             "--time-scale", "0.2", "--model", MODEL, "--log-level", "warning"],
-            pods_log,
-        )
-        processes.append(pods)
-        pod_urls = _pod_urls(pods_log, pods)
+    with Services(tmp) as services:
+        pods = services.start("pods", [
+            sys.executable, "-m", "loadtest.simserver", "--pods", str(PODS), "--port", "0",
+            "--time-scale", "0.2", "--model", MODEL, "--log-level", "warning"])
+        matches = asyncio.run(wait_for_lines(pods, POD_LINE.pattern, PODS))
+        pod_urls = [m.group(2) for m in matches]
 
-        port, admin_port = _free_port(), _free_port()
+        port, admin_port = free_port(), free_port()
         config = tmp / "balancer.yaml"
         config.write_text(
             f"server: {{host: 127.0.0.1, port: {port}, admin_port: {admin_port},"
@@ -154,28 +99,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             f"    endpoints: [{', '.join(pod_urls)}]\n"
             "routing: {strategy: chwbl}\n"
         )
-        balancer_log = tmp / "balancer.log"
-        balancer = _start(
-            [sys.executable, "-m", "balancer", "serve", "--config", str(config)], balancer_log
-        )
-        processes.append(balancer)
+        balancer = services.start(
+            "balancer", [sys.executable, "-m", "balancer", "serve", "--config", str(config)])
         admin = f"http://127.0.0.1:{admin_port}"
-        _wait_ready(admin + "/readyz", balancer, balancer_log)
+        asyncio.run(wait_ready(balancer, admin + "/readyz"))
 
         summary_file = tmp / "summary.json"
-        locust_log = tmp / "locust.log"
         # All users start at once so the first requests overlap and the load bound spreads
         # them, whatever the hash ring makes of this run's ports.
-        locust = _start(
-            [*_locust_command(), "-f", str(LOCUSTFILE), "--headless",
-             "-u", str(USERS), "-r", "100", "-t", f"{RUN_SECONDS}s",
-             "--host", f"http://127.0.0.1:{port}", "--workload", "multi-turn", "--seed", "7",
-             "--summary-file", str(summary_file), "--loglevel", "WARNING"],
-            locust_log,
-        )  # fmt: skip
-        processes.append(locust)
+        locust = services.start("locust", [
+            *_locust_command(), "-f", str(LOCUSTFILE), "--headless",
+            "-u", str(USERS), "-r", "100", "-t", f"{RUN_SECONDS}s",
+            "--host", f"http://127.0.0.1:{port}", "--workload", "multi-turn", "--seed", "7",
+            "--summary-file", str(summary_file), "--loglevel", "WARNING"])
+        locust_log = locust.log_path
         try:
-            code = locust.wait(LOCUST_TIMEOUT_S)
+            code = locust.popen.wait(LOCUST_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"locust still running after {LOCUST_TIMEOUT_S} s:\n{locust_log.read_text()}"
@@ -199,9 +138,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             requests_by_endpoint=_requests_total(metrics.decode()),
             pod_stats=pod_stats,
         )
-    finally:
-        for process in reversed(processes):
-            _stop(process)
     yield result
 
 
