@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +20,19 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from balancer import discovery
-from balancer.cli import explain
+from balancer.admission import Admission
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
 from balancer.errors import BalancerError, error_body
-from balancer.health import HealthMonitor
-from balancer.metrics import Metrics, PoolState
+from balancer.forward import Forwarder
+from balancer.metrics import Metrics
 from balancer.models import ModelLearner
-from balancer.proxy import KEYED_PATHS, Proxy
+from balancer.monitor import HealthMonitor
+from balancer.proxy import Proxy
+from balancer.record import AccessLog, Reporter
+from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
 from balancer.router import Router
-from balancer.upstream import UpstreamClient
+from balancer.upstream import Connector
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class Balancer:
         app.router.add_get("/v1/models", proxy.handle_models)
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
-        app.cleanup_ctx.append(self._upstream_client)
+        app.cleanup_ctx.append(self._connections)
         app.cleanup_ctx.append(self._health)
         app.cleanup_ctx.append(self._discovery)
         return app
@@ -80,14 +83,17 @@ class Balancer:
         finally:
             await self.health.close()
 
-    async def _upstream_client(self, app: web.Application) -> AsyncIterator[None]:
-        client = UpstreamClient(self.settings.limits.connect_timeout)
-        self.proxy.client = client
+    async def _connections(self, app: web.Application) -> AsyncIterator[None]:
+        """Endpoints open their connection pools while the app runs; all close after."""
+        forwarder = self.proxy.forwarder
+        forwarder.connector = Connector(self.settings.limits.connect_timeout)
         try:
             yield
         finally:
-            self.proxy.client = None
-            await client.close()
+            forwarder.connector = None
+            self.router.close_connections()
+            self.proxy.reporter.access.flush()
+            await asyncio.sleep(0)  # let transports run their close callbacks
 
     async def _discovery(self, app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(self._consume_snapshots(), name="balancer-discovery"),
@@ -124,8 +130,7 @@ class Balancer:
                      _listed(" -", removed))
             if pool.learns_models and (added or removed):
                 self.learner.endpoints_changed()
-            self.health.set_endpoints(name, {e.id: e for e in pool.endpoints.values()
-                                             if e.serving})
+            self.health.follow(pool)
         self.synced.set()
 
     # -- admin app -------------------------------------------------------------------------
@@ -199,9 +204,10 @@ class Balancer:
             return web.json_response(error_body("request body must be a JSON object",
                                                 "invalid_request_error", 400), status=400)
         try:
-            result = explain(self.settings, self.router, body,
-                             path=request.query.get("path"),
-                             session=request.headers.get(self.settings.routing.session_header))
+            kind = kind_for(body, request.query.get("path"))
+            view = keyed_view(kind, body,
+                              request.headers.get(self.settings.routing.session_header))
+            result = explain(decide(view, self.router))
         except BalancerError as exc:
             return web.json_response(error_body(exc.message, exc.type, exc.status, exc.param),
                                      status=exc.status)
@@ -220,13 +226,6 @@ def _listed(prefix: str, ids: list[str], limit: int = 5) -> str:
     return prefix + ", ".join(ids[:limit]) + more
 
 
-def pool_state(router: Router) -> Iterable[PoolState]:
-    for name, pool in router.pools.items():
-        for endpoint_id in pool.endpoints.keys() | pool.load.keys():
-            yield (name, endpoint_id, pool.load.get(endpoint_id, 0),
-                   endpoint_id in pool.routable)
-
-
 def build(
     settings: Settings,
     *,
@@ -235,25 +234,18 @@ def build(
 ) -> Balancer:
     """Build a balancer from settings; endpoints come from ``source`` when given, else from
     the configuration (static URLs, or Services watched in Kubernetes)."""
-    router = Router(settings)
-    metrics = Metrics(registry or CollectorRegistry(), lambda: pool_state(router))
-
-    def health_changed(name: str, out: frozenset[str]) -> None:
-        pool = router.pools[name]
-        if pool.set_out(out):
-            if pool.panic:
-                log.error("pool %s: PANIC mode, %d of %d endpoints are out; routing across "
-                          "all of them", name, len(out & set(pool.serving)), len(pool.serving))
-            else:
-                log.warning("pool %s: panic mode over", name)
-        metrics.health_state(name, len(out & set(pool.serving)), pool.panic)
-
-    health = HealthMonitor(settings.health, router.pools, health_changed, metrics)
+    metrics = Metrics(registry or CollectorRegistry())
+    router = Router(settings, metrics=metrics)
+    metrics.collect_state(router.in_flight_rows)
+    health = HealthMonitor(settings.health, router.pools, metrics)
+    admission = Admission(settings.limits, settings.retries, observe=health.observe)
+    reporter = Reporter(metrics, AccessLog())
     return Balancer(
         settings=settings,
         router=router,
         metrics=metrics,
-        proxy=Proxy(settings, router, metrics, health),
+        proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
+                    reporter),
         source=source or discovery.from_settings(settings, metrics),
         learner=ModelLearner(router, settings.model_discovery, metrics),
         health=health,
