@@ -11,15 +11,14 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from balancer import discovery
+from balancer import discovery, httpserver
 from balancer.admission import Admission
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
@@ -255,74 +254,6 @@ def build(
 # -- running --------------------------------------------------------------------------------
 
 
-class _JsonErrorHandler(RequestHandler):
-    """Answers HTTP-level parse errors (oversized headers, bad request lines) with an
-    OpenAI-style JSON body instead of aiohttp's plain text, so every 4xx a client sees from
-    balancer has the same shape."""
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)
-        if status >= 500:
-            return response
-        on_error = getattr(self._manager, "on_client_error", None)
-        if on_error is not None:
-            on_error("malformed_http")
-        text = getattr(exc, "message", None) or message or "bad request"
-        body = error_body(f"malformed HTTP request: {text}", "invalid_request_error", status)
-        json_response = web.json_response(body, status=status)
-        json_response.force_close()
-        return json_response
-
-
-class _JsonErrorServer(web.Server):
-    on_client_error: Callable[[str], None] | None = None
-
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    def __init__(self, app: web.Application, *,
-                 on_client_error: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._on_client_error = on_client_error
-
-    # WORKAROUND: aiohttp has no public hook for the low-level handler class, so this
-    # repeats AppRunner._make_server (aiohttp 3.10-3.14) with our server class.
-    async def _make_server(self) -> web.Server:
-        loop = asyncio.get_running_loop()
-        app = self.app
-        app._set_loop(loop)
-        app.on_startup.freeze()
-        await app.startup()
-        app.freeze()
-        server = _JsonErrorServer(app._handle,  # type: ignore[arg-type]
-                                  request_factory=app._make_request, loop=loop,
-                                  **self._kwargs)
-        server.on_client_error = self._on_client_error
-        return server
-
-
-def make_runner(app: web.Application, settings: Settings, *, proxy: bool,
-                on_client_error: Callable[[str], None] | None = None) -> web.AppRunner:
-    """A runner with the options the proxy needs (handler cancellation frees a disconnected
-    client's endpoint at once; header limits from the settings)."""
-    kwargs: dict[str, Any] = {"access_log": None, "handle_signals": False}
-    if proxy:
-        kwargs.update(
-            handler_cancellation=True,
-            max_field_size=settings.limits.max_header_bytes,
-            max_line_size=settings.limits.max_header_bytes,
-        )
-    return _Runner(app, on_client_error=on_client_error, **kwargs)
-
-
 @dataclass
 class Running:
     """A started balancer: its bound ports and how to stop it."""
@@ -332,32 +263,16 @@ class Running:
     port: int
     admin_port: int
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
         """Close the proxy's listening socket and its idle keep-alive connections; requests
         in flight carry on, and their connections close when they end."""
-        proxy_runner = self.runners[0]
-        for site in proxy_runner.sites:
-            server = getattr(site, "_server", None)
-            if server is not None:
-                server.close()
-        if proxy_runner.server is not None:
-            proxy_runner.server.pre_shutdown()
+        await httpserver.stop_accepting(self.runners[0])
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop both listeners; requests still running after ``grace`` seconds (default:
         aiohttp's) are cancelled."""
         for runner in reversed(self.runners):
-            if grace is not None:
-                runner._shutdown_timeout = grace  # no public setter (aiohttp 3.9-3.14)
-            await runner.cleanup()
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("site has no bound socket")
+            await httpserver.stop(runner, grace)
 
 
 async def start(balancer: Balancer, *, host: str | None = None, port: int | None = None,
@@ -367,13 +282,14 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
     host = server.host if host is None else host
     runners: list[web.AppRunner] = []
     try:
-        proxy_runner = make_runner(balancer.app, balancer.settings, proxy=True,
-                                   on_client_error=balancer.metrics.reject)
+        proxy_runner = httpserver.make_runner(
+            balancer.app, proxy=True, max_header_bytes=balancer.settings.limits.max_header_bytes,
+            on_client_error=balancer.metrics.reject)
         await proxy_runner.setup()
         runners.append(proxy_runner)
         await web.TCPSite(proxy_runner, host, server.port if port is None else port,
                           reuse_address=True).start()
-        admin_runner = make_runner(balancer.admin, balancer.settings, proxy=False)
+        admin_runner = httpserver.make_runner(balancer.admin, proxy=False)
         await admin_runner.setup()
         runners.append(admin_runner)
         await web.TCPSite(admin_runner, host,
@@ -383,7 +299,8 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    return Running(balancer, runners, _bound_port(proxy_runner), _bound_port(admin_runner))
+    return Running(balancer, runners, httpserver.bound_port(proxy_runner),
+                   httpserver.bound_port(admin_runner))
 
 
 async def serve(settings: Settings) -> int:
@@ -425,7 +342,7 @@ async def serve(settings: Settings) -> int:
     log.info("draining: readiness fails; accepting new requests for %g s more", drain.delay)
     await _first(asyncio.sleep(drain.delay), force.wait())
     if not force.is_set():
-        running.stop_accepting()
+        await running.stop_accepting()
         log.info("stopped accepting; waiting up to %g s for %d in-flight requests",
                  drain.timeout, balancer.proxy.in_flight)
         await _first(asyncio.sleep(drain.timeout), balancer.proxy.idle.wait(), force.wait())
