@@ -10,8 +10,11 @@ endpoint before the next one starts.
 from __future__ import annotations
 
 import logging
+import time
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
+from balancer.logs import LineWriter, Stamps, sole_handler
 from balancer.metrics import Metrics
 from balancer.state import EndpointState
 
@@ -79,24 +82,72 @@ class RequestRecord:
         }
 
 
+    def json_fields(self, duration: float) -> str:
+        """``json.dumps(self.fields(duration))`` without its opening brace, written out here
+        because this runs once per request and costs a third of that (ints and strings as
+        the json module writes them, floats by ``repr`` as it does)."""
+        enc = encode_basestring_ascii
+        state = self.state
+        usage = self.usage
+        key_hash = "null" if self.key_hash is None else f'"{self.key_hash:016x}"'
+        first_byte = ("null" if self.first_byte < 0
+                      else repr(round(self.first_byte * 1000, 3)))
+        prompt, cached = ("null", "null") if usage is None else (str(usage[0]), str(usage[1]))
+        return (
+            f'"request_id": {enc(self.request_id)}, "method": {enc(self.method)}, '
+            f'"path": {enc(self.path)}, "model": {enc(self.model)}, "pool": {enc(self.pool)}, '
+            f'"endpoint": {enc("" if state is None else state.endpoint.id)}, '
+            f'"route": {enc(self.outcome)}, "key_hash": {key_hash}, '
+            f'"status": {self.status:d}, "attempts": {self.attempts:d}, '
+            f'"ttfb_ms": {first_byte}, "duration_ms": {round(duration * 1000, 3)!r}, '
+            f'"prompt_tokens": {prompt}, "cached_tokens": {cached}, '
+            f'"stream_chunks": {self.chunks:d}, "stream_bytes": {self.size:d}}}'
+        )
+
+
 class AccessLog:
-    """The access log: a line per request on logger ``balancer.access`` at level info, with
-    the fields in ``extra={"access": ...}``."""
+    """The access log: a line per request on logger ``balancer.access`` at level info.
+
+    Through ``logging`` (with the fields in ``extra={"access": ...}``) unless the logger's
+    records reach only balancer's own handler; then the line is formatted here, exactly as
+    that handler's formatter would, and written in batches (see ``logs``).
+    """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        handler = sole_handler(self.logger)
+        self._writer = None if handler is None else LineWriter(handler)
+        self._json = handler is not None and handler.json_lines
+        self._stamps = Stamps()
+        self._name = encode_basestring_ascii(self.logger.name)
 
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
 
     def write(self, record: RequestRecord, duration: float) -> None:
         state = record.state
-        self.logger.info("%s %s %d %s %s %.1fms", record.method, record.path, record.status,
-                         "" if state is None else state.endpoint.id, record.outcome,
-                         duration * 1000, extra={"access": record.fields(duration)})
+        endpoint = "" if state is None else state.endpoint.id
+        writer = self._writer
+        if writer is None:
+            self.logger.info("%s %s %d %s %s %.1fms", record.method, record.path,
+                             record.status, endpoint, record.outcome, duration * 1000,
+                             extra={"access": record.fields(duration)})
+            return
+        message = (f"{record.method} {record.path} {record.status:d} {endpoint} "
+                   f"{record.outcome} {duration * 1000:.1f}ms")
+        now = time.time()
+        if self._json:
+            writer.write(f'{{"time": "{self._stamps.json(now)}", "level": "info", "logger": '
+                         f'{self._name}, "message": {encode_basestring_ascii(message)}, '
+                         f"{record.json_fields(duration)}")
+        else:
+            fields = record.fields(duration)
+            writer.write(f"{self._stamps.text(now)} INFO {self.logger.name}: {message} "
+                         + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
 
     def flush(self) -> None:
-        """Nothing is held back."""
+        if self._writer is not None:
+            self._writer.flush()
 
 
 class Reporter:
