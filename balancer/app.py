@@ -11,25 +11,27 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from balancer import discovery
-from balancer.cli import explain
+from balancer import discovery, httpserver
+from balancer.admission import Admission
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
 from balancer.errors import BalancerError, error_body
-from balancer.health import HealthMonitor
-from balancer.metrics import Metrics, PoolState
+from balancer.forward import Forwarder
+from balancer.metrics import Metrics
 from balancer.models import ModelLearner
-from balancer.proxy import KEYED_PATHS, Proxy
+from balancer.monitor import HealthMonitor
+from balancer.proxy import Proxy
+from balancer.record import AccessLog, Reporter
+from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
 from balancer.router import Router
-from balancer.upstream import UpstreamClient
+from balancer.upstream import Connector
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class Balancer:
         app.router.add_get("/v1/models", proxy.handle_models)
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
-        app.cleanup_ctx.append(self._upstream_client)
+        app.cleanup_ctx.append(self._connections)
         app.cleanup_ctx.append(self._health)
         app.cleanup_ctx.append(self._discovery)
         return app
@@ -80,14 +82,17 @@ class Balancer:
         finally:
             await self.health.close()
 
-    async def _upstream_client(self, app: web.Application) -> AsyncIterator[None]:
-        client = UpstreamClient(self.settings.limits.connect_timeout)
-        self.proxy.client = client
+    async def _connections(self, app: web.Application) -> AsyncIterator[None]:
+        """Endpoints open their connection pools while the app runs; all close after."""
+        forwarder = self.proxy.forwarder
+        forwarder.connector = Connector(self.settings.limits.connect_timeout)
         try:
             yield
         finally:
-            self.proxy.client = None
-            await client.close()
+            forwarder.connector = None
+            self.router.close_connections()
+            self.proxy.reporter.access.flush()
+            await asyncio.sleep(0)  # let transports run their close callbacks
 
     async def _discovery(self, app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(self._consume_snapshots(), name="balancer-discovery"),
@@ -124,8 +129,7 @@ class Balancer:
                      _listed(" -", removed))
             if pool.learns_models and (added or removed):
                 self.learner.endpoints_changed()
-            self.health.set_endpoints(name, {e.id: e for e in pool.endpoints.values()
-                                             if e.serving})
+            self.health.follow(pool)
         self.synced.set()
 
     # -- admin app -------------------------------------------------------------------------
@@ -199,9 +203,10 @@ class Balancer:
             return web.json_response(error_body("request body must be a JSON object",
                                                 "invalid_request_error", 400), status=400)
         try:
-            result = explain(self.settings, self.router, body,
-                             path=request.query.get("path"),
-                             session=request.headers.get(self.settings.routing.session_header))
+            kind = kind_for(body, request.query.get("path"))
+            view = keyed_view(kind, body,
+                              request.headers.get(self.settings.routing.session_header))
+            result = explain(decide(view, self.router))
         except BalancerError as exc:
             return web.json_response(error_body(exc.message, exc.type, exc.status, exc.param),
                                      status=exc.status)
@@ -220,13 +225,6 @@ def _listed(prefix: str, ids: list[str], limit: int = 5) -> str:
     return prefix + ", ".join(ids[:limit]) + more
 
 
-def pool_state(router: Router) -> Iterable[PoolState]:
-    for name, pool in router.pools.items():
-        for endpoint_id in pool.endpoints.keys() | pool.load.keys():
-            yield (name, endpoint_id, pool.load.get(endpoint_id, 0),
-                   endpoint_id in pool.routable)
-
-
 def build(
     settings: Settings,
     *,
@@ -235,25 +233,18 @@ def build(
 ) -> Balancer:
     """Build a balancer from settings; endpoints come from ``source`` when given, else from
     the configuration (static URLs, or Services watched in Kubernetes)."""
-    router = Router(settings)
-    metrics = Metrics(registry or CollectorRegistry(), lambda: pool_state(router))
-
-    def health_changed(name: str, out: frozenset[str]) -> None:
-        pool = router.pools[name]
-        if pool.set_out(out):
-            if pool.panic:
-                log.error("pool %s: PANIC mode, %d of %d endpoints are out; routing across "
-                          "all of them", name, len(out & set(pool.serving)), len(pool.serving))
-            else:
-                log.warning("pool %s: panic mode over", name)
-        metrics.health_state(name, len(out & set(pool.serving)), pool.panic)
-
-    health = HealthMonitor(settings.health, router.pools, health_changed, metrics)
+    metrics = Metrics(registry or CollectorRegistry())
+    router = Router(settings, metrics=metrics)
+    metrics.collect_state(router.in_flight_rows)
+    health = HealthMonitor(settings.health, router.pools, metrics)
+    admission = Admission(settings.limits, settings.retries, observe=health.observe)
+    reporter = Reporter(metrics, AccessLog())
     return Balancer(
         settings=settings,
         router=router,
         metrics=metrics,
-        proxy=Proxy(settings, router, metrics, health),
+        proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
+                    reporter),
         source=source or discovery.from_settings(settings, metrics),
         learner=ModelLearner(router, settings.model_discovery, metrics),
         health=health,
@@ -261,74 +252,6 @@ def build(
 
 
 # -- running --------------------------------------------------------------------------------
-
-
-class _JsonErrorHandler(RequestHandler):
-    """Answers HTTP-level parse errors (oversized headers, bad request lines) with an
-    OpenAI-style JSON body instead of aiohttp's plain text, so every 4xx a client sees from
-    balancer has the same shape."""
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)
-        if status >= 500:
-            return response
-        on_error = getattr(self._manager, "on_client_error", None)
-        if on_error is not None:
-            on_error("malformed_http")
-        text = getattr(exc, "message", None) or message or "bad request"
-        body = error_body(f"malformed HTTP request: {text}", "invalid_request_error", status)
-        json_response = web.json_response(body, status=status)
-        json_response.force_close()
-        return json_response
-
-
-class _JsonErrorServer(web.Server):
-    on_client_error: Callable[[str], None] | None = None
-
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    def __init__(self, app: web.Application, *,
-                 on_client_error: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._on_client_error = on_client_error
-
-    # WORKAROUND: aiohttp has no public hook for the low-level handler class, so this
-    # repeats AppRunner._make_server (aiohttp 3.10-3.14) with our server class.
-    async def _make_server(self) -> web.Server:
-        loop = asyncio.get_running_loop()
-        app = self.app
-        app._set_loop(loop)
-        app.on_startup.freeze()
-        await app.startup()
-        app.freeze()
-        server = _JsonErrorServer(app._handle,  # type: ignore[arg-type]
-                                  request_factory=app._make_request, loop=loop,
-                                  **self._kwargs)
-        server.on_client_error = self._on_client_error
-        return server
-
-
-def make_runner(app: web.Application, settings: Settings, *, proxy: bool,
-                on_client_error: Callable[[str], None] | None = None) -> web.AppRunner:
-    """A runner with the options the proxy needs (handler cancellation frees a disconnected
-    client's endpoint at once; header limits from the settings)."""
-    kwargs: dict[str, Any] = {"access_log": None, "handle_signals": False}
-    if proxy:
-        kwargs.update(
-            handler_cancellation=True,
-            max_field_size=settings.limits.max_header_bytes,
-            max_line_size=settings.limits.max_header_bytes,
-        )
-    return _Runner(app, on_client_error=on_client_error, **kwargs)
 
 
 @dataclass
@@ -340,32 +263,16 @@ class Running:
     port: int
     admin_port: int
 
-    def stop_accepting(self) -> None:
+    async def stop_accepting(self) -> None:
         """Close the proxy's listening socket and its idle keep-alive connections; requests
         in flight carry on, and their connections close when they end."""
-        proxy_runner = self.runners[0]
-        for site in proxy_runner.sites:
-            server = getattr(site, "_server", None)
-            if server is not None:
-                server.close()
-        if proxy_runner.server is not None:
-            proxy_runner.server.pre_shutdown()
+        await httpserver.stop_accepting(self.runners[0])
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop both listeners; requests still running after ``grace`` seconds (default:
         aiohttp's) are cancelled."""
         for runner in reversed(self.runners):
-            if grace is not None:
-                runner._shutdown_timeout = grace  # no public setter (aiohttp 3.9-3.14)
-            await runner.cleanup()
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("site has no bound socket")
+            await httpserver.stop(runner, grace)
 
 
 async def start(balancer: Balancer, *, host: str | None = None, port: int | None = None,
@@ -375,13 +282,14 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
     host = server.host if host is None else host
     runners: list[web.AppRunner] = []
     try:
-        proxy_runner = make_runner(balancer.app, balancer.settings, proxy=True,
-                                   on_client_error=balancer.metrics.reject)
+        proxy_runner = httpserver.make_runner(
+            balancer.app, proxy=True, max_header_bytes=balancer.settings.limits.max_header_bytes,
+            on_client_error=balancer.metrics.reject)
         await proxy_runner.setup()
         runners.append(proxy_runner)
         await web.TCPSite(proxy_runner, host, server.port if port is None else port,
                           reuse_address=True).start()
-        admin_runner = make_runner(balancer.admin, balancer.settings, proxy=False)
+        admin_runner = httpserver.make_runner(balancer.admin, proxy=False)
         await admin_runner.setup()
         runners.append(admin_runner)
         await web.TCPSite(admin_runner, host,
@@ -391,7 +299,8 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    return Running(balancer, runners, _bound_port(proxy_runner), _bound_port(admin_runner))
+    return Running(balancer, runners, httpserver.bound_port(proxy_runner),
+                   httpserver.bound_port(admin_runner))
 
 
 async def serve(settings: Settings) -> int:
@@ -433,7 +342,7 @@ async def serve(settings: Settings) -> int:
     log.info("draining: readiness fails; accepting new requests for %g s more", drain.delay)
     await _first(asyncio.sleep(drain.delay), force.wait())
     if not force.is_set():
-        running.stop_accepting()
+        await running.stop_accepting()
         log.info("stopped accepting; waiting up to %g s for %d in-flight requests",
                  drain.timeout, balancer.proxy.in_flight)
         await _first(asyncio.sleep(drain.timeout), balancer.proxy.idle.wait(), force.wait())

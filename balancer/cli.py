@@ -15,10 +15,8 @@ from balancer.config import ConfigError, PoolSettings, Settings, as_dict, load
 from balancer.discovery import StaticDiscovery
 from balancer.errors import BalancerError
 from balancer.logs import configure_logging
-from balancer.prefix import Kind, model_of, routing_key, session_key, validate
-from balancer.ring import hash_key
+from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
 from balancer.router import Router
-from balancer.strategy import chwbl_bound
 
 EXIT_CONFIG = 2
 
@@ -95,22 +93,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kind_for(body: dict[str, Any], path: str | None) -> Kind:
-    if path:
-        from balancer.proxy import KEYED_PATHS
-
-        if path not in KEYED_PATHS:
-            raise ConfigError(f"--path: {path!r} is not one of {', '.join(KEYED_PATHS)}")
-        return KEYED_PATHS[path]
-    if "messages" in body:
-        return Kind.CHAT
-    if "prompt" in body:
-        return Kind.COMPLETIONS
-    if "input" in body:
-        return Kind.EMBEDDINGS
-    raise BalancerError("cannot tell the request kind: no messages, prompt or input field")
-
-
 def explain_route(
     settings: Settings,
     body: dict[str, Any],
@@ -120,66 +102,15 @@ def explain_route(
     loads: dict[str, int] | None = None,
     walk_limit: int = 8,
 ) -> dict[str, Any]:
-    """Where a request would go, and why: the pure routing path without sending anything."""
+    """Where a request would go, and why: the routing decision the proxy makes, against the
+    configuration's static endpoints (with ``loads`` pretended in flight), sending
+    nothing."""
     router = Router(settings)
     router.apply(StaticDiscovery(settings.pools).snapshot())
-    return explain(settings, router, body, path=path, session=session, loads=loads,
-                   walk_limit=walk_limit)
-
-
-def explain(
-    settings: Settings,
-    router: Router,
-    body: dict[str, Any],
-    *,
-    path: str | None = None,
-    session: str | None = None,
-    loads: dict[str, int] | None = None,
-    walk_limit: int = 8,
-) -> dict[str, Any]:
-    """:func:`explain_route` against a given router: the CLI's own, or a running balancer's
-    (``/debug/route``, with ``loads`` None so its live load is read and never changed).
-    Nothing is acquired, so the decision leaves no load behind."""
-    kind = _kind_for(body, path)
-    validate(kind, body)
-    pool = router.pool_for_model(model_of(body))
-    for endpoint_id, load_ in (loads or {}).items():
-        if endpoint_id in pool.endpoints:
-            pool.load[endpoint_id] = load_
-            pool.total_load += load_
-    explicit = session_key(session, body)
-    key = explicit or routing_key(kind, body, settings.routing.key, settings.routing.prefix_chars)
-    key_hash = hash_key(key)
-    choice = pool.choose(key_hash, session=explicit is not None)
-    walk = []
-    for i, endpoint_id in enumerate(pool.ring.walk(key_hash)):
-        if i >= walk_limit:
-            break
-        walk.append({"endpoint": endpoint_id, "in_flight": pool.load.get(endpoint_id, 0)})
-    bound = chwbl_bound(pool.total_load, len(pool.routable), settings.routing.load_factor,
-                        settings.routing.min_bound)
-    reasons = {
-        "primary": "the key's first endpoint on the ring is within the load bound",
-        "session": "explicit session key; its first endpoint is within the load bound",
-        "overflow": "earlier endpoints on the ring were at the load bound",
-        "fallback": "no endpoint was within the bound; the least loaded was taken",
-    }
-    return {
-        "pool": pool.name,
-        "strategy": settings.routing.strategy.value,
-        "key_source": "session" if explicit else settings.routing.key.value,
-        "key": key,
-        "key_hash": f"{key_hash:016x}",
-        "bound": bound,
-        "ring_walk": walk,
-        "endpoint": choice.endpoint,
-        "url": pool.endpoints[choice.endpoint].url,
-        "outcome": choice.outcome,
-        "reason": reasons[choice.outcome]
-        if settings.routing.strategy.value == "chwbl"
-        else f"{settings.routing.strategy.value} ignores the key",
-        "probes": [{"endpoint": p.endpoint, "in_flight": p.load} for p in choice.probes],
-    }
+    view = keyed_view(kind_for(body, path), body, session)
+    if loads:
+        router.pool_for_model(view.model or "").assume_load(loads)
+    return explain(decide(view, router), walk_limit)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -193,6 +124,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     if not isinstance(body, dict):
         print(f"error: {args.request} must hold a JSON object", file=sys.stderr)
         return EXIT_CONFIG
+    if args.path and args.path not in KEYED_PATHS:
+        raise ConfigError(f"--path: {args.path!r} is not one of {', '.join(KEYED_PATHS)}")
     loads: dict[str, int] = {}
     for item in args.load:
         endpoint_id, _, count = item.rpartition("=")

@@ -128,12 +128,17 @@ class LimitsSettings:
     connect_timeout: float = 5.0
     """Seconds to open a TCP connection to an endpoint."""
     first_byte_timeout: float = 300.0
-    """Seconds from sending the request to the first response byte. Generous: a long prompt
-    behind a queue legitimately takes minutes to prefill."""
+    """Seconds from sending the request to the first response byte (connecting and the
+    response head included). Generous: a long prompt behind a queue legitimately takes
+    minutes to prefill."""
     idle_timeout: float = 120.0
-    """Seconds allowed between two response chunks once the response has started."""
+    """Seconds the model server may keep a started response waiting for its next chunk. Only
+    time spent waiting for the model server counts: a slow client is never the endpoint's
+    fault. A client that takes no data for this long while a write to it waits is
+    disconnected."""
     total_timeout: float = 0.0
-    """Seconds for the whole request; 0 turns it off (generations can be long)."""
+    """Seconds for the whole request, from its arrival and across retries; 0 turns it off
+    (generations can be long)."""
     max_in_flight_per_endpoint: int = 0
     """Most requests this balancer sends one endpoint at once; 0 turns the limit off. A full
     endpoint is skipped (the next on the ring walk takes the request); when every endpoint is

@@ -12,6 +12,8 @@ class BalancerError(Exception):
     type: ClassVar[str] = "internal_error"
     reason: ClassVar[str] = "internal"
     """Short label for the rejections metric."""
+    retry_after: int | None = None
+    """Seconds for a ``Retry-After`` header on the answer (None: no header)."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -67,13 +69,17 @@ class NoEndpointsError(BalancerError):
     reason = "no_endpoints"
 
 
-class UpstreamConnectError(BalancerError):
+class BadGatewayError(BalancerError):
+    """The model server could not be reached, or failed before its response began."""
+
     status = 502
     type = "upstream_error"
     reason = "upstream_connect"
 
 
-class UpstreamTimeoutError(BalancerError):
+class GatewayTimeoutError(BalancerError):
+    """The model server sent nothing within the first-byte timeout (or the total ran out)."""
+
     status = 504
     type = "upstream_timeout"
     reason = "upstream_timeout"
@@ -86,6 +92,10 @@ class RateLimitedError(BalancerError):
     type = "rate_limit_error"
     reason = "rate_limited"
 
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class OverloadedError(BalancerError):
     """Every endpoint is at its in-flight limit and the wait queue is full or timed out."""
@@ -93,6 +103,7 @@ class OverloadedError(BalancerError):
     status = 503
     type = "service_unavailable"
     reason = "overloaded"
+    retry_after = 1
 
 
 class ShuttingDownError(BalancerError):

@@ -4,10 +4,17 @@ Log collectors (Loki, Cloud Logging, ...) index JSON fields, so the default off 
 one JSON object per line; a person at a terminal gets text. The access log (logger
 ``balancer.access``) puts its fields in ``extra={"access": {...}}``: JSON output merges them
 into the object, text output appends them as ``key=value``.
+
+The access log writes one line per request, so it gets a cheap path: when the only handler its
+records would reach is the :class:`LogHandler` installed here, ``record.AccessLog`` formats
+the line itself (same shape as the formatters below) and hands it to a :class:`LineWriter`,
+which writes the lines of one event-loop iteration with a single write. That skips the
+``LogRecord``, the caller lookup and a write and flush per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -54,11 +61,21 @@ def use_json(log_format: str, stream: TextIO) -> bool:
     return log_format == "json"
 
 
+class LogHandler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure_logging` installs: a stream handler that knows its
+    format, so lines written around logging (the access log's) can take the same shape."""
+
+    def __init__(self, stream: TextIO, json_lines: bool) -> None:
+        super().__init__(stream)
+        self.json_lines = json_lines
+
+
 def configure_logging(level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:
     """Install one handler on the root logger with the chosen format."""
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
-    formatter = JsonFormatter() if use_json(log_format, stream) else TextFormatter()
+    json_lines = use_json(log_format, stream)
+    handler = LogHandler(stream, json_lines)
+    formatter = JsonFormatter() if json_lines else TextFormatter()
     # JSON timestamps are UTC (the trailing Z).
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
@@ -67,3 +84,92 @@ def configure_logging(level: str, log_format: str = "auto", stream: TextIO | Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def sole_handler(logger: logging.Logger) -> LogHandler | None:
+    """The :class:`LogHandler` that every record of ``logger`` reaches and nothing else does
+    (no other handler, no filter on the way); None otherwise, e.g. under pytest's capture."""
+    found: LogHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if found is not None or not isinstance(handler, LogHandler) or handler.filters:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
+
+
+class Stamps:
+    """UTC timestamps as the formatters write them, the date and time part cached per
+    second."""
+
+    __slots__ = ("_json", "_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._json = ""
+        self._text = ""
+
+    def _at(self, second: int) -> None:
+        parts = time.gmtime(second)
+        self._json = time.strftime("%Y-%m-%dT%H:%M:%S", parts)
+        self._text = time.strftime("%Y-%m-%d %H:%M:%S", parts)
+        self._second = second
+
+    def json(self, now: float) -> str:
+        """``2025-01-31T12:00:00.123Z`` (as :class:`JsonFormatter`)."""
+        second = int(now)
+        if second != self._second:
+            self._at(second)
+        return f"{self._json}.{int((now - second) * 1000):03d}Z"
+
+    def text(self, now: float) -> str:
+        """``2025-01-31 12:00:00,123`` (as :class:`TextFormatter` with UTC)."""
+        second = int(now)
+        if second != self._second:
+            self._at(second)
+        return f"{self._text},{int((now - second) * 1000):03d}"
+
+
+class LineWriter:
+    """Writes finished lines to a :class:`LogHandler`'s stream, one write and flush per
+    event-loop iteration (or at once, outside a loop)."""
+
+    __slots__ = ("_handler", "_lines", "_scheduled")
+
+    def __init__(self, handler: LogHandler) -> None:
+        self._handler = handler
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+        if not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines = self._lines
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        lines.clear()
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.stream.flush()
+        except (OSError, ValueError):
+            pass  # nowhere to log that logging failed; as logging.raiseExceptions=False
+        finally:
+            handler.release()

@@ -1,16 +1,22 @@
 """Every metric balancer exports, in one place.
 
 Metrics live in a registry passed in (no global registry), so each app instance and each test
-has its own. Label children are cached on first use: the request path pays a dict lookup and
-an increment, not prometheus-client's locked label resolution. Values that are state rather
-than events (in-flight per endpoint, endpoint counts) are read from the router at scrape time
-by a collector, so keeping them current costs the request path nothing.
+has its own. Label children are resolved once and kept: the request path pays a dict lookup
+and an increment, not prometheus-client's locked label resolution.
+
+Children labelled by endpoint belong to that endpoint: :class:`EndpointMetrics` holds them,
+one per endpoint state, and removes every series it created when the endpoint has left and
+its last request ended, so endpoint series do not pile up over rollouts. Children labelled
+by pool only (pools come from the configuration) live as long as the :class:`Metrics`.
+Values that are state rather than events (in-flight per endpoint, endpoint counts) are read
+from the router at scrape time by a collector, so keeping them current costs the request
+path nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -248,7 +254,7 @@ class Metrics:
             registry=registry,
         )
         if state is not None:
-            registry.register(_StateCollector(state))
+            self.collect_state(state)
         if process:
             # The default registry's collectors (CPU, memory, file descriptors, GC, Python
             # version), registered here because balancer uses its own registry.
@@ -264,11 +270,17 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def request_done(self, pool: str, endpoint: str, outcome: str, code: int,
-                     duration: float) -> None:
-        self._child(self.requests, pool, endpoint, outcome, str(code),
-                    _status_class(code)).inc()
-        self._child(self.duration, pool).observe(duration)
+    def collect_state(self, state: Callable[[], Iterable[PoolState]]) -> None:
+        """Export in-flight requests and endpoint counts read from ``state()`` at each
+        scrape."""
+        self.registry.register(_StateCollector(state))
+
+    def request_duration(self, pool: str, seconds: float) -> None:
+        self._child(self.duration, pool).observe(seconds)
+
+    def for_endpoint(self, pool: str, endpoint: str) -> EndpointMetrics:
+        """The children of one endpoint (see :class:`EndpointMetrics`)."""
+        return EndpointMetrics(self, pool, endpoint)
 
     def route(self, pool: str, outcome: str, walk: int = 0, bound: int | None = None) -> None:
         """A routing decision; ``walk`` endpoints examined on the ring (0: not a ring walk),
@@ -279,37 +291,17 @@ class Metrics:
         if bound is not None:
             self._child(self.bound, pool).set(bound)
 
-    def usage(self, pool: str, endpoint: str, prompt: int, cached: int) -> None:
-        """Token usage an endpoint reported for one response."""
-        self._child(self.usage_responses, pool, endpoint).inc()
-        self._child(self.prompt_tokens, pool, endpoint).inc(prompt)
-        self._child(self.cached_tokens, pool, endpoint).inc(cached)
-
-    def streamed(self, pool: str, endpoint: str, chunks: int, size: int) -> None:
-        """Once per relayed stream: its chunk and byte counts (not per chunk)."""
-        self._child(self.stream_chunks, pool, endpoint).inc(chunks)
-        self._child(self.stream_bytes, pool, endpoint).inc(size)
-
     def first_byte_after(self, pool: str, seconds: float) -> None:
         self._child(self.first_byte, pool).observe(seconds)
 
     def reject(self, reason: str) -> None:
         self._child(self.rejected, reason).inc()
 
-    def upstream_error(self, pool: str, endpoint: str, reason: str) -> None:
-        self._child(self.upstream_errors, pool, endpoint, reason).inc()
-
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()
 
     def retry(self, pool: str, reason: str, result: str) -> None:
         self._child(self.retries, pool, reason, result).inc()
-
-    def ejection(self, pool: str, endpoint: str, cause: str) -> None:
-        self._child(self.ejections, pool, endpoint, cause).inc()
-
-    def returned(self, pool: str, endpoint: str) -> None:
-        self._child(self.returns, pool, endpoint).inc()
 
     def health_state(self, pool: str, out: int, panic: bool) -> None:
         self.endpoints_out.labels(pool).set(out)
@@ -327,3 +319,99 @@ class Metrics:
     def track_staleness(self, pool: str, seconds: Callable[[], float]) -> None:
         """Read the pool's staleness from ``seconds()`` at each scrape."""
         self.discovery_staleness.labels(pool).set_function(seconds)
+
+
+_REQUESTS: Final = "requests"
+_USAGE: Final = "usage"
+_STREAM: Final = "stream"
+_ERROR: Final = "error"
+_EJECTION: Final = "ejection"
+_RETURN: Final = "return"
+
+
+class EndpointMetrics:
+    """The metric children labelled with one endpoint of one pool.
+
+    Created with the endpoint's state; :meth:`remove` deletes every series it created and
+    turns it off, so a late call (a request that ends after its endpoint was retired) cannot
+    bring a series back. Built without a :class:`Metrics` (offline routing), it is off from
+    the start.
+    """
+
+    __slots__ = ("_children", "_metrics", "endpoint", "pool")
+
+    def __init__(self, metrics: Metrics | None, pool: str, endpoint: str) -> None:
+        self._metrics = metrics
+        self.pool = pool
+        self.endpoint = endpoint
+        self._children: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+        """Key → (children, (family, extra label values) per child)."""
+
+    def _open(self, key: tuple[Any, ...],
+              *series: tuple[str, tuple[str, ...]]) -> tuple[Any, ...] | None:
+        """Resolve and keep the children for ``key``: one per (family attribute of
+        :class:`Metrics`, extra label values); None once removed (or without metrics)."""
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        families = tuple((getattr(metrics, name), extra) for name, extra in series)
+        children = tuple(family.labels(self.pool, self.endpoint, *extra)
+                         for family, extra in families)
+        self._children[key] = (children, families)
+        return children
+
+    def request(self, outcome: str, code: int) -> None:
+        """A request answered with ``code`` after a decision with ``outcome``."""
+        key = (_REQUESTS, outcome, code)
+        found = self._children.get(key)
+        children = found[0] if found is not None else self._open(
+            key, ("requests", (outcome, str(code), _status_class(code))))
+        if children is not None:
+            children[0].inc()
+
+    def usage(self, prompt: int, cached: int) -> None:
+        """Token usage the endpoint reported for one response."""
+        found = self._children.get((_USAGE,))
+        children = found[0] if found is not None else self._open(
+            (_USAGE,), ("usage_responses", ()), ("prompt_tokens", ()), ("cached_tokens", ()))
+        if children is not None:
+            children[0].inc()
+            children[1].inc(prompt)
+            children[2].inc(cached)
+
+    def streamed(self, chunks: int, size: int) -> None:
+        """Once per relayed stream: its chunk and byte counts (not per chunk)."""
+        found = self._children.get((_STREAM,))
+        children = found[0] if found is not None else self._open(
+            (_STREAM,), ("stream_chunks", ()), ("stream_bytes", ()))
+        if children is not None:
+            children[0].inc(chunks)
+            children[1].inc(size)
+
+    def upstream_error(self, reason: str) -> None:
+        self._count((_ERROR, reason), "upstream_errors", (reason,))
+
+    def ejection(self, cause: str) -> None:
+        self._count((_EJECTION, cause), "ejections", (cause,))
+
+    def returned(self) -> None:
+        self._count((_RETURN,), "returns", ())
+
+    def _count(self, key: tuple[str, ...], family: str, extra: tuple[str, ...]) -> None:
+        found = self._children.get(key)
+        children = found[0] if found is not None else self._open(key, (family, extra))
+        if children is not None:
+            children[0].inc()
+
+    def remove(self) -> None:
+        """Delete every series this endpoint has, and record nothing more."""
+        self._metrics = None
+        for _, series in self._children.values():
+            for family, extra in series:
+                family.remove(self.pool, self.endpoint, *extra)
+        self._children.clear()
+
+    @property
+    def series(self) -> int:
+        """Series this endpoint has created and not removed (for tests and debugging)."""
+        return sum(len(series) for _, series in self._children.values())

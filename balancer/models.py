@@ -7,7 +7,8 @@ at run time.
 
 Failures never make a model disappear: an endpoint that does not answer keeps the models it
 last reported, and a pool whose endpoints are all gone keeps its models, so a pool scaled to
-zero answers 503 (no endpoints) rather than 404 (no such model).
+zero answers 503 (no endpoints) rather than 404 (no such model). Each endpoint's last report
+lives in its state (``EndpointState.models``) and goes when the endpoint does.
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ class ModelLearner:
         self._settings = settings
         self._metrics = metrics
         self._pools = [p for p in router.pools.values() if p.learns_models]
-        self._reported: dict[str, dict[str, frozenset[str]]] = {p.name: {} for p in self._pools}
-        """Per pool, the models each endpoint last reported."""
         self._wake = asyncio.Event()
 
     def endpoints_changed(self) -> None:
@@ -84,17 +83,15 @@ class ModelLearner:
         and update the router."""
         limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         for pool in self._pools:
-            reported = self._reported[pool.name]
-            for gone in reported.keys() - pool.endpoints.keys():
-                del reported[gone]
-            targets = [pool.endpoints[i] for i in pool.routable
-                       if not (only_new and i in reported)]
+            targets = [pool.states[i] for i in pool.routable
+                       if not (only_new and pool.states[i].models is not None)]
             answers = await asyncio.gather(
-                *(self._ask(session, limit, pool, endpoint) for endpoint in targets))
-            for endpoint, models in zip(targets, answers, strict=True):
-                if models is not None:
-                    reported[endpoint.id] = frozenset(models)
-            self._update(pool, (reported[i] for i in pool.routable if i in reported))
+                *(self._ask(session, limit, pool, state.endpoint) for state in targets))
+            for state, models in zip(targets, answers, strict=True):
+                if models is not None and state.present:
+                    state.models = frozenset(models)
+            reports = (pool.states[i].models for i in pool.routable)
+            self._update(pool, (r for r in reports if r is not None))
 
     def _update(self, pool: Pool, reports: Iterable[frozenset[str]]) -> None:
         models = set().union(*reports)

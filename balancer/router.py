@@ -1,9 +1,12 @@
-"""Pools, their endpoints and in-flight counts; the single place routing state lives.
+"""Routing pools: their endpoints' states, the ring, the strategies and the wait queue.
 
-A :class:`Pool` is a set of endpoints serving the same models. It owns the hash ring (whose
-members are the routable endpoints), the in-flight count of every endpoint, and the
-strategies. Endpoint sets arrive as whole snapshots (level-triggered, as from a watch): the
-pool diffs them against what it has, so an unchanged snapshot changes nothing.
+A :class:`Pool` is a set of endpoints serving the same models. It owns one
+:class:`~balancer.state.EndpointState` per endpoint (in-flight count, 429 pause, health,
+connections, metric children), the hash ring (whose members are the routable endpoints), the
+strategies and the queue of requests waiting for a free endpoint. Endpoint sets arrive as
+whole snapshots (level-triggered, as from a watch): the pool diffs them against what it has,
+so an unchanged snapshot changes nothing. An endpoint's state is created when it first
+appears and retired when it has left and its last request has ended.
 
 Load is counted from selection until the response ends (``Lease.release``), including for
 endpoints that left the pool meanwhile, so a draining endpoint's requests are still counted
@@ -12,49 +15,58 @@ where they run.
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
-from balancer.config import PoolSettings, RoutingSettings, Settings
-from balancer.config import Strategy as StrategyName
+from balancer.config import PoolSettings, RoutingSettings, Settings, Strategy
 from balancer.endpoints import Endpoint
 from balancer.errors import ModelNotFoundError, NoEndpointsError
+from balancer.health import Failure
+from balancer.metrics import EndpointMetrics, Metrics, PoolState
 from balancer.ring import HashRing
-from balancer.strategy import (
-    BoundedLoad,
-    Choice,
-    LeastRequest,
-    Random,
-    RoundRobin,
-    Strategy,
-)
+from balancer.state import EndpointState
+from balancer.strategy import BoundedLoad, Choice, Chooser, LeastRequest, Random, RoundRobin
 
 
-def make_strategy(routing: RoutingSettings, ring: HashRing, rng: random.Random) -> Strategy:
+def make_strategy(routing: RoutingSettings, ring: HashRing, rng: random.Random) -> Chooser:
     name = routing.strategy
-    if name is StrategyName.CHWBL:
+    if name is Strategy.CHWBL:
         return BoundedLoad(ring, routing.load_factor, routing.min_bound)
-    if name is StrategyName.LEAST_REQUEST:
+    if name is Strategy.LEAST_REQUEST:
         return LeastRequest(rng)
-    if name is StrategyName.ROUND_ROBIN:
+    if name is Strategy.ROUND_ROBIN:
         return RoundRobin()
     return Random(rng)
 
 
-@dataclass(eq=False, slots=True)
 class Lease:
-    """One request's hold on an endpoint; ``release`` is idempotent."""
+    """One attempt's hold on an endpoint; ``release`` is idempotent.
 
-    pool: Pool
-    endpoint: Endpoint
-    choice: Choice
-    released: bool = field(default=False)
+    The forwarder notes on it how the attempt went (``failure``, ``client_gone``), which
+    passive health hears when the lease ends.
+    """
+
+    __slots__ = ("choice", "client_gone", "endpoint", "failure", "pool", "released", "state")
+
+    def __init__(self, pool: Pool, state: EndpointState, choice: Choice) -> None:
+        self.pool = pool
+        self.state = state
+        self.endpoint = state.endpoint
+        """The endpoint as it was when the lease was taken."""
+        self.choice = choice
+        self.released = False
+        self.failure: Failure | None = None
+        """What went wrong with the endpoint in this attempt (None: nothing)."""
+        self.client_gone = False
+        """The client went away: the attempt says nothing about the endpoint's health."""
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.pool._release(self.endpoint.id)
+            self.pool._release(self.state)
 
     def __enter__(self) -> Lease:
         return self
@@ -63,12 +75,43 @@ class Lease:
         self.release()
 
 
+class InFlight(Mapping[str, int]):
+    """In-flight requests per endpoint id: a read-only view of the pool's endpoint states
+    (present ones, and departed ones whose requests still run), as the strategies read
+    it."""
+
+    __slots__ = ("_states",)
+
+    def __init__(self, states: dict[str, EndpointState]) -> None:
+        self._states = states
+
+    def __getitem__(self, endpoint_id: str) -> int:
+        return self._states[endpoint_id].in_flight
+
+    def get(self, endpoint_id: str, default: Any = None) -> Any:
+        state = self._states.get(endpoint_id)
+        return default if state is None else state.in_flight
+
+    def __contains__(self, endpoint_id: object) -> bool:
+        return endpoint_id in self._states
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __repr__(self) -> str:
+        return f"InFlight({dict(self)!r})"
+
+
 class Pool:
     def __init__(
         self,
         settings: PoolSettings,
         routing: RoutingSettings,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = settings.name
         self.learns_models = not settings.models
@@ -79,11 +122,15 @@ class Pool:
         self.ring = HashRing(virtual_nodes=routing.virtual_nodes)
         rng = rng or random.Random()
         self.strategy = make_strategy(routing, self.ring, rng)
-        self.passthrough: Strategy = LeastRequest(rng)
+        self.passthrough: Chooser = LeastRequest(rng)
+        self._metrics = metrics
+        self.states: dict[str, EndpointState] = {}
+        """Every present endpoint's state, and those of departed endpoints whose requests
+        still run."""
         self.endpoints: dict[str, Endpoint] = {}
-        """Every known endpoint, routable or draining."""
-        self.load: dict[str, int] = {}
-        """In-flight requests per endpoint id (only ids with requests, or known ones)."""
+        """Every present endpoint, routable or draining."""
+        self.load = InFlight(self.states)
+        """In-flight requests per endpoint id (present ones, and departed busy ones)."""
         self.routable: tuple[str, ...] = ()
         """Endpoints on the ring: serving ones minus those health took out (all serving
         ones in panic mode)."""
@@ -91,30 +138,55 @@ class Pool:
         self.serving: tuple[str, ...] = ()
         """Endpoints discovery says serve (not terminating)."""
         self.out: frozenset[str] = frozenset()
-        """Endpoints health took out (ejected or failing checks)."""
+        """Serving endpoints health took out (ejected or failing checks)."""
         self.panic_threshold = 0.5
         """More than this fraction of serving endpoints out: route to all (panic mode)."""
         self.panic = False
-        self.limited: dict[str, float] = {}
-        """Endpoints that answered 429, with the time (loop clock) until which they are
-        skipped; empty almost always, so the request path pays one truth test."""
+        self.pauses = 0
+        """Endpoints with a 429 pause set; 0 almost always, so the request path pays one
+        truth test."""
         self.total_load = 0
-        """Sum of ``load`` over routable endpoints: the CHWBL average's numerator."""
+        """Sum of in-flight requests over routable endpoints: the CHWBL average's
+        numerator."""
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        """Requests waiting for an endpoint under its in-flight limit, oldest first."""
+
+    # -- endpoints ---------------------------------------------------------------------------
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> bool:
         """Replace the endpoint set; returns whether it changed (endpoints added, removed,
-        or changed in URL, zone or serving)."""
+        or changed in URL, zone or serving). New endpoints get a state; departed idle ones
+        are retired at once, departed busy ones when their last request ends."""
         new = {e.id: e for e in endpoints}
         serving = tuple(sorted(e.id for e in new.values() if e.serving))
         changed = serving != self.serving or new != self.endpoints
+        states = self.states
+        for endpoint_id, endpoint in new.items():
+            state = states.get(endpoint_id)
+            if state is None:
+                states[endpoint_id] = EndpointState(endpoint, self._endpoint_metrics(endpoint_id))
+            else:
+                state.present = True
+                if state.endpoint != endpoint:
+                    state.update(endpoint)
+        for state in [s for i, s in states.items() if i not in new and s.present]:
+            state.present = False
+            state.forget_health()
+            if not state.in_flight:
+                self._retire(state)
         self.endpoints = new
         self.serving = serving
         self._update_routable()
-        for endpoint_id in new:
-            self.load.setdefault(endpoint_id, 0)
-        for endpoint_id in [i for i, n in self.load.items() if n == 0 and i not in new]:
-            del self.load[endpoint_id]
         return changed
+
+    def _endpoint_metrics(self, endpoint_id: str) -> EndpointMetrics:
+        return EndpointMetrics(self._metrics, self.name, endpoint_id)
+
+    def _retire(self, state: EndpointState) -> None:
+        del self.states[state.id]
+        if state.paused_until:
+            self.pauses -= 1
+        state.retire()
 
     def set_out(self, out: frozenset[str]) -> bool:
         """Set the endpoints health took out; returns whether panic mode changed."""
@@ -122,6 +194,12 @@ class Pool:
         was = self.panic
         self._update_routable()
         return self.panic != was
+
+    def update_out(self) -> bool:
+        """Take the serving endpoints whose health says out off the ring; returns whether
+        panic mode changed."""
+        states = self.states
+        return self.set_out(frozenset(i for i in self.serving if states[i].health.is_out))
 
     def _update_routable(self) -> None:
         healthy = tuple(e for e in self.serving if e not in self.out)
@@ -132,7 +210,10 @@ class Pool:
             self.routable = routable
             self._routable_set = frozenset(routable)
             self.ring.update(routable)
-            self.total_load = sum(self.load.get(i, 0) for i in routable)
+            states = self.states
+            self.total_load = sum(states[i].in_flight for i in routable)
+
+    # -- choosing and leasing ----------------------------------------------------------------
 
     def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True,
                exclude: frozenset[str] | None = None) -> Choice:
@@ -151,28 +232,78 @@ class Pool:
         return choice
 
     def acquire(self, choice: Choice) -> Lease:
-        endpoint_id = choice.endpoint
-        self.load[endpoint_id] = self.load.get(endpoint_id, 0) + 1
-        if endpoint_id in self._routable_set:
+        state = self.states[choice.endpoint]
+        state.in_flight += 1
+        if choice.endpoint in self._routable_set:
             self.total_load += 1
-        return Lease(self, self.endpoints[endpoint_id], choice)
+        return Lease(self, state, choice)
 
-    def _release(self, endpoint_id: str) -> None:
-        remaining = self.load.get(endpoint_id, 0) - 1
-        if endpoint_id in self._routable_set:
+    def _release(self, state: EndpointState) -> None:
+        state.in_flight -= 1
+        if state.endpoint.id in self._routable_set:
             self.total_load -= 1
-        if remaining <= 0 and endpoint_id not in self.endpoints:
-            self.load.pop(endpoint_id, None)
-        else:
-            self.load[endpoint_id] = max(remaining, 0)
+        if not state.in_flight and not state.present:
+            self._retire(state)
+
+    def assume_load(self, loads: Mapping[str, int]) -> None:
+        """Pretend these endpoints have requests in flight (offline explanations only)."""
+        for endpoint_id, count in loads.items():
+            state = self.states.get(endpoint_id)
+            if state is not None:
+                state.in_flight = count
+        states = self.states
+        self.total_load = sum(states[i].in_flight for i in self.routable)
+
+    # -- 429 pauses --------------------------------------------------------------------------
+
+    def pause(self, endpoint_id: str, until: float) -> None:
+        """Skip the endpoint until ``until`` (loop clock): it answered 429."""
+        state = self.states.get(endpoint_id)
+        if state is None:
+            return
+        if not state.paused_until:
+            self.pauses += 1
+        state.paused_until = until
+
+    def paused(self, now: float) -> frozenset[str]:
+        """Endpoints paused at ``now``; pauses that ended are cleared."""
+        if not self.pauses:
+            return frozenset()
+        paused = []
+        for endpoint_id, state in self.states.items():
+            until = state.paused_until
+            if until > now:
+                paused.append(endpoint_id)
+            elif until:
+                state.paused_until = 0.0
+                self.pauses -= 1
+        return frozenset(paused)
+
+    def pause_left(self, now: float) -> float | None:
+        """Seconds until the first pause ends (None: no endpoint is paused)."""
+        return min((s.paused_until - now for s in self.states.values()
+                    if s.paused_until > now), default=None)
+
+    # -- the wait queue ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A slot came free: let the longest waiting request try again."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 class Router:
-    """Pools by name and by model."""
+    """Routing pools by name and by model."""
 
-    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+    def __init__(self, settings: Settings, rng: random.Random | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.routing = settings.routing
         self.pools: dict[str, Pool] = {
-            p.name: Pool(p, settings.routing, rng) for p in settings.pools
+            p.name: Pool(p, settings.routing, rng, metrics) for p in settings.pools
         }
         for pool in self.pools.values():
             pool.panic_threshold = settings.health.panic_threshold
@@ -238,3 +369,17 @@ class Router:
 
     def ready(self) -> bool:
         return not self.unready_pools()
+
+    def in_flight_rows(self) -> Iterator[PoolState]:
+        """(pool, endpoint, in-flight, routable) for every endpoint state, for /metrics."""
+        for name, pool in self.pools.items():
+            for endpoint_id, state in pool.states.items():
+                yield name, endpoint_id, state.in_flight, endpoint_id in pool._routable_set
+
+    def close_connections(self) -> None:
+        """Close every endpoint's connections (at shutdown)."""
+        for pool in self.pools.values():
+            for state in pool.states.values():
+                if state.connections is not None:
+                    state.connections.close()
+                    state.connections = None

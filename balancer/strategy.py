@@ -1,8 +1,8 @@
 """Routing strategies: given a key and the current loads, pick an endpoint and say why.
 
-Pure and synchronous: no I/O, no metrics, no logging. Each decision is a :class:`Choice`
-value that the proxy records (metrics, logs, response headers) and that ``balancer route``
-prints for operators.
+Pure and synchronous: no I/O, no metrics, no logging. Each strategy is a :class:`Chooser`;
+each decision is a :class:`Choice` value that the proxy records (metrics, logs, response
+headers) and that ``balancer route`` and ``/debug/route`` print for operators.
 
 **CHWBL** — consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam,
 arXiv:1608.01350). Walk the ring clockwise from the key over distinct endpoints and take the
@@ -10,12 +10,15 @@ first whose load after this request stays within
 
     bound = max(min_bound, ceil(c * (total_in_flight + 1) / n))
 
-With c >= 1 some endpoint is always within it (if every load were >= bound the total would be
->= n * bound >= c * (total + 1) > total), so a request overflows to the next endpoint on the
-ring only when its first choice is genuinely busier than average, and the same key overflows
-the same way in every replica. The floor (``min_bound``) keeps a hot prefix from cascading
-over hundreds of endpoints when the pool is nearly idle. When endpoints outside the ring still
-hold load (draining), a fallback takes the least loaded endpoint probed.
+With c >= 1 some ring endpoint is always within it (``total_in_flight`` counts the ring's
+endpoints only; if every load were >= bound the total would be >= n * bound >= c * (total +
+1) > total), so a request overflows to the next endpoint on the ring only when its first
+choice is genuinely busier than average. Every replica that sees the same endpoints makes the
+same first choice for a key; where it overflows to depends on that replica's own in-flight
+counts. The floor (``min_bound``) keeps a hot prefix from cascading over hundreds of endpoints
+when the pool is nearly idle. Only ``exclude`` (endpoints a retry tried, that are full or that
+asked for a pause) can leave no endpoint within the bound; then a fallback takes the least
+loaded endpoint probed.
 
 Cost: O(log V) to find the key's position and O(k) for the k endpoints probed.
 """
@@ -53,7 +56,9 @@ class Choice:
     bound: int | None = None
 
 
-class Strategy(Protocol):
+class Chooser(Protocol):
+    """A routing strategy (``config.Strategy`` names which one a pool uses)."""
+
     def choose(
         self,
         key_hash: int,

@@ -1,4 +1,4 @@
-"""HTTP/1.1 client for model servers: keep-alive connection pools per endpoint.
+"""HTTP/1.1 client for model servers: a keep-alive connection pool per endpoint.
 
 The proxy's upstream hop is one request shape over and over (a small JSON body out, a JSON
 body or an SSE stream back, over plain keep-alive connections to a handful of endpoints), and
@@ -12,15 +12,22 @@ So this module is a small ``asyncio.Protocol`` over ``httptools``' response pars
 C parser Node.js uses), which does the real work of HTTP/1.1 framing: chunked decoding,
 Content-Length, keep-alive semantics. What it adds:
 
-- a pool of idle connections per endpoint, most recently used first, dropped after
-  ``KEEPALIVE_IDLE`` seconds (below the 5 s keep-alive of uvicorn, which vLLM and SGLang run
-  on, so we rarely race a server closing an idle connection) or when the server closes them;
+- a :class:`ConnectionPool` of idle connections per endpoint, most recently used first,
+  dropped after ``KEEPALIVE_IDLE`` seconds (below the 5 s keep-alive of uvicorn, which vLLM
+  and SGLang run on, so we rarely race a server closing an idle connection) or when the
+  server closes them; the endpoint's state owns its pool and closes it when the endpoint
+  leaves (:class:`Connector` opens them);
 - the keep-alive race handled the standard way: a request on a *reused* connection that dies
   before any response byte is sent again once on a fresh connection;
 - flow control: reading from the model server pauses while the client is slower than it;
-- errors that say whether anything was sent: :class:`UpstreamConnectError` (nothing reached
-  the server), :class:`UpstreamResetError` (the connection died before the response head),
-  :class:`UpstreamBodyError` (it died mid-body).
+- deadlines on the waits for the model server (the response head, each body read), so a
+  timeout is always time the model server kept us waiting and never time spent elsewhere
+  (writing to a slow client, say). One lazy timer per response: buffered data never waits,
+  and a steady stream re-arms the timer about once per window, not once per chunk;
+- errors that say what happened: :class:`UpstreamConnectError` (nothing reached the server),
+  :class:`UpstreamResetError` (the connection died before the response head),
+  :class:`UpstreamBodyError` (it died mid-body), :class:`UpstreamTimeoutError` (a deadline
+  passed while waiting for the server).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import ssl
 import time
 from collections.abc import Sequence
@@ -61,10 +69,15 @@ class UpstreamBodyError(UpstreamError):
     """The connection failed in the middle of the response body."""
 
 
+class UpstreamTimeoutError(UpstreamError):
+    """A deadline passed while waiting for the model server (to connect, for the response
+    head, or for more of the body)."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request at a time."""
 
-    def __init__(self, pool: EndpointPool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
@@ -154,8 +167,8 @@ class _Connection(asyncio.Protocol):
 
     # -- used by the pool and the response ---------------------------------------------------
 
-    async def send(self, head: bytes, body: bytes, response: Response) -> None:
-        """Write the request and wait for the response head."""
+    def send(self, head: bytes, body: bytes, response: Response) -> asyncio.Future[None]:
+        """Write the request; returns the future the response head resolves."""
         assert self.transport is not None
         self._response = response
         self._headers = []
@@ -168,7 +181,7 @@ class _Connection(asyncio.Protocol):
             self.transport.writelines((head, body))
         else:
             self.transport.write(head)
-        await waiter
+        return waiter
 
     def _fail(self, exc: UpstreamError) -> None:
         waiter = self._head_waiter
@@ -206,9 +219,9 @@ class Response:
     """A response being received: status and headers now, the body chunk by chunk."""
 
     __slots__ = (
-        "_buffered", "_chunked", "_chunks", "_connection", "_exc", "_has_length",
-        "_keep_alive", "_loop", "_paused", "_skip_body", "_waiter", "complete",
-        "content_length", "headers", "status",
+        "_buffered", "_chunked", "_chunks", "_connection", "_deadline", "_exc", "_has_length",
+        "_keep_alive", "_loop", "_paused", "_pending", "_skip_body", "_timer", "_waiter",
+        "complete", "content_length", "headers", "status",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, skip_body: bool = False) -> None:
@@ -227,6 +240,10 @@ class Response:
         self._keep_alive = False
         self._skip_body = skip_body
         self.complete = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = math.inf
+        self._pending: asyncio.Future[None] | None = None
+        """The wait the timer guards: the head's or a body read's."""
 
     def _set_head(self, status: int, headers: list[tuple[bytes, bytes]],
                   keep_alive: bool) -> None:
@@ -275,18 +292,70 @@ class Response:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def read(self) -> bytes:
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def _guard(self, waiter: asyncio.Future[None], deadline: float) -> None:
+        """Fail ``waiter`` if it is still pending at ``deadline`` (loop clock).
+
+        The timer is re-armed only when it would fire after the new deadline; one that fires
+        early re-arms itself for the current deadline, so a stream whose every read waits a
+        little costs about one timer per window rather than one per read.
+        """
+        self._pending = waiter
+        self._deadline = deadline
+        if deadline == math.inf:
+            return
+        timer = self._timer
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
+        elif timer.when() > deadline:
+            timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        waiter = self._pending
+        if waiter is None or waiter.done() or self._deadline == math.inf:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+            return
+        exc = UpstreamTimeoutError("the model server sent nothing before the deadline")
+        if self._exc is None and not self.complete:
+            self._exc = exc
+        waiter.set_exception(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def wait_head(self, waiter: asyncio.Future[None], deadline: float) -> None:
+        """Wait for the response head (``waiter`` from ``_Connection.send``) until
+        ``deadline``; raises UpstreamTimeoutError when it passes first."""
+        self._guard(waiter, deadline)
+        await waiter
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self, deadline: float = math.inf, idle: float = 0.0) -> bytes:
         """All body bytes received so far, waiting for some; b"" at the end of the body.
 
-        Raises UpstreamBodyError if the connection breaks before the body is complete.
+        A wait ends by ``deadline`` (loop clock) and, when ``idle`` is set, ``idle`` seconds
+        after it began, whichever comes first; then UpstreamTimeoutError. Bytes already
+        buffered are returned without waiting, so they never time out. Raises
+        UpstreamBodyError if the connection breaks before the body is complete.
         """
         while not self._chunks:
             if self.complete:
                 return b""
             if self._exc is not None:
                 raise self._exc
-            self._waiter = self._loop.create_future()
-            await self._waiter
+            waiter = self._waiter = self._loop.create_future()
+            if idle:
+                deadline = min(deadline, self._loop.time() + idle)
+            self._guard(waiter, deadline)
+            await waiter
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -296,9 +365,10 @@ class Response:
             self._connection.resume_reading()
         return data
 
-    async def read_all(self) -> bytes:
+    async def read_all(self, deadline: float = math.inf) -> bytes:
+        """The whole body, by ``deadline``."""
         parts = []
-        while chunk := await self.read():
+        while chunk := await self.read(deadline):
             parts.append(chunk)
         return b"".join(parts)
 
@@ -310,18 +380,21 @@ class Response:
 
     def release(self) -> None:
         """Give the connection back (if the body was read whole) or close it. Idempotent."""
+        self._cancel_timer()
+        self._pending = None
         connection = self._connection
         if connection is not None:
             self._connection = None
             connection.release(self.complete and self._keep_alive and not self._chunks)
 
 
-class EndpointPool:
-    """Keep-alive connections to one endpoint."""
+class ConnectionPool:
+    """Keep-alive connections to one endpoint (one URL)."""
 
     def __init__(self, url: str, connect_timeout: float,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
+        self.url = url
         self.host = parts.hostname or ""
         self.secure = parts.scheme == "https"
         self.port = parts.port or (443 if self.secure else 80)
@@ -333,6 +406,13 @@ class EndpointPool:
         self.loop = asyncio.get_running_loop()
         self._idle: collections.deque[_Connection] = collections.deque()
         self._all: set[_Connection] = set()
+        self.closed = False
+        """No new connections are kept: released ones close."""
+
+    @property
+    def open_count(self) -> int:
+        """Open connections, idle or busy."""
+        return len(self._all)
 
     def _forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
@@ -340,20 +420,23 @@ class EndpointPool:
             self._idle.remove(connection)
 
     def _put_idle(self, connection: _Connection) -> None:
-        if len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
+        if self.closed or len(self._idle) >= MAX_IDLE_PER_ENDPOINT:
             connection.close()
             return
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float) -> _Connection:
+        limit = self.loop.time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(min(limit, deadline)):
                 _, protocol = await self.loop.create_connection(
                     lambda: _Connection(self), self.host, self.port, ssl=self.ssl_context,
                     server_hostname=self.host if self.ssl_context else None,
                 )
         except TimeoutError:
+            if deadline < limit:
+                raise UpstreamTimeoutError("the deadline passed while connecting") from None
             raise UpstreamConnectError(
                 f"connect timed out after {self.connect_timeout:g} s") from None
         except OSError as exc:
@@ -371,30 +454,46 @@ class EndpointPool:
             connection.close()
         return None
 
-    async def request(self, head: bytes, body: bytes, *, skip_body: bool = False) -> Response:
-        """Send a serialized request head and body; returns once the response head is in."""
+    async def request(self, head: bytes, body: bytes, *, deadline: float = math.inf,
+                      skip_body: bool = False) -> Response:
+        """Send a serialized request head and body; returns once the response head is in.
+
+        ``deadline`` (loop clock) bounds connecting and the wait for the head; the returned
+        response keeps it as the default for nothing else (each read takes its own).
+        """
         connection = self._take_idle()
         if connection is not None:
             try:
-                return await self._send(connection, head, body, skip_body)
+                return await self._send(connection, head, body, skip_body, deadline)
             except UpstreamResetError:
                 if connection.received_any:
                     raise
                 # The keep-alive race: the server closed this idle connection as we sent on
                 # it, so it processed nothing. Send once more on a fresh connection.
-        return await self._send(await self._connect(), head, body, skip_body)
+        connection = await self._connect(deadline)
+        return await self._send(connection, head, body, skip_body, deadline)
 
     async def _send(self, connection: _Connection, head: bytes, body: bytes,
-                    skip_body: bool) -> Response:
+                    skip_body: bool, deadline: float) -> Response:
         response = Response(self.loop, skip_body=skip_body)
         try:
-            await connection.send(head, body, response)
+            await response.wait_head(connection.send(head, body, response), deadline)
         except BaseException:
+            response._cancel_timer()
             connection.close()
             raise
         return response
 
+    def close_idle(self) -> None:
+        """Close the idle connections and keep no more; busy ones close when released (the
+        endpoint moved to another URL, and its streams carry on)."""
+        self.closed = True
+        while self._idle:
+            self._idle.pop().close()
+
     def close(self) -> None:
+        """Close every connection, busy ones included."""
+        self.closed = True
         for connection in list(self._all):
             connection.close()
         self._idle.clear()
@@ -412,30 +511,15 @@ def serialize_head(method: str, target: str, host: str,
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-class UpstreamClient:
-    """Pools for every endpoint URL, created on first use."""
+class Connector:
+    """Opens connection pools: the settings they share (connect timeout, TLS context)."""
 
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
-        self._pools: dict[str, EndpointPool] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    def pool(self, url: str) -> EndpointPool:
-        pool = self._pools.get(url)
-        if pool is None:
-            if url.startswith("https:") and self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            pool = self._pools[url] = EndpointPool(url, self.connect_timeout, self._ssl)
-        return pool
-
-    def forget(self, url: str) -> None:
-        """Close the connections of an endpoint that left every pool."""
-        pool = self._pools.pop(url, None)
-        if pool is not None:
-            pool.close()
-
-    async def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
-        await asyncio.sleep(0)  # let transports run their close callbacks
+    def open(self, url: str) -> ConnectionPool:
+        """A new, empty pool for ``url`` (needs a running loop)."""
+        if url.startswith("https:") and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return ConnectionPool(url, self.connect_timeout, self._ssl)

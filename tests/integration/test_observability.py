@@ -13,8 +13,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.config import ConfigError, validate
+from balancer.forward import body_usage, stream_usage
 from balancer.logs import JsonFormatter, TextFormatter
-from balancer.proxy import body_usage, stream_usage
 from tests.conftest import MODEL, chat_body, make_settings
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"

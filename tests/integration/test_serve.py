@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,12 @@ async def test_serve_routes_and_exits_cleanly_on_sigterm(upstreams, tmp_path: Pa
         assert process.stdout is not None
         output = process.stdout.read().decode()
     assert "listening" in output
+    # One JSON access line for the one request (the batched writer flushed before exit).
+    access = [json.loads(line) for line in output.splitlines()
+              if '"logger": "balancer.access"' in line]
+    assert len(access) == 1
+    assert (access[0]["path"], access[0]["status"], access[0]["endpoint"]) == (
+        "/v1/chat/completions", 200, up.endpoint_id)
 
 
 def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path):

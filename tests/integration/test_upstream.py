@@ -9,10 +9,12 @@ import pytest
 
 from balancer.upstream import (
     KEEPALIVE_IDLE,
+    ConnectionPool,
+    Connector,
     UpstreamBodyError,
-    UpstreamClient,
     UpstreamConnectError,
     UpstreamResetError,
+    UpstreamTimeoutError,
     serialize_head,
 )
 
@@ -59,9 +61,8 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, body
 
 
-def head_for(client: UpstreamClient, url: str, body: bytes = b"{}",
-             method: str = "POST") -> bytes:
-    return serialize_head(method, "/v1/x", client.pool(url).host_header,
+def head_for(upstream: ConnectionPool, body: bytes = b"{}", method: str = "POST") -> bytes:
+    return serialize_head(method, "/v1/x", upstream.host_header,
                           [("Content-Type", "application/json")], len(body))
 
 
@@ -76,12 +77,11 @@ async def test_content_length_body_and_connection_reuse(raw_server):
             await writer.drain()
 
     url, connections = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        pool = client.pool(url)
         for i in range(5):
             body = b'{"i": %d}' % i
-            response = await pool.request(head_for(client, url, body), body)
+            response = await upstream.request(head_for(upstream, body), body)
             assert response.status == 200
             assert response.content_length == len(body)
             assert response.header(b"x-a") == b"1"
@@ -89,7 +89,7 @@ async def test_content_length_body_and_connection_reuse(raw_server):
             response.release()
         assert len(connections) == 1
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_chunked_body_arrives_chunk_by_chunk(raw_server):
@@ -109,9 +109,9 @@ async def test_chunked_body_arrives_chunk_by_chunk(raw_server):
         await reader.read()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert response.content_length is None
         assert await asyncio.wait_for(response.read(), 2) == b"data:1"
         next_chunk.set()
@@ -120,7 +120,7 @@ async def test_chunked_body_arrives_chunk_by_chunk(raw_server):
         assert response.complete
         response.release()
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_body_delimited_by_close_is_complete(raw_server):
@@ -131,13 +131,13 @@ async def test_body_delimited_by_close_is_complete(raw_server):
         await writer.drain()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert await asyncio.wait_for(response.read_all(), 2) == b"all of it"
         response.release()
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_connection_dropped_mid_body_raises_body_error(raw_server):
@@ -148,15 +148,15 @@ async def test_connection_dropped_mid_body_raises_body_error(raw_server):
         await writer.drain()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert await response.read() == b"partial"
         with pytest.raises(UpstreamBodyError):
             await asyncio.wait_for(response.read(), 2)
         response.release()
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_connection_dropped_before_the_head_raises_reset(raw_server):
@@ -165,12 +165,12 @@ async def test_connection_dropped_before_the_head_raises_reset(raw_server):
         await read_request(reader)
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
         with pytest.raises(UpstreamResetError):
-            await asyncio.wait_for(client.pool(url).request(head_for(client, url), b"{}"), 2)
+            await asyncio.wait_for(upstream.request(head_for(upstream), b"{}"), 2)
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_refused_connection_raises_connect_error():
@@ -179,13 +179,13 @@ async def test_refused_connection_raises_connect_error():
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    client = UpstreamClient(connect_timeout=2)
     url = f"http://127.0.0.1:{port}"
+    upstream = Connector(connect_timeout=2).open(url)
     try:
         with pytest.raises(UpstreamConnectError):
-            await client.pool(url).request(head_for(client, url), b"{}")
+            await upstream.request(head_for(upstream), b"{}")
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_keepalive_race_is_retried_once_on_a_fresh_connection(raw_server):
@@ -200,16 +200,15 @@ async def test_keepalive_race_is_retried_once_on_a_fresh_connection(raw_server):
         await read_request(reader)
 
     url, connections = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        pool = client.pool(url)
         for _ in range(3):
-            response = await pool.request(head_for(client, url), b"{}")
+            response = await upstream.request(head_for(upstream), b"{}")
             assert await response.read_all() == b"ok"
             response.release()
         assert len(connections) == 3
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_a_fresh_connection_that_dies_is_not_retried(raw_server):
@@ -218,13 +217,13 @@ async def test_a_fresh_connection_that_dies_is_not_retried(raw_server):
         await read_request(reader)
 
     url, connections = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
         with pytest.raises(UpstreamResetError):
-            await client.pool(url).request(head_for(client, url), b"{}")
+            await upstream.request(head_for(upstream), b"{}")
         assert len(connections) == 1
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_unfinished_response_closes_its_connection(raw_server):
@@ -239,14 +238,14 @@ async def test_unfinished_response_closes_its_connection(raw_server):
         closed.set()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert await response.read() == b"abc"
         response.release()
         await asyncio.wait_for(closed.wait(), 2)
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_head_and_no_content_responses_have_no_body(raw_server):
@@ -261,18 +260,17 @@ async def test_head_and_no_content_responses_have_no_body(raw_server):
             await writer.drain()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        pool = client.pool(url)
-        response = await pool.request(
-            serialize_head("HEAD", "/", pool.host_header, [], 0), b"", skip_body=True)
+        response = await upstream.request(
+            serialize_head("HEAD", "/", upstream.host_header, [], 0), b"", skip_body=True)
         assert response.status == 200 and await response.read() == b""
         response.release()
-        response = await pool.request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert response.status == 204 and await response.read() == b""
         response.release()
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_interim_responses_are_skipped(raw_server):
@@ -285,14 +283,14 @@ async def test_interim_responses_are_skipped(raw_server):
         await reader.read()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         assert response.status == 201
         assert await response.read_all() == b"x"
         response.release()
     finally:
-        await client.close()
+        upstream.close()
 
 
 async def test_slow_reader_pauses_the_upstream(raw_server):
@@ -312,9 +310,9 @@ async def test_slow_reader_pauses_the_upstream(raw_server):
         await writer.drain()
 
     url, _ = await raw_server(handler)
-    client = UpstreamClient(connect_timeout=2)
+    upstream = Connector(connect_timeout=2).open(url)
     try:
-        response = await client.pool(url).request(head_for(client, url), b"{}")
+        response = await upstream.request(head_for(upstream), b"{}")
         await asyncio.sleep(0.5)
         assert sent < 200 * 65536, "the server must be blocked by the paused reader"
         total = 0
@@ -324,7 +322,107 @@ async def test_slow_reader_pauses_the_upstream(raw_server):
         assert total == 200 * 65536
         response.release()
     finally:
-        await client.close()
+        upstream.close()
+
+
+async def test_no_head_by_the_deadline_raises_timeout_and_closes(raw_server):
+    """A server that takes the request and never answers times out at the deadline; the
+    connection is closed, not reused."""
+    closed = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        await reader.read()  # returns when the client closes
+        closed.set()
+
+    url, _ = await raw_server(handler)
+    upstream = Connector(connect_timeout=2).open(url)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeoutError):
+            await upstream.request(head_for(upstream), b"{}", deadline=started + 0.2)
+        # Bounded both ways: not before the deadline, and well within a loaded machine's lag.
+        assert 0.19 <= loop.time() - started < 2
+        await asyncio.wait_for(closed.wait(), 2)
+        assert upstream.open_count == 0
+    finally:
+        upstream.close()
+
+
+async def test_a_stalled_body_times_out_but_buffered_bytes_never_do(raw_server):
+    """Bytes that arrived are returned even after the deadline; only a wait for more times
+    out, and each wait gets its own idle window."""
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await reader.read()
+
+    url, _ = await raw_server(handler)
+    upstream = Connector(connect_timeout=2).open(url)
+    try:
+        response = await upstream.request(head_for(upstream), b"{}")
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.3)
+        assert await response.read(loop.time() - 1) == b"abc"  # past the deadline: buffered
+        started = loop.time()
+        with pytest.raises(UpstreamTimeoutError):
+            await response.read(idle=0.2)
+        assert 0.19 <= loop.time() - started < 2
+        with pytest.raises(UpstreamTimeoutError):
+            await response.read()  # the response stays failed
+        response.release()
+    finally:
+        upstream.close()
+
+
+async def test_a_steady_stream_under_its_idle_window_never_times_out(raw_server):
+    """Chunks every 50 ms with a 200 ms idle window: the lazily re-armed timer never fires
+    early, over a stream five times longer than the window."""
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    url, _ = await raw_server(handler)
+    upstream = Connector(connect_timeout=2).open(url)
+    try:
+        response = await upstream.request(head_for(upstream), b"{}")
+        received = b""
+        while chunk := await response.read(idle=0.2):
+            received += chunk
+        assert received == b"x" * 20
+        response.release()
+    finally:
+        upstream.close()
+
+
+async def test_a_closed_pool_closes_released_connections(raw_server):
+    """After close_idle (the endpoint moved), a response that ends closes its connection
+    instead of keeping it."""
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url, _ = await raw_server(handler)
+    upstream = Connector(connect_timeout=2).open(url)
+    try:
+        response = await upstream.request(head_for(upstream), b"{}")
+        upstream.close_idle()
+        assert await response.read_all() == b"ok"
+        response.release()
+        await asyncio.sleep(0)
+        assert upstream.open_count == 0
+    finally:
+        upstream.close()
 
 
 def test_keepalive_idle_is_below_uvicorns_default():

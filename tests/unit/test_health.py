@@ -6,7 +6,7 @@ import pytest
 
 from balancer.config import HealthSettings, PoolSettings, RoutingSettings
 from balancer.endpoints import Endpoint
-from balancer.health import Failure, PoolHealth
+from balancer.health import EndpointHealth, Failure
 from balancer.ring import hash_key
 from balancer.router import Pool
 
@@ -16,64 +16,75 @@ SETTINGS = HealthSettings(consecutive_failures=3, ejection_time=5.0, max_ejectio
 
 def test_consecutive_failures_eject_and_a_success_resets_the_count():
     """Three failures in a row eject; a success between them starts the count again."""
-    health = PoolHealth(SETTINGS)
-    assert health.failure("a", Failure.STATUS, 0.0) is None
-    assert health.failure("a", Failure.TIMEOUT, 0.1) is None
-    health.success("a")
-    assert health.failure("a", Failure.RESET, 0.2) is None
-    assert health.failure("a", Failure.RESET, 0.3) is None
-    ejection = health.failure("a", Failure.RESET, 0.4)
+    health = EndpointHealth()
+    assert health.failed(Failure.STATUS, 0.0, SETTINGS) is None
+    assert health.failed(Failure.TIMEOUT, 0.1, SETTINGS) is None
+    health.succeeded()
+    assert health.failed(Failure.RESET, 0.2, SETTINGS) is None
+    assert health.failed(Failure.RESET, 0.3, SETTINGS) is None
+    ejection = health.failed(Failure.RESET, 0.4, SETTINGS)
     assert ejection is not None and ejection.seconds == 5.0
-    assert health.out() == {"a"}
+    assert health.is_out
 
 
 def test_a_refused_connection_ejects_at_once():
     """Nothing listens: one connect error is enough."""
-    health = PoolHealth(SETTINGS)
-    ejection = health.failure("a", Failure.CONNECT, 0.0)
+    health = EndpointHealth()
+    ejection = health.failed(Failure.CONNECT, 0.0, SETTINGS)
     assert ejection is not None and ejection.cause is Failure.CONNECT
-    assert health.out() == {"a"}
+    assert health.is_out
 
 
 def test_back_off_doubles_on_failed_trials_up_to_the_cap_and_a_trial_success_returns():
     """Each failed half-open trial doubles the ejection (5, 10, 20, 30 capped); a passed
     trial brings the endpoint back for good."""
-    health = PoolHealth(SETTINGS)
+    health = EndpointHealth()
     now = 0.0
     seen = []
     for _ in range(4):
-        ejection = health.failure("a", Failure.CONNECT, now)
+        ejection = health.failed(Failure.CONNECT, now, SETTINGS)
         assert ejection is not None
         seen.append(ejection.seconds)
-        assert health.expire(now + ejection.seconds - 0.01) == []
+        assert health.expire(now + ejection.seconds - 0.01) is False
         now += ejection.seconds
-        assert health.expire(now) == ["a"]
-        assert health.out() == set()
+        assert health.expire(now) is True
+        assert not health.is_out
     assert seen == [5.0, 10.0, 20.0, 30.0]
-    assert health.success("a") is True
-    assert health.states["a"].trial is False
+    assert health.succeeded() is True
+    assert health.trial is False
     # Off trial, one non-connect failure no longer ejects.
-    assert health.failure("a", Failure.STATUS, now + 1) is None
+    assert health.failed(Failure.STATUS, now + 1, SETTINGS) is None
 
 
 def test_failures_while_ejected_do_not_extend_the_ejection():
     """Requests that started before the ejection and fail after it change nothing."""
-    health = PoolHealth(SETTINGS)
-    health.failure("a", Failure.CONNECT, 0.0)
-    assert health.failure("a", Failure.RESET, 1.0) is None
-    assert health.next_expiry() == 5.0
+    health = EndpointHealth()
+    health.failed(Failure.CONNECT, 0.0, SETTINGS)
+    assert health.failed(Failure.RESET, 1.0, SETTINGS) is None
+    assert health.ejected_until == 5.0
 
 
 def test_active_checks_need_thresholds_both_ways():
     """Two failed checks take an endpoint out; two passed checks bring it back."""
-    health = PoolHealth(SETTINGS)
-    assert health.check("a", True) is False
-    assert health.check("a", False) is False
-    assert health.check("a", False) is True
-    assert health.out() == {"a"}
-    assert health.check("a", True) is False
-    assert health.check("a", True) is True
-    assert health.out() == set()
+    health = EndpointHealth()
+    assert health.checked(True, SETTINGS) is False
+    assert health.checked(False, SETTINGS) is False
+    assert health.checked(False, SETTINGS) is True
+    assert health.is_out
+    assert health.checked(True, SETTINGS) is False
+    assert health.checked(True, SETTINGS) is True
+    assert not health.is_out
+
+
+def test_the_pool_takes_serving_endpoints_whose_health_is_out_off_the_ring():
+    """update_out reads each endpoint state's health: out ones leave the ring."""
+    pool = _pool(3)
+    pool.states["e1"].health.failed(Failure.CONNECT, 0.0, SETTINGS)
+    pool.update_out()
+    assert pool.routable == ("e0", "e2")
+    pool.states["e1"].health.expire(10.0)
+    pool.update_out()
+    assert pool.routable == ("e0", "e1", "e2")
 
 
 def _pool(n: int) -> Pool:

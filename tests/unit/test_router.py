@@ -26,6 +26,7 @@ from balancer.errors import ModelNotFoundError, NoEndpointsError
 from balancer.ring import HashRing, hash_key
 from balancer.router import Lease, Pool, Router, make_strategy
 from balancer.strategy import BoundedLoad, LeastRequest, Random, RoundRobin, chwbl_bound
+from balancer.upstream import Connector
 
 CHAT_POOL = PoolSettings("chat", ("llama", "mistral"))
 EMBED_POOL = PoolSettings("embed", ("bge",))
@@ -447,3 +448,72 @@ def test_two_routers_from_the_same_settings_make_identical_choices(
         if release_one and held:
             for lease in held.pop(key % len(held)):
                 lease.release()
+
+
+# -- endpoint states -----------------------------------------------------------------------
+
+
+def test_each_endpoint_has_one_state_and_an_idle_one_that_leaves_has_none() -> None:
+    """States follow the snapshots: one per endpoint, gone with an idle endpoint."""
+    pool = make_pool(3)
+    assert set(pool.states) == {"vllm-0", "vllm-1", "vllm-2"}
+    state = pool.states["vllm-1"]
+    pool.set_endpoints([ep(0), ep(2)])
+    assert "vllm-1" not in pool.states
+    assert not state.present
+
+
+def test_a_busy_endpoint_that_leaves_keeps_its_state_until_its_last_request_ends() -> None:
+    """The state outlives the endpoint while requests run on it, and no longer."""
+    pool = make_pool(2)
+    first, second = take(pool, "k"), take(pool, "k")
+    gone = first.endpoint.id
+    assert second.endpoint.id == gone
+    pool.set_endpoints([e for e in (ep(0), ep(1)) if e.id != gone])
+    state = pool.states[gone]
+    assert not state.present and state.in_flight == 2
+    first.release()
+    assert pool.states[gone] is state
+    second.release()
+    assert gone not in pool.states
+
+
+def test_an_endpoint_back_before_its_last_request_ended_keeps_its_state() -> None:
+    """Leaving and coming back while busy is the same endpoint: same state, same count."""
+    pool = make_pool(2)
+    lease = take(pool, "k")
+    busy = lease.endpoint.id
+    state = pool.states[busy]
+    pool.set_endpoints([e for e in (ep(0), ep(1)) if e.id != busy])
+    pool.set_endpoints([ep(0), ep(1)])
+    assert pool.states[busy] is state and state.present
+    lease.release()
+    assert pool.states[busy] is state and state.in_flight == 0
+
+
+def test_pauses_are_counted_expire_and_leave_with_their_endpoint() -> None:
+    """A 429 pause skips the endpoint until its time; the count stays exact."""
+    pool = make_pool(3)
+    pool.pause("vllm-0", 10.0)
+    pool.pause("vllm-0", 12.0)
+    pool.pause("vllm-1", 5.0)
+    assert pool.pauses == 2
+    assert pool.paused(4.0) == {"vllm-0", "vllm-1"}
+    assert pool.pause_left(4.0) == 1.0
+    assert pool.paused(6.0) == {"vllm-0"} and pool.pauses == 1
+    pool.set_endpoints([ep(1), ep(2)])
+    assert pool.pauses == 0 and pool.paused(6.0) == frozenset()
+    assert pool.pause_left(6.0) is None
+
+
+async def test_a_new_url_gets_new_connections() -> None:
+    """An endpoint that moves closes its idle connections and opens a pool to the new URL
+    on its next request."""
+    pool = make_pool(1)
+    connector = Connector(connect_timeout=1)
+    old = pool.states["vllm-0"].open(connector)
+    pool.set_endpoints([ep(0, port=9000)])
+    assert old.closed
+    new = pool.states["vllm-0"].open(connector)
+    assert new is not old and new.port == 9000
+    new.close()

@@ -1,0 +1,517 @@
+"""One attempt on one endpoint: send the request, relay the answer, map failures.
+
+:meth:`Forwarder.attempt` sends the request over the endpoint's keep-alive connections
+(``upstream``) and relays the answer: whole, when it is small and not a stream (one write),
+else chunk by chunk as the model server sends it, so a streamed token reaches the client as
+soon as it exists and nothing holds a whole response. It writes what happened into the
+request's record and, on the lease, what the attempt says about the endpoint's health.
+
+Time is charged where it is spent:
+
+- waiting for the model server: the first byte (connect, head and a buffered body) within
+  ``first_byte_timeout``, then each wait for more of a stream within ``idle_timeout``. These
+  deadlines live in the upstream reads; passing one is the endpoint's failure (504 before
+  the answer started, a broken stream after);
+- writing to the client: never the endpoint's. A client that takes no data for
+  ``idle_timeout`` while a write to it is pending is disconnected, which counts as the
+  client going away (499), never as an upstream timeout or an ejection; a slow client that
+  keeps reading is served at its pace.
+
+Task cancellation therefore only ever means that the client went away (aiohttp's handler
+cancellation): the unfinished upstream response is closed, which stops the generation.
+
+Failure semantics:
+
+- before the first response byte: 502 (connect/reset) or 504 (timeout) with an OpenAI-style
+  error body, or :class:`Retryable` when another endpoint may try;
+- after it: the stream ends with an SSE error event (for event streams) and the client
+  connection is aborted, so no client mistakes a broken generation for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import sys
+import termios
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from balancer.config import Settings
+from balancer.errors import (
+    BadGatewayError,
+    BalancerError,
+    GatewayTimeoutError,
+    ShuttingDownError,
+    error_body,
+)
+from balancer.health import Failure
+from balancer.metrics import Metrics
+from balancer.record import RequestRecord
+from balancer.retry import RETRY_STATUSES, parse_retry_after
+from balancer.router import Lease
+from balancer.upstream import (
+    Connector,
+    Response,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    serialize_head,
+)
+
+log = logging.getLogger("balancer.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies still meet.
+HOP_BY_HOP: Final = frozenset(
+    h.lower()
+    for h in (
+        hdrs.CONNECTION, "Keep-Alive", hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION,
+        hdrs.TE, "Trailer", hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE,
+        "Proxy-Connection",
+    )
+)
+# Set for the upstream hop by balancer itself: Host from the endpoint URL, the length of the
+# body we send, and the forwarding headers (X-Forwarded-For is extended, not replaced).
+_NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {
+    "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    "x-request-id",
+}
+# Set by the server for the client hop.
+_NOT_FORWARDED_RESPONSE: Final = frozenset(
+    h.encode() for h in HOP_BY_HOP | {"content-length", "date", "server"}
+)
+
+HEADER_ENDPOINT: Final = "x-balancer-endpoint"
+HEADER_ROUTE: Final = "x-balancer-route"
+HEADER_REQUEST_ID: Final = "X-Request-Id"
+
+# A non-streaming response up to this size is read whole and answered in one write, which
+# is cheaper than relaying it chunk by chunk; larger ones are relayed.
+_BUFFER_LIMIT: Final = 1 << 20
+
+
+def filter_request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Headers to send upstream: all but hop-by-hop ones (and those ``Connection`` names)
+    and those balancer sets itself."""
+    named = headers.get(hdrs.CONNECTION)
+    drop = _NOT_FORWARDED_REQUEST
+    if named:
+        drop = drop | {t.strip().lower() for t in named.split(",")}
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+
+
+def filter_response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The model server's response headers minus hop-by-hop ones, for the client."""
+    drop = _NOT_FORWARDED_RESPONSE
+    for name, value in headers:
+        if name.lower() == b"connection":
+            drop = drop | {t.strip().lower() for t in value.split(b",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if name.lower() not in drop:
+            out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+    return out
+
+
+def usage_of(data: object) -> tuple[int, int] | None:
+    """(prompt tokens, cached prompt tokens) from an OpenAI response object's ``usage``, or
+    None if it has none (vLLM and others put ``cached_tokens`` under
+    ``usage.prompt_tokens_details`` when prefix caching is on)."""
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(prompt, int) or isinstance(prompt, bool):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not isinstance(cached, int) or isinstance(cached, bool):
+        cached = 0
+    return prompt, cached
+
+
+def body_usage(payload: bytes) -> tuple[int, int] | None:
+    """Usage from a whole JSON response body; a substring test first, so bodies without
+    usage (and compressed ones) cost no parse."""
+    if b'"usage"' not in payload:
+        return None
+    try:
+        return usage_of(json.loads(payload))
+    except (ValueError, RecursionError):
+        return None
+
+
+def stream_usage(tail: bytes) -> tuple[int, int] | None:
+    """Usage from the last SSE event that carries it in ``tail`` (the end of a stream).
+
+    Only the tail is parsed, once per stream: the usage event (``stream_options.
+    include_usage``) comes last, just before ``data: [DONE]``.
+    """
+    end = len(tail)
+    while True:
+        at = tail.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        start = tail.rfind(b"data:", 0, at)
+        if start < 0:
+            return None
+        stop = tail.find(b"\n", at)
+        try:
+            found = usage_of(json.loads(tail[start + 5:stop if stop >= 0 else len(tail)]))
+        except (ValueError, RecursionError):
+            found = None
+        if found is not None:
+            return found
+        end = start
+
+
+def error_response(exc: BalancerError, request_id: str | None = None) -> web.Response:
+    """The OpenAI-style error answer for ``exc`` (with ``Retry-After`` when it has one)."""
+    body = error_body(exc.message, exc.type, exc.status, exc.param)
+    response = web.json_response(body, status=exc.status)
+    if request_id:
+        response.headers[HEADER_REQUEST_ID] = request_id
+    if exc.retry_after is not None:
+        response.headers[hdrs.RETRY_AFTER] = str(exc.retry_after)
+    return response
+
+
+def sse_error_event(message: str, type_: str, code: int) -> bytes:
+    """An SSE event OpenAI clients raise as an API error mid-stream."""
+    return b"data: " + json.dumps(error_body(message, type_, code)).encode() + b"\n\n"
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and b"json" in content_type.lower()
+
+
+def _is_event_stream(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.lower().startswith(b"text/event-stream")
+
+
+@dataclass(slots=True)
+class Retryable:
+    """An attempt that failed before anything reached the client and may be retried."""
+
+    reason: str
+    """connect, reset, or the HTTP status (e.g. "503")."""
+    fallback: web.Response
+    """What the client gets if no retry happens: the upstream's own answer, or ours."""
+    retry_after: float = 0.0
+    """For a 429: seconds the endpoint asked to be left alone."""
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to a connection that the peer has not taken yet: those in the
+    transport's buffer plus, on Linux, those queued in the kernel (``SIOCOUTQ``)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            size += int.from_bytes(queued, sys.byteorder)
+    return size
+
+
+class _StallGuard:
+    """Disconnects a client that takes no data for ``window`` seconds while a write to it
+    is pending.
+
+    The relay loop sets ``since`` to the time a write starts and back to 0 when it is done.
+    The one timer re-arms itself lazily (a stream costs one timer per window, not one per
+    chunk); when it finds a write pending, it looks at how much the client has yet to take
+    (:func:`_unsent`): a change means it took data, so a slow client that keeps reading is
+    never cut off, while one that reads nothing is, within two windows.
+    """
+
+    __slots__ = ("_loop", "_progress", "_timer", "_transport", "_unsent", "_window", "fired",
+                 "since")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                 window: float) -> None:
+        self._loop = loop
+        self._transport = transport
+        self._window = window
+        self.since = 0.0
+        self.fired = False
+        self._progress = 0.0
+        self._unsent = -1
+        self._timer: asyncio.TimerHandle | None = loop.call_at(loop.time() + window,
+                                                               self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.since
+        if not since:
+            self._timer = self._loop.call_at(now + self._window, self._check)
+            return
+        unsent = _unsent(self._transport)
+        if unsent != self._unsent:
+            self._unsent = unsent
+            self._progress = now
+        start = max(since, self._progress)
+        if now - start < self._window:
+            self._timer = self._loop.call_at(start + self._window, self._check)
+            return
+        self._timer = None
+        self.fired = True
+        self._transport.abort()  # the pending write fails: the client is gone
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Forwarder:
+    """Runs attempts: one request on one leased endpoint."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        limits = settings.limits
+        self.first_byte_timeout = limits.first_byte_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.total_timeout = limits.total_timeout
+        self.route_headers = settings.server.route_headers
+        self.retry_after_default = settings.retries.retry_after_default
+        self.retry_after_max = settings.retries.retry_after_max
+        self.metrics = metrics
+        self.connector: Connector | None = None
+        """Set by the app while it runs: opens each endpoint's connection pool."""
+
+    async def attempt(self, request: web.Request, lease: Lease, body: bytes,
+                      record: RequestRecord, *, stream: bool,
+                      retry_possible: bool) -> web.StreamResponse | Retryable:
+        """Send the request to the leased endpoint and relay the answer, or say why another
+        endpoint may try (only when nothing reached the client)."""
+        connector = self.connector
+        if connector is None:
+            raise ShuttingDownError("balancer is shutting down")
+        choice = lease.choice
+        connections = lease.state.open(connector)
+        head = self._head(request, connections.host_header, record.request_id, len(body))
+        self.metrics.route(lease.pool.name, choice.outcome, len(choice.probes), choice.bound)
+        deadline = min(connections.loop.time() + self.first_byte_timeout, record.total_at)
+        upstream: Response | None = None
+        try:
+            upstream = await connections.request(
+                head, body, deadline=deadline, skip_body=request.method == hdrs.METH_HEAD)
+            return await self._relay(request, lease, record, upstream, deadline,
+                                     stream=stream, retry_possible=retry_possible)
+        except UpstreamError as exc:
+            return self._failed(request, lease, record, exc,
+                                retry=retry_possible and upstream is None)
+        except asyncio.CancelledError:
+            self._client_gone(lease, record)
+            raise
+        finally:
+            if upstream is not None:
+                upstream.release()
+
+    def _head(self, request: web.Request, host: str, request_id: str,
+              body_length: int) -> bytes:
+        headers = filter_request_headers(request.headers)
+        peer = request.remote or ""
+        forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
+        headers.append((hdrs.X_FORWARDED_FOR, f"{forwarded_for}, {peer}" if forwarded_for
+                        else peer))
+        headers.append((hdrs.X_FORWARDED_PROTO, request.scheme))
+        if request.host:
+            headers.append((hdrs.X_FORWARDED_HOST, request.host))
+        headers.append((HEADER_REQUEST_ID, request_id))
+        return serialize_head(request.method, request.raw_path, host, headers, body_length)
+
+    async def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
+                     upstream: Response, deadline: float, *, stream: bool,
+                     retry_possible: bool) -> web.StreamResponse | Retryable:
+        code = upstream.status
+        if code >= 500:
+            lease.failure = Failure.STATUS
+        headers = filter_response_headers(upstream.headers)
+        headers[HEADER_REQUEST_ID] = record.request_id
+        if self.route_headers:
+            headers[HEADER_ENDPOINT] = lease.state.id
+            headers[HEADER_ROUTE] = lease.choice.outcome
+        length = upstream.content_length
+        small = length is not None and length <= _BUFFER_LIMIT
+        if code in RETRY_STATUSES and retry_possible and (length is None or small):
+            return await self._retryable(lease, record, upstream, headers, deadline)
+        if small and not stream:
+            return await self._relay_whole(record, upstream, headers, deadline)
+        return await self._relay_stream(request, lease, record, upstream, headers, deadline)
+
+    def _first_byte(self, record: RequestRecord, now: float) -> None:
+        record.first_byte = now - record.started
+        self.metrics.first_byte_after(record.pool, record.first_byte)
+
+    async def _retryable(self, lease: Lease, record: RequestRecord, upstream: Response,
+                         headers: CIMultiDict[str], deadline: float) -> Retryable:
+        """A 429 or 502-504 another endpoint may answer instead (read whole, as the answer
+        if no retry happens)."""
+        payload = await upstream.read_all(deadline)
+        self._first_byte(record, asyncio.get_running_loop().time())
+        code = upstream.status
+        retry_after = 0.0
+        if code == 429:
+            retry_after = parse_retry_after(upstream.header(b"retry-after"), time.time(),
+                                            self.retry_after_default, self.retry_after_max)
+        lease.state.metrics.upstream_error(str(code))
+        record.status = -1
+        answer = web.Response(body=payload, status=code, headers=headers)
+        return Retryable(str(code), answer, retry_after)
+
+    async def _relay_whole(self, record: RequestRecord, upstream: Response,
+                           headers: CIMultiDict[str], deadline: float) -> web.Response:
+        payload = await upstream.read_all(deadline)
+        self._first_byte(record, asyncio.get_running_loop().time())
+        code = record.status = upstream.status
+        if code == 200 and _is_json(upstream.header(b"content-type")):
+            record.usage = body_usage(payload)
+        return web.Response(body=payload, status=code, headers=headers)
+
+    async def _relay_stream(self, request: web.Request, lease: Lease, record: RequestRecord,
+                            upstream: Response, headers: CIMultiDict[str],
+                            deadline: float) -> web.StreamResponse:
+        """Relay chunk by chunk; a failure once the answer started breaks the stream."""
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        chunk = await upstream.read(deadline)
+        loop = asyncio.get_running_loop()
+        self._first_byte(record, loop.time())
+        record.status = upstream.status
+        transport = request.transport
+        guard = None if transport is None else _StallGuard(loop, transport, self.idle_timeout)
+        try:
+            await response.prepare(request)
+            tail = await self._relay_chunks(response, record, upstream, chunk, guard)
+            if tail is None:
+                await self._break_stream(request, response, lease, record,
+                                         f"request exceeded the total timeout of "
+                                         f"{self.total_timeout:g} s", None, None)
+                return response
+            await response.write_eof()
+            if upstream.status == 200 and _is_event_stream(upstream.header(b"content-type")):
+                record.usage = stream_usage(tail)
+        except ConnectionResetError:
+            # Writing to the client failed (aiohttp's write error is a ConnectionResetError):
+            # it is gone, or the stall guard cut it off. Releasing the unfinished upstream
+            # closes it.
+            if guard is not None and guard.fired:
+                log.info("client of %s %s stopped reading for %g s; disconnected (request %s)",
+                         request.method, request.path, self.idle_timeout, record.request_id)
+            self._client_gone(lease, record)
+        except UpstreamError as exc:
+            await self._stream_failed(request, response, lease, record, exc)
+        finally:
+            if guard is not None:
+                guard.cancel()
+        return response
+
+    async def _relay_chunks(self, response: web.StreamResponse, record: RequestRecord,
+                            upstream: Response, chunk: bytes,
+                            guard: _StallGuard | None) -> bytes | None:
+        """Write chunks until the body ends; returns the last two chunks (where a usage
+        event would be), or None when the total timeout ran out while writing."""
+        loop = asyncio.get_running_loop()
+        idle, total_at = self.idle_timeout, record.total_at
+        # The last two chunks are kept (references, not copies) so the usage event at the
+        # end of a stream can be read once it ends, without parsing any chunk.
+        before = last = b""
+        while chunk:
+            if guard is not None:
+                guard.since = loop.time()
+            await response.write(chunk)
+            if guard is not None:
+                guard.since = 0.0
+            record.chunks += 1
+            record.size += len(chunk)
+            before, last = last, chunk
+            if total_at != math.inf and loop.time() >= total_at:
+                return None
+            chunk = await upstream.read(total_at, idle)
+        return before + last
+
+    def _failed(self, request: web.Request, lease: Lease, record: RequestRecord,
+                exc: UpstreamError, *, retry: bool) -> web.Response | Retryable:
+        """The attempt failed before anything reached the client."""
+        endpoint = lease.state.id
+        error: BalancerError
+        if isinstance(exc, UpstreamTimeoutError):
+            lease.failure = Failure.TIMEOUT
+            record.status = 504
+            if asyncio.get_running_loop().time() >= record.total_at:
+                detail = f"request exceeded the total timeout of {self.total_timeout:g} s"
+            else:
+                detail = f"no response from {endpoint} within {self.first_byte_timeout:g} s"
+            return self._answer_failure(request, lease, record, GatewayTimeoutError(detail),
+                                        "timeout")
+        connect = isinstance(exc, UpstreamConnectError)
+        lease.failure = Failure.CONNECT if connect else Failure.RESET
+        reason = "connect" if connect else "reset"
+        error = BadGatewayError(f"cannot connect to {endpoint}: {exc}" if connect
+                                else f"{endpoint} failed before responding: {exc}")
+        if retry:
+            # Nothing came back before the connection failed: retry elsewhere. (A body that
+            # broke after the head is not retried.)
+            lease.state.metrics.upstream_error(reason)
+            record.status = -1
+            return Retryable(reason, error_response(error, record.request_id))
+        record.status = 502
+        return self._answer_failure(request, lease, record, error, reason)
+
+    def _answer_failure(self, request: web.Request, lease: Lease, record: RequestRecord,
+                        exc: BalancerError, reason: str) -> web.Response:
+        lease.state.metrics.upstream_error(reason)
+        log.warning("upstream %s failed for %s %s: %s (request %s)", lease.state.id,
+                    request.method, request.path, exc.message, record.request_id)
+        return error_response(exc, record.request_id)
+
+    async def _stream_failed(self, request: web.Request, response: web.StreamResponse,
+                             lease: Lease, record: RequestRecord, exc: UpstreamError) -> None:
+        if isinstance(exc, UpstreamTimeoutError):
+            total = asyncio.get_running_loop().time() >= record.total_at
+            await self._break_stream(
+                request, response, lease, record,
+                f"upstream {'total' if total else 'idle'} timeout after the response started",
+                "timeout", Failure.TIMEOUT)
+        else:
+            await self._break_stream(request, response, lease, record,
+                                     f"upstream failed mid-response: {exc}", "mid_stream",
+                                     Failure.RESET)
+
+    async def _break_stream(self, request: web.Request, response: web.StreamResponse,
+                            lease: Lease, record: RequestRecord, message: str,
+                            reason: str | None, failure: Failure | None) -> None:
+        """End a started response so the client sees a failure, never a clean end.
+        ``reason`` (an upstream error) and ``failure`` (the endpoint's fault) are None when
+        the time ran out while writing to the client."""
+        record.status = 502 if failure is Failure.RESET else 504
+        lease.failure = failure
+        if reason is not None:
+            lease.state.metrics.upstream_error(reason)
+        log.warning("stream from %s broke for %s %s: %s", lease.state.id, request.method,
+                    request.path, message)
+        if response.content_type == "text/event-stream":
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(self.idle_timeout):
+                    await response.write(sse_error_event(message, "upstream_error", 502))
+        transport = request.transport
+        if transport is not None:
+            # No terminating chunk: the client's HTTP layer reports an incomplete body.
+            transport.abort()
+
+    def _client_gone(self, lease: Lease, record: RequestRecord) -> None:
+        lease.client_gone = True
+        record.status = 499
+        self.metrics.client_disconnect(lease.pool.name)

@@ -1,0 +1,168 @@
+"""The routing decision: from a parsed request to a pool, a key and the strategy's choice.
+
+One pure function, :func:`decide`, used by everything that routes or explains routing: the
+proxy for every request, ``/debug/route`` against the live load, and ``balancer route``
+against a configuration file. It reads the router and never changes it (nothing is
+acquired), so explaining a request leaves no trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from balancer.errors import BadRequestError
+from balancer.prefix import Kind, model_of, routing_key, session_key, validate
+from balancer.ring import hash_key
+from balancer.router import Pool, Router
+from balancer.strategy import Choice, chwbl_bound
+
+KEYED_PATHS: Final = {
+    "/v1/chat/completions": Kind.CHAT,
+    "/v1/completions": Kind.COMPLETIONS,
+    "/v1/embeddings": Kind.EMBEDDINGS,
+}
+"""API paths routed by a key from their body; every other /v1 path is passed through."""
+
+_REASONS: Final = {
+    "primary": "the key's first endpoint on the ring is within the load bound",
+    "session": "explicit session key; its first endpoint is within the load bound",
+    "overflow": "earlier endpoints on the ring were at the load bound",
+    "fallback": "no endpoint was within the bound; the least loaded was taken",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What routing reads of a request."""
+
+    kind: Kind | None
+    """The keyed API the body is for; None: a pass-through request (no key)."""
+    body: Mapping[str, Any]
+    """The parsed JSON body (keyed requests; empty for pass-through)."""
+    model: str | None
+    """The model asked for (pass-through requests may name none)."""
+    session: str | None = None
+    """The session header's value, if sent."""
+    path: str = ""
+    """The API path, for error messages."""
+
+
+def keyed_view(kind: Kind, body: Mapping[str, Any], session: str | None) -> RequestView:
+    """A keyed request's view; raises BadRequestError naming a malformed field."""
+    validate(kind, body)
+    return RequestView(kind, body, model_of(body), session)
+
+
+def passthrough_view(model: str | None, path: str) -> RequestView:
+    return RequestView(None, {}, model, None, path)
+
+
+def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:
+    """The keyed API a body is for: from its path when given, else from its fields."""
+    if path:
+        kind = KEYED_PATHS.get(path)
+        if kind is None:
+            raise BadRequestError(f"path {path!r} is not one of {', '.join(KEYED_PATHS)}",
+                                  param="path")
+        return kind
+    if "messages" in body:
+        return Kind.CHAT
+    if "prompt" in body:
+        return Kind.COMPLETIONS
+    if "input" in body:
+        return Kind.EMBEDDINGS
+    raise BadRequestError("cannot tell the request kind: no messages, prompt or input field")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes, and what led there."""
+
+    pool: Pool
+    choice: Choice
+    key_hash: int
+    """Hash of the routing key (0 for pass-through requests)."""
+    key: str | None = None
+    """The routing key (None: pass-through, least-request)."""
+    key_source: str = ""
+    """Where the key came from: "session", or the routing key mode."""
+
+    @property
+    def keyed(self) -> bool:
+        return self.key is not None
+
+    @property
+    def session(self) -> bool:
+        return self.key_source == "session"
+
+
+def decide(view: RequestView, router: Router,
+           exclude: frozenset[str] | None = None) -> Decision:
+    """Pool, key and endpoint for a request, never one of ``exclude``.
+
+    Raises ModelNotFoundError (unknown model), NoEndpointsError (nothing routable) or
+    BadRequestError (a pass-through request naming no model when there are several pools).
+    """
+    if view.kind is None:
+        pool = _passthrough_pool(view, router)
+        return Decision(pool, pool.choose(0, keyed=False, exclude=exclude), 0)
+    model = view.model
+    pool = router.pool_for_model(model if model is not None else model_of(view.body))
+    explicit = session_key(view.session, view.body)
+    routing = router.routing
+    key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars)
+    key_hash = hash_key(key)
+    choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude)
+    return Decision(pool, choice, key_hash, key,
+                    "session" if explicit is not None else routing.key.value)
+
+
+def _passthrough_pool(view: RequestView, router: Router) -> Pool:
+    if view.model:
+        return router.pool_for_model(view.model)
+    pool = router.default_pool()
+    if pool is None:
+        raise BadRequestError(
+            f"{view.path} names no model and several pools exist; add a 'model' field "
+            "or a ?model= query parameter"
+        )
+    return pool
+
+
+def redecide(decision: Decision, exclude: frozenset[str]) -> Decision:
+    """The same request's next choice, never one of ``exclude`` (tried, paused or full
+    endpoints); raises NoEndpointsError when none is left."""
+    choice = decision.pool.choose(decision.key_hash, session=decision.session,
+                                  keyed=decision.keyed, exclude=exclude)
+    return Decision(decision.pool, choice, decision.key_hash, decision.key,
+                    decision.key_source)
+
+
+def explain(decision: Decision, walk_limit: int = 8) -> dict[str, Any]:
+    """A keyed decision for people: key, ring walk, bound, endpoint and why."""
+    pool, choice = decision.pool, decision.choice
+    routing = pool.routing
+    walk = []
+    for i, endpoint_id in enumerate(pool.ring.walk(decision.key_hash)):
+        if i >= walk_limit:
+            break
+        walk.append({"endpoint": endpoint_id, "in_flight": pool.load.get(endpoint_id, 0)})
+    strategy = routing.strategy.value
+    return {
+        "pool": pool.name,
+        "strategy": strategy,
+        "key_source": decision.key_source,
+        "key": decision.key,
+        "key_hash": f"{decision.key_hash:016x}",
+        "bound": chwbl_bound(pool.total_load, len(pool.routable), routing.load_factor,
+                             routing.min_bound),
+        "ring_walk": walk,
+        "endpoint": choice.endpoint,
+        "url": pool.endpoints[choice.endpoint].url,
+        "outcome": choice.outcome,
+        "reason": _REASONS[choice.outcome] if strategy == "chwbl"
+        else f"{strategy} ignores the key",
+        "probes": [{"endpoint": p.endpoint, "in_flight": p.load} for p in choice.probes],
+    }

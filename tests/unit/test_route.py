@@ -1,0 +1,169 @@
+"""The routing decision shared by the proxy, /debug/route and `balancer route`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from balancer.config import KeyMode, PoolSettings, RoutingSettings, Settings, validate
+from balancer.discovery import StaticDiscovery
+from balancer.errors import BadRequestError, ModelNotFoundError, NoEndpointsError
+from balancer.prefix import Kind, routing_key
+from balancer.ring import hash_key
+from balancer.route import (
+    KEYED_PATHS,
+    decide,
+    explain,
+    keyed_view,
+    kind_for,
+    passthrough_view,
+    redecide,
+)
+from balancer.router import Router
+
+CHAT = {"model": "llama", "messages": [{"role": "system", "content": "Be terse."},
+                                       {"role": "user", "content": "Hello there"}]}
+
+
+def router(*pools: PoolSettings, **routing: Any) -> Router:
+    settings = validate(Settings(
+        pools=pools or (PoolSettings("chat", ("llama",),
+                                     tuple(f"http://10.0.0.{i}:8000" for i in range(1, 5))),),
+        routing=RoutingSettings(virtual_nodes=64, **routing)))
+    routed = Router(settings)
+    routed.apply(StaticDiscovery(settings.pools).snapshot())
+    return routed
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "session", "key", "source"),
+    [
+        (Kind.CHAT, CHAT, None, "llama\x00Hello there", "first-user-message"),
+        (Kind.COMPLETIONS, {"model": "llama", "prompt": "Once upon"}, None,
+         "llama\x00Once upon", "first-user-message"),
+        (Kind.COMPLETIONS, {"model": "llama", "prompt": ["first", "second"]}, None,
+         "llama\x00first", "first-user-message"),
+        (Kind.EMBEDDINGS, {"model": "llama", "input": "embed me"}, None,
+         "llama\x00embed me", "first-user-message"),
+        (Kind.CHAT, CHAT, "s-1", "session\x00s-1", "session"),
+        (Kind.CHAT, {**CHAT, "user": "u-9"}, None, "user\x00u-9", "session"),
+        (Kind.CHAT, {**CHAT, "user": "u-9"}, "s-1", "session\x00s-1", "session"),
+    ],
+)
+def test_a_keyed_request_gets_its_key_its_hash_and_the_rings_choice(
+        kind: Kind, body: dict[str, Any], session: str | None, key: str, source: str) -> None:
+    """The key comes from the session header, else the body's user, else the prefix; the
+    endpoint is the first one on the ring walk of its hash (an idle pool)."""
+    routed = router()
+    decision = decide(keyed_view(kind, body, session), routed)
+    assert (decision.key, decision.key_source, decision.key_hash) == (key, source,
+                                                                      hash_key(key))
+    assert decision.keyed and decision.session is (source == "session")
+    assert decision.pool is routed.pools["chat"]
+    assert decision.choice.endpoint == next(decision.pool.ring.walk(decision.key_hash))
+    assert decision.choice.outcome == ("session" if source == "session" else "primary")
+
+
+def test_prompt_prefix_mode_keys_on_the_rendered_prompt() -> None:
+    """With key=prompt-prefix the system prompt is part of the key."""
+    decision = decide(keyed_view(Kind.CHAT, CHAT, None),
+                      router(key=KeyMode.PROMPT_PREFIX, prefix_chars=20))
+    assert decision.key == routing_key(Kind.CHAT, CHAT, KeyMode.PROMPT_PREFIX, 20)
+    assert decision.key_source == "prompt-prefix"
+
+
+def test_deciding_takes_no_load() -> None:
+    """A decision reads the pool and changes nothing: no in-flight count is taken."""
+    routed = router()
+    decide(keyed_view(Kind.CHAT, CHAT, None), routed)
+    assert routed.pools["chat"].total_load == 0
+    assert set(routed.pools["chat"].load.values()) == {0}
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({**CHAT, "model": "gpt-4"}, ModelNotFoundError),
+        ({"model": "llama", "messages": []}, BadRequestError),
+        ({**CHAT, "stream": "yes"}, BadRequestError),
+    ],
+)
+def test_bad_requests_are_refused_before_any_choice(body: dict[str, Any],
+                                                    error: type[Exception]) -> None:
+    """Unknown models and malformed fields raise the error the proxy answers with."""
+    with pytest.raises(error):
+        decide(keyed_view(Kind.CHAT, body, None), router())
+
+
+def test_a_pool_without_endpoints_has_no_decision() -> None:
+    """Nothing routable: NoEndpointsError (a 503)."""
+    routed = router()
+    routed.apply({"chat": []})
+    with pytest.raises(NoEndpointsError):
+        decide(keyed_view(Kind.CHAT, CHAT, None), routed)
+
+
+def test_passthrough_requests_go_to_the_named_models_pool_or_the_only_one() -> None:
+    """A pass-through request is unkeyed; its model picks the pool, else the only pool."""
+    two = router(PoolSettings("chat", ("llama",), ("http://10.0.0.1:8000",)),
+                 PoolSettings("embed", ("bge",), ("http://10.0.0.2:8000",)))
+    decision = decide(passthrough_view("bge", "/v1/tokenize"), two)
+    assert (decision.pool.name, decision.key, decision.keyed) == ("embed", None, False)
+    assert decision.choice.endpoint == "10.0.0.2:8000"
+    with pytest.raises(BadRequestError, match="/v1/tokenize names no model"):
+        decide(passthrough_view(None, "/v1/tokenize"), two)
+    with pytest.raises(ModelNotFoundError):
+        decide(passthrough_view("nope", "/v1/tokenize"), two)
+    one = router()
+    assert decide(passthrough_view(None, "/v1/x"), one).pool.name == "chat"
+
+
+def test_redecide_walks_on_past_excluded_endpoints() -> None:
+    """A retry's decision keeps the key and takes the next distinct endpoint on the walk."""
+    routed = router()
+    first = decide(keyed_view(Kind.CHAT, CHAT, None), routed)
+    walk = list(first.pool.ring.walk(first.key_hash))
+    second = redecide(first, frozenset(walk[:1]))
+    assert (second.key, second.key_hash) == (first.key, first.key_hash)
+    assert second.choice.endpoint == walk[1]
+    assert second.choice.outcome == "primary"
+    with pytest.raises(NoEndpointsError):
+        redecide(first, frozenset(walk))
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "kind"),
+    [
+        (CHAT, None, Kind.CHAT),
+        ({"prompt": "x"}, None, Kind.COMPLETIONS),
+        ({"input": "x"}, None, Kind.EMBEDDINGS),
+        ({"prompt": "x"}, "/v1/chat/completions", Kind.CHAT),
+        *((CHAT, path, kind) for path, kind in KEYED_PATHS.items()),
+    ],
+)
+def test_the_kind_comes_from_the_path_else_from_the_fields(
+        body: dict[str, Any], path: str | None, kind: Kind) -> None:
+    assert kind_for(body, path) is kind
+
+
+def test_a_kind_that_cannot_be_told_is_a_bad_request() -> None:
+    with pytest.raises(BadRequestError, match="no messages, prompt or input"):
+        kind_for({"model": "llama"})
+    with pytest.raises(BadRequestError, match="'/v1/models'"):
+        kind_for(CHAT, "/v1/models")
+
+
+def test_explain_describes_the_decision() -> None:
+    """The explanation is the decision's: key, hash, walk, bound, endpoint and reason."""
+    routed = router()
+    decision = decide(keyed_view(Kind.CHAT, CHAT, None), routed)
+    result = explain(decision, walk_limit=2)
+    assert result["key"] == decision.key
+    assert result["key_hash"] == f"{decision.key_hash:016x}"
+    assert result["endpoint"] == decision.choice.endpoint
+    assert result["url"] == f"http://{decision.choice.endpoint}"
+    assert [s["endpoint"] for s in result["ring_walk"]] == list(
+        decision.pool.ring.walk(decision.key_hash))[:2]
+    assert (result["bound"], result["outcome"], result["strategy"]) == (2, "primary", "chwbl")
+    assert result["probes"] == [{"endpoint": decision.choice.endpoint, "in_flight": 0}]
