@@ -116,7 +116,9 @@ def decide(view: RequestView, router: Router,
     key_hash = hash_key(key)
     choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude)
     return Decision(pool, choice, key_hash, key,
-                    "session" if explicit is not None else routing.key.value)
+                    # KeyMode is a StrEnum: the member is already the string, and reading
+                    # ``.value`` through the enum descriptor cost a call per request.
+                    "session" if explicit is not None else routing.key)
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:

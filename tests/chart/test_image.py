@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loadtest.procs import free_port
 from tests.chart.helm import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -78,13 +78,6 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert set(copied_sources()) == allowed
     assert all((ROOT / source).exists() for source in allowed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> int:

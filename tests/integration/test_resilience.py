@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,13 @@ from balancer.discovery import QueueDiscovery
 from balancer.endpoints import Endpoint, static_endpoint
 from balancer.prefix import Kind, routing_key
 from balancer.ring import hash_key
+from loadtest.procs import free_port
 from tests.conftest import MODEL, chat_body, make_settings
 
 REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:(\d+))")
 FAST_HEALTH = HealthSettings(interval=0.2, timeout=0.5, unhealthy_threshold=2,
                              healthy_threshold=2, ejection_time=1.0, max_ejection_time=4.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
