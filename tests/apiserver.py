@@ -259,6 +259,11 @@ class ApiServer:
                     async with asyncio.timeout(wait):
                         event = await watcher.queue.get()
                 except TimeoutError:
+                    # A bookmark promises every event up to its resourceVersion was sent: an
+                    # event queued while the wait timed out goes first, or a watch that ends
+                    # right after the bookmark would lose it.
+                    if not watcher.queue.empty():
+                        continue
                     if bookmarks and deadline > loop.time():
                         await send("BOOKMARK", {
                             "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
