@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from balancer.models import ModelLearner
 from balancer.monitor import HealthMonitor
 from balancer.proxy import Proxy
 from balancer.record import AccessLog, Reporter
-from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
+from balancer.route import KEYED_PATHS, decide, endpoint_load, explain, keyed_view, kind_for
 from balancer.router import Router
 from balancer.upstream import Connector
 
@@ -167,9 +168,11 @@ class Balancer:
         pools: dict[str, Any] = {}
         for name, pool in self.router.pools.items():
             shares = pool.ring.shares()
+            now = time.monotonic()
             pools[name] = {
                 "models": list(pool.models),
                 "total_in_flight": pool.total_load,
+                "load_signal": pool.signal(),
                 "panic": pool.panic,
                 "endpoints": [
                     {
@@ -180,7 +183,7 @@ class Balancer:
                         "routable": endpoint.id in pool.routable,
                         "serving": endpoint.serving,
                         "out": endpoint.id in pool.out,
-                        "in_flight": pool.load.get(endpoint.id, 0),
+                        **endpoint_load(pool, endpoint.id, now),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
                         "health_history": self.health.events(name, endpoint.id),
                     }

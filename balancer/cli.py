@@ -14,6 +14,7 @@ from balancer import __version__
 from balancer.config import ConfigError, PoolSettings, Settings, as_dict, load
 from balancer.discovery import StaticDiscovery
 from balancer.errors import BalancerError
+from balancer.load import LoadReport, report_from
 from balancer.logs import configure_logging
 from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
 from balancer.router import Router
@@ -100,16 +101,20 @@ def explain_route(
     path: str | None = None,
     session: str | None = None,
     loads: dict[str, int] | None = None,
+    reports: dict[str, LoadReport] | None = None,
     walk_limit: int = 8,
 ) -> dict[str, Any]:
     """Where a request would go, and why: the routing decision the proxy makes, against the
-    configuration's static endpoints (with ``loads`` pretended in flight), sending
-    nothing."""
+    configuration's static endpoints (with ``loads`` pretended in flight and ``reports``
+    pretended just received from the endpoints), sending nothing."""
     router = Router(settings)
     router.apply(StaticDiscovery(settings.pools).snapshot())
     view = keyed_view(kind_for(body, path), body, session)
+    pool = router.pool_for_model(view.model or "")
     if loads:
-        router.pool_for_model(view.model or "").assume_load(loads)
+        pool.assume_load(loads)
+    for endpoint_id, report in (reports or {}).items():
+        pool.assume_report(endpoint_id, report)
     return explain(decide(view, router), walk_limit)
 
 
@@ -133,9 +138,17 @@ def cmd_route(args: argparse.Namespace) -> int:
             print(f"error: --load {item!r}: expected ENDPOINT=N with N >= 0", file=sys.stderr)
             return EXIT_CONFIG
         loads[endpoint_id] = int(count)
+    reports: dict[str, LoadReport] = {}
+    for item in args.report:
+        parsed = _parse_report(item)
+        if parsed is None:
+            print(f"error: --report {item!r}: expected ENDPOINT=WAITING or "
+                  "ENDPOINT=WAITING,KV with WAITING >= 0 and KV in 0..1", file=sys.stderr)
+            return EXIT_CONFIG
+        reports[parsed[0]] = parsed[1]
     try:
         result = explain_route(settings, body, path=args.path, session=args.session,
-                               loads=loads)
+                               loads=loads, reports=reports)
     except BalancerError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
@@ -145,14 +158,42 @@ def cmd_route(args: argparse.Namespace) -> int:
     print(f"pool:      {result['pool']} (strategy {result['strategy']})")
     print(f"key:       {result['key']!r} ({result['key_source']})")
     print(f"key hash:  {result['key_hash']}")
-    print(f"bound:     {result['bound']} in-flight requests per endpoint")
+    unit = "queued" if result["signal"] == "queue" else "in-flight"
+    print(f"bound:     {result['bound']} {unit} requests per endpoint")
     print("ring walk:")
     for i, step in enumerate(result["ring_walk"], 1):
         mark = "  <- chosen" if step["endpoint"] == result["endpoint"] else ""
-        print(f"  {i}. {step['endpoint']} (in flight {step['in_flight']}){mark}")
+        print(f"  {i}. {step['endpoint']} ({_load_text(step)}){mark}")
     print(f"endpoint:  {result['endpoint']} {result['url']}")
     print(f"route:     {result['outcome']}: {result['reason']}")
     return 0
+
+
+def _parse_report(item: str) -> tuple[str, LoadReport] | None:
+    """``ENDPOINT=WAITING[,KV]`` from ``--report``; None when malformed."""
+    endpoint_id, _, figures = item.rpartition("=")
+    waiting, _, kv = figures.partition(",")
+    try:
+        metrics = {"num_requests_waiting": float(waiting)}
+        if kv:
+            metrics["kv_cache_usage_perc"] = float(kv)
+    except ValueError:
+        return None
+    report, bad = report_from(metrics)
+    if not endpoint_id or bad:
+        return None
+    return endpoint_id, report
+
+
+def _load_text(step: dict[str, Any]) -> str:
+    text = f"in flight {step['in_flight']}"
+    report = step.get("report")
+    if report is not None:
+        text += f", queue {step['queue_estimate']:g} (reported {report['waiting']:g}"
+        if report["kv_usage"] is not None:
+            text += f", KV {report['kv_usage']:.0%}"
+        text += f", {report['age_s']:g} s ago)"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--session", help="value of the session header")
     route.add_argument("--load", action="append", default=[], metavar="ENDPOINT=N",
                        help="pretend ENDPOINT has N requests in flight (repeatable)")
+    route.add_argument("--report", action="append", default=[], metavar="ENDPOINT=WAITING[,KV]",
+                       help="pretend ENDPOINT just reported WAITING queued requests and KV-cache "
+                            "use KV (0-1) (repeatable)")
     route.add_argument("--json", action="store_true", help="print JSON")
     route.set_defaults(func=cmd_route)
     return parser

@@ -37,6 +37,12 @@ class Strategy(enum.StrEnum):
     RANDOM = "random"
 
 
+class LoadSource(enum.StrEnum):
+    AUTO = "auto"
+    LOCAL = "local"
+    REPORTS = "reports"
+
+
 class KeyMode(enum.StrEnum):
     FIRST_USER_MESSAGE = "first-user-message"
     PROMPT_PREFIX = "prompt-prefix"
@@ -116,6 +122,37 @@ class RoutingSettings:
     """How many characters of that text go into the key."""
     session_header: str = "x-session-id"
     """Request header whose value, when present, is the key (then the body's ``user``)."""
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Which load CHWBL's bound is taken on, and how balancer learns the pods' own load."""
+
+    source: LoadSource = LoadSource.AUTO
+    """auto: bound each pod's *queue* as the pods report it (plus this process's requests
+    since the report) while every routable endpoint of the pool has a fresh report, else
+    this process's in-flight requests; local: always the in-flight requests (reports are
+    still read and shown); reports: always the queues, an endpoint without a fresh report
+    counting only this process's requests that have not started."""
+    max_age: float = 3.0
+    """Seconds a report stays usable for routing."""
+    poll_interval: float = 1.0
+    """Seconds between polls of an endpoint's Prometheus metrics while it sends no in-band
+    report (idle endpoints, servers without ORCA support); 0: never poll."""
+    poll_path: str = "/metrics"
+    """Path of the model servers' Prometheus metrics (vLLM and SGLang gauges are read)."""
+    poll_timeout: float = 1.0
+    """Seconds one metrics poll may take."""
+    queue_factor: float = 1.5
+    """CHWBL's c on queues: a pod's queue may exceed ceil(c * (total queued + 1) / n)
+    only when every pod's does."""
+    min_queue: int = 4
+    """Floor on the queue bound, in requests: a pod may queue this many before its keys
+    overflow, whatever the pool's average. Moving a request costs its uncached prefill on
+    the next pod, so a short queue is cheaper to wait out than to flee."""
+    pass_reports: bool = False
+    """Pass the pods' ``endpoint-load-metrics`` response header on to clients (off: it is
+    removed, so clients see no more of the pods than before)."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +300,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     pools: tuple[PoolSettings, ...] = ()
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    load: LoadSettings = field(default_factory=LoadSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     model_discovery: ModelDiscoverySettings = field(default_factory=ModelDiscoverySettings)
@@ -280,6 +318,7 @@ class Settings:
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "routing": RoutingSettings,
+    "load": LoadSettings,
     "limits": LimitsSettings,
     "kubernetes": KubernetesSettings,
     "model_discovery": ModelDiscoverySettings,
@@ -457,6 +496,7 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"routing.min_bound: {r.min_bound} must be >= 1")
     if r.prefix_chars < 1:
         raise ConfigError(f"routing.prefix_chars: {r.prefix_chars} must be >= 1")
+    _validate_load(settings.load)
     if lim.max_body_bytes < 1024:
         raise ConfigError(f"limits.max_body_bytes: {lim.max_body_bytes} must be >= 1024")
     if lim.max_header_bytes < 1024:
@@ -528,6 +568,19 @@ def _positive_seconds(section: str, values: Any, *keys: str) -> None:
         value = getattr(values, key)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{section}.{key}: {value} must be a number of seconds > 0")
+
+
+def _validate_load(load: LoadSettings) -> None:
+    _positive_seconds("load", load, "max_age", "poll_timeout")
+    if not (math.isfinite(load.poll_interval) and load.poll_interval >= 0):
+        raise ConfigError(f"load.poll_interval: {load.poll_interval} must be a number of "
+                          "seconds >= 0 (0 = never poll)")
+    if not load.poll_path.startswith("/"):
+        raise ConfigError(f"load.poll_path: {load.poll_path!r} must start with '/'")
+    if not (math.isfinite(load.queue_factor) and load.queue_factor >= 1.0):
+        raise ConfigError(f"load.queue_factor: {load.queue_factor} must be a number >= 1.0")
+    if load.min_queue < 1:
+        raise ConfigError(f"load.min_queue: {load.min_queue} must be >= 1")
 
 
 def _validate_resilience(settings: Settings) -> None:

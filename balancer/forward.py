@@ -55,6 +55,7 @@ from balancer.errors import (
     error_body,
 )
 from balancer.health import Failure
+from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
 from balancer.record import RequestRecord
 from balancer.retry import RETRY_STATUSES, parse_retry_after
@@ -83,7 +84,7 @@ HOP_BY_HOP: Final = frozenset(
 # body we send, and the forwarding headers (X-Forwarded-For is extended, not replaced).
 _NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {
     "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-    "x-request-id",
+    "x-request-id", FORMAT_HEADER,
 }
 # Set by the server for the client hop.
 _NOT_FORWARDED_RESPONSE: Final = frozenset(
@@ -109,17 +110,28 @@ def filter_request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
-def filter_response_headers(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The model server's response headers minus hop-by-hop ones, for the client."""
+_LOAD_HEADER: Final = LOAD_HEADER.encode()
+
+
+def filter_response_headers(headers: list[tuple[bytes, bytes]], *,
+                            keep_load: bool = False) -> tuple[CIMultiDict[str], bytes | None]:
+    """The model server's response headers minus hop-by-hop ones, for the client, and its
+    load report (``endpoint-load-metrics``), which the client gets only with ``keep_load``."""
     drop = _NOT_FORWARDED_RESPONSE
     for name, value in headers:
         if name.lower() == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",")}
     out: CIMultiDict[str] = CIMultiDict()
+    report = None
     for name, value in headers:
-        if name.lower() not in drop:
+        lower = name.lower()
+        if lower == _LOAD_HEADER:
+            report = value
+            if not keep_load:
+                continue
+        if lower not in drop:
             out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
-    return out
+    return out, report
 
 
 def usage_of(data: object) -> tuple[int, int] | None:
@@ -285,6 +297,7 @@ class Forwarder:
         self.route_headers = settings.server.route_headers
         self.retry_after_default = settings.retries.retry_after_default
         self.retry_after_max = settings.retries.retry_after_max
+        self.pass_reports = settings.load.pass_reports
         self.metrics = metrics
         self.connector: Connector | None = None
         """Set by the app while it runs: opens each endpoint's connection pool."""
@@ -300,7 +313,8 @@ class Forwarder:
         choice = lease.choice
         connections = lease.state.open(connector)
         head = self._head(request, connections.host_header, record.request_id, len(body))
-        self.metrics.route(lease.pool.name, choice.outcome, len(choice.probes), choice.bound)
+        self.metrics.route(lease.pool.name, choice.outcome, len(choice.probes), choice.bound,
+                           choice.signal)
         deadline = min(connections.loop.time() + self.first_byte_timeout, record.total_at)
         upstream: Response | None = None
         try:
@@ -329,6 +343,7 @@ class Forwarder:
         if request.host:
             headers.append((hdrs.X_FORWARDED_HOST, request.host))
         headers.append((HEADER_REQUEST_ID, request_id))
+        headers.append((FORMAT_HEADER, "text"))
         return serialize_head(request.method, request.raw_path, host, headers, body_length)
 
     async def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
@@ -337,7 +352,10 @@ class Forwarder:
         code = upstream.status
         if code >= 500:
             lease.failure = Failure.STATUS
-        headers = filter_response_headers(upstream.headers)
+        headers, report = filter_response_headers(upstream.headers,
+                                                  keep_load=self.pass_reports)
+        if report is not None:
+            self._load_report(lease, report)
         headers[HEADER_REQUEST_ID] = record.request_id
         if self.route_headers:
             headers[HEADER_ENDPOINT] = lease.state.id
@@ -347,10 +365,20 @@ class Forwarder:
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
             return await self._retryable(lease, record, upstream, headers, deadline)
         if small and not stream:
-            return await self._relay_whole(record, upstream, headers, deadline)
+            return await self._relay_whole(lease, record, upstream, headers, deadline)
         return await self._relay_stream(request, lease, record, upstream, headers, deadline)
 
-    def _first_byte(self, record: RequestRecord, now: float) -> None:
+    def _load_report(self, lease: Lease, value: bytes) -> None:
+        """Keep the endpoint's load report; a malformed one is counted, never an error."""
+        report, malformed = parse_orca(value.decode("latin-1"))
+        if malformed:
+            self.metrics.load_report_error(lease.pool.name, "malformed")
+        if report:
+            lease.state.queue.report(report, time.monotonic(), "inband")
+            self.metrics.load_report(lease.pool.name, "inband")
+
+    def _first_byte(self, lease: Lease, record: RequestRecord, now: float) -> None:
+        lease.start()
         record.first_byte = now - record.started
         self.metrics.first_byte_after(record.pool, record.first_byte)
 
@@ -359,7 +387,7 @@ class Forwarder:
         """A 429 or 502-504 another endpoint may answer instead (read whole, as the answer
         if no retry happens)."""
         payload = await upstream.read_all(deadline)
-        self._first_byte(record, asyncio.get_running_loop().time())
+        self._first_byte(lease, record, asyncio.get_running_loop().time())
         code = upstream.status
         retry_after = 0.0
         if code == 429:
@@ -370,10 +398,10 @@ class Forwarder:
         answer = web.Response(body=payload, status=code, headers=headers)
         return Retryable(str(code), answer, retry_after)
 
-    async def _relay_whole(self, record: RequestRecord, upstream: Response,
+    async def _relay_whole(self, lease: Lease, record: RequestRecord, upstream: Response,
                            headers: CIMultiDict[str], deadline: float) -> web.Response:
         payload = await upstream.read_all(deadline)
-        self._first_byte(record, asyncio.get_running_loop().time())
+        self._first_byte(lease, record, asyncio.get_running_loop().time())
         code = record.status = upstream.status
         if code == 200 and _is_json(upstream.header(b"content-type")):
             record.usage = body_usage(payload)
@@ -388,7 +416,7 @@ class Forwarder:
             response.content_length = upstream.content_length
         chunk = await upstream.read(deadline)
         loop = asyncio.get_running_loop()
-        self._first_byte(record, loop.time())
+        self._first_byte(lease, record, loop.time())
         record.status = upstream.status
         transport = request.transport
         guard = None if transport is None else _StallGuard(loop, transport, self.idle_timeout)

@@ -16,7 +16,7 @@ path nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,8 +39,20 @@ LATENCY_BUCKETS = (
 # Ring walks are short: 1 is the key's own endpoint, a handful means overflow under load.
 WALK_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
 
-PoolState = tuple[str, str, int, bool]
-"""(pool, endpoint id, in-flight requests, routable) for the state collector."""
+class PoolState(NamedTuple):
+    """One endpoint state as the state collector exports it at each scrape."""
+
+    pool: str
+    endpoint: str
+    in_flight: int
+    """Requests this balancer has in flight there."""
+    routable: bool
+    queued: float
+    """Estimated queue at the endpoint (its last report plus this balancer's traffic)."""
+    kv_usage: float | None
+    """Last reported KV-cache use, 0 to 1 (None: never reported)."""
+    report_age: float | None
+    """Seconds since the last load report (None: never reported)."""
 
 
 def _status_class(code: int) -> str:
@@ -66,15 +78,37 @@ class _StateCollector(Collector):
             "Endpoints known per pool, by state (routable or draining).",
             labels=["pool", "state"],
         )
+        queued = GaugeMetricFamily(
+            "balancer_endpoint_queue_estimate",
+            "Requests estimated queued at each endpoint: its last load report's waiting "
+            "requests plus this balancer's requests sent since that have not started.",
+            labels=["pool", "endpoint"],
+        )
+        kv_usage = GaugeMetricFamily(
+            "balancer_endpoint_kv_cache_usage",
+            "KV-cache use each endpoint last reported, 0 to 1 (endpoints that reported it).",
+            labels=["pool", "endpoint"],
+        )
+        age = GaugeMetricFamily(
+            "balancer_endpoint_load_report_age_seconds",
+            "Seconds since each endpoint's last load report, in band or polled (endpoints "
+            "that reported).",
+            labels=["pool", "endpoint"],
+        )
         counts: dict[tuple[str, str], int] = {}
-        for pool, endpoint, load, routable in self._state():
-            in_flight.add_metric([pool, endpoint], load)
-            state = "routable" if routable else "draining"
-            counts[(pool, state)] = counts.get((pool, state), 0) + 1
+        for row in self._state():
+            labels = [row.pool, row.endpoint]
+            in_flight.add_metric(labels, row.in_flight)
+            queued.add_metric(labels, row.queued)
+            if row.kv_usage is not None:
+                kv_usage.add_metric(labels, row.kv_usage)
+            if row.report_age is not None:
+                age.add_metric(labels, row.report_age)
+            state = "routable" if row.routable else "draining"
+            counts[(row.pool, state)] = counts.get((row.pool, state), 0) + 1
         for (pool, state), count in sorted(counts.items()):
             endpoints.add_metric([pool, state], count)
-        yield in_flight
-        yield endpoints
+        yield from (in_flight, endpoints, queued, kv_usage, age)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -106,8 +140,8 @@ class Metrics:
         )
         self.bound = Gauge(
             "balancer_pool_load_bound",
-            "The CHWBL load bound (in-flight requests per endpoint) at the pool's latest "
-            "keyed routing decision.",
+            "The CHWBL load bound at the pool's latest keyed routing decision (in-flight "
+            "requests or queued requests per endpoint; see balancer_route_load_signal_total).",
             ["pool"],
             registry=registry,
         )
@@ -151,6 +185,28 @@ class Metrics:
             "balancer_route_decisions_total",
             "Routing decisions by outcome (primary, overflow, session, fallback).",
             ["pool", "outcome"],
+            registry=registry,
+        )
+        self.route_signals = Counter(
+            "balancer_route_load_signal_total",
+            "Keyed routing decisions by the load the bound was taken on (queue: the pods' "
+            "reported queues; in-flight: this balancer's requests) and outcome: overflows "
+            "by signal say why keys left their endpoint.",
+            ["pool", "signal", "outcome"],
+            registry=registry,
+        )
+        self.load_reports = Counter(
+            "balancer_load_reports_total",
+            "Load reports taken from endpoints, by pool and source (inband: the "
+            "endpoint-load-metrics response header; poll: the endpoint's /metrics).",
+            ["pool", "source"],
+            registry=registry,
+        )
+        self.load_report_errors = Counter(
+            "balancer_load_report_errors_total",
+            "Load reports that could not be read, by pool and reason (malformed: a header or "
+            "metric value balancer cannot parse, ignored; poll: a metrics poll failed).",
+            ["pool", "reason"],
             registry=registry,
         )
         self.rejected = Counter(
@@ -282,14 +338,22 @@ class Metrics:
         """The children of one endpoint (see :class:`EndpointMetrics`)."""
         return EndpointMetrics(self, pool, endpoint)
 
-    def route(self, pool: str, outcome: str, walk: int = 0, bound: int | None = None) -> None:
+    def route(self, pool: str, outcome: str, walk: int = 0, bound: float | None = None,
+              signal: str = "in-flight") -> None:
         """A routing decision; ``walk`` endpoints examined on the ring (0: not a ring walk),
-        ``bound`` the CHWBL bound it was taken under (None: no bound)."""
+        ``bound`` the CHWBL bound it was taken under (None: no bound) on load ``signal``."""
         self._child(self.route_decisions, pool, outcome).inc()
         if walk:
             self._child(self.ring_walk, pool).observe(walk)
         if bound is not None:
             self._child(self.bound, pool).set(bound)
+            self._child(self.route_signals, pool, signal, outcome).inc()
+
+    def load_report(self, pool: str, source: str) -> None:
+        self._child(self.load_reports, pool, source).inc()
+
+    def load_report_error(self, pool: str, reason: str) -> None:
+        self._child(self.load_report_errors, pool, reason).inc()
 
     def first_byte_after(self, pool: str, seconds: float) -> None:
         self._child(self.first_byte, pool).observe(seconds)

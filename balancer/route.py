@@ -8,6 +8,7 @@ acquired), so explaining a request leaves no trace.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -24,6 +25,11 @@ KEYED_PATHS: Final = {
     "/v1/embeddings": Kind.EMBEDDINGS,
 }
 """API paths routed by a key from their body; every other /v1 path is passed through."""
+
+_SIGNALS: Final = {
+    "in-flight": "load: this balancer's in-flight requests",
+    "queue": "load: the queues the endpoints report",
+}
 
 _REASONS: Final = {
     "primary": "the key's first endpoint on the ring is within the load bound",
@@ -143,28 +149,57 @@ def redecide(decision: Decision, exclude: frozenset[str]) -> Decision:
 
 
 def explain(decision: Decision, walk_limit: int = 8) -> dict[str, Any]:
-    """A keyed decision for people: key, ring walk, bound, endpoint and why."""
+    """A keyed decision for people: key, ring walk with each endpoint's load, bound,
+    endpoint and why."""
     pool, choice = decision.pool, decision.choice
     routing = pool.routing
+    now = time.monotonic()
     walk = []
     for i, endpoint_id in enumerate(pool.ring.walk(decision.key_hash)):
         if i >= walk_limit:
             break
-        walk.append({"endpoint": endpoint_id, "in_flight": pool.load.get(endpoint_id, 0)})
+        walk.append({"endpoint": endpoint_id, **endpoint_load(pool, endpoint_id, now)})
     strategy = routing.strategy.value
+    bound = choice.bound if choice.bound is not None else chwbl_bound(
+        pool.total_load, len(pool.routable), routing.load_factor, routing.min_bound)
+    reason = _REASONS[choice.outcome] if strategy == "chwbl" else f"{strategy} ignores the key"
     return {
         "pool": pool.name,
         "strategy": strategy,
         "key_source": decision.key_source,
         "key": decision.key,
         "key_hash": f"{decision.key_hash:016x}",
-        "bound": chwbl_bound(pool.total_load, len(pool.routable), routing.load_factor,
-                             routing.min_bound),
+        "signal": choice.signal,
+        "bound": bound,
         "ring_walk": walk,
         "endpoint": choice.endpoint,
         "url": pool.endpoints[choice.endpoint].url,
         "outcome": choice.outcome,
-        "reason": _REASONS[choice.outcome] if strategy == "chwbl"
-        else f"{strategy} ignores the key",
-        "probes": [{"endpoint": p.endpoint, "in_flight": p.load} for p in choice.probes],
+        "reason": reason if strategy != "chwbl" else f"{reason} ({_SIGNALS[choice.signal]})",
+        "probes": [{"endpoint": p.endpoint,
+                    "in_flight" if choice.signal == "in-flight" else "queued": p.load}
+                   for p in choice.probes],
+    }
+
+
+def endpoint_load(pool: Pool, endpoint_id: str, now: float) -> dict[str, Any]:
+    """One endpoint's load as routing sees it: this balancer's in-flight requests, the
+    endpoint's last report, its age and the queue estimate built on it."""
+    state = pool.states.get(endpoint_id)
+    if state is None:
+        return {"in_flight": 0}
+    queue = state.queue
+    report = queue.report_
+    age = queue.age(now)
+    return {
+        "in_flight": state.in_flight,
+        "queue_estimate": round(queue.queued, 3),
+        "report": None if age is None else {
+            "source": queue.source,
+            "age_s": round(age, 3),
+            "fresh": queue.fresh(now, pool.load_settings.max_age),
+            "waiting": report.waiting,
+            "running": report.running,
+            "kv_usage": report.kv_usage,
+        },
     }

@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from balancer.config import PoolSettings, RoutingSettings, Settings, Strategy
+from balancer.config import (
+    LoadSettings,
+    LoadSource,
+    PoolSettings,
+    RoutingSettings,
+    Settings,
+    Strategy,
+)
 from balancer.endpoints import Endpoint
 from balancer.errors import ModelNotFoundError, NoEndpointsError
 from balancer.health import Failure
+from balancer.load import LoadReport
 from balancer.metrics import EndpointMetrics, Metrics, PoolState
 from balancer.ring import HashRing
 from balancer.state import EndpointState
@@ -49,7 +58,8 @@ class Lease:
     passive health hears when the lease ends.
     """
 
-    __slots__ = ("choice", "client_gone", "endpoint", "failure", "pool", "released", "state")
+    __slots__ = ("choice", "client_gone", "endpoint", "failure", "generation", "pool",
+                 "released", "started", "state")
 
     def __init__(self, pool: Pool, state: EndpointState, choice: Choice) -> None:
         self.pool = pool
@@ -57,15 +67,26 @@ class Lease:
         self.endpoint = state.endpoint
         """The endpoint as it was when the lease was taken."""
         self.choice = choice
+        self.generation = state.queue.sent()
+        """The endpoint's report generation when the request went there."""
+        self.started = False
+        """The response's first byte arrived: the request left the endpoint's queue."""
         self.released = False
         self.failure: Failure | None = None
         """What went wrong with the endpoint in this attempt (None: nothing)."""
         self.client_gone = False
         """The client went away: the attempt says nothing about the endpoint's health."""
 
+    def start(self) -> None:
+        """The response began: the request is no longer queued at the endpoint."""
+        if not self.started:
+            self.started = True
+            self.state.queue.started(self.generation)
+
     def release(self) -> None:
         if not self.released:
             self.released = True
+            self.start()
             self.pool._release(self.state)
 
     def __enter__(self) -> Lease:
@@ -112,6 +133,7 @@ class Pool:
         routing: RoutingSettings,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        load: LoadSettings | None = None,
     ) -> None:
         self.name = settings.name
         self.learns_models = not settings.models
@@ -123,6 +145,13 @@ class Pool:
         rng = rng or random.Random()
         self.strategy = make_strategy(routing, self.ring, rng)
         self.passthrough: Chooser = LeastRequest(rng)
+        load = load or LoadSettings()
+        self.load_settings = load
+        self.queue_strategy: Chooser | None = None
+        """CHWBL on the pods' queues (None: the pool routes on in-flight counts only)."""
+        if routing.strategy is Strategy.CHWBL and load.source is not LoadSource.LOCAL:
+            self.queue_strategy = BoundedLoad(self.ring, load.queue_factor, load.min_queue,
+                                              signal="queue")
         self._metrics = metrics
         self.states: dict[str, EndpointState] = {}
         """Every present endpoint's state, and those of departed endpoints whose requests
@@ -220,16 +249,39 @@ class Pool:
         """Pick an endpoint, never one in ``exclude`` (the endpoints a retry already tried);
         raises NoEndpointsError when the pool has none routable (or none left)."""
         strategy = self.strategy if keyed else self.passthrough
+        load: Mapping[str, float] = self.load
+        total: float = self.total_load
+        if keyed and self.queue_strategy is not None:
+            queues = self.queues()
+            if queues is not None:
+                strategy, load, total = self.queue_strategy, queues, sum(queues.values())
         if exclude:
-            choice = strategy.choose(key_hash, self.routable, self.load, self.total_load,
+            choice = strategy.choose(key_hash, self.routable, load, total,
                                      session=session, exclude=exclude)
         else:
-            choice = strategy.choose(
-                key_hash, self.routable, self.load, self.total_load, session=session
-            )
+            choice = strategy.choose(key_hash, self.routable, load, total, session=session)
         if choice is None:
             raise NoEndpointsError(f"no endpoint available in pool {self.name!r}")
         return choice
+
+    def queues(self, now: float | None = None) -> dict[str, float] | None:
+        """Each routable endpoint's estimated queue, when routing on queues; None: route on
+        in-flight counts (``load.source: auto`` and some endpoint has no fresh report)."""
+        now = time.monotonic() if now is None else now
+        settings = self.load_settings
+        max_age = settings.max_age
+        auto = settings.source is LoadSource.AUTO
+        states = self.states
+        queues = {}
+        for endpoint_id in self.routable:
+            queue = states[endpoint_id].queue
+            if queue.fresh(now, max_age):
+                queues[endpoint_id] = queue.queued
+            elif auto:
+                return None
+            else:
+                queues[endpoint_id] = float(queue.mine)
+        return queues
 
     def acquire(self, choice: Choice) -> Lease:
         state = self.states[choice.endpoint]
@@ -253,6 +305,18 @@ class Pool:
                 state.in_flight = count
         states = self.states
         self.total_load = sum(states[i].in_flight for i in self.routable)
+
+    def assume_report(self, endpoint_id: str, report: LoadReport) -> None:
+        """Pretend this endpoint just reported ``report`` (offline explanations only)."""
+        state = self.states.get(endpoint_id)
+        if state is not None:
+            state.queue.report(report, time.monotonic(), "assumed")
+
+    def signal(self) -> str:
+        """The load keyed requests are routed on now: "queue" or "in-flight"."""
+        if self.queue_strategy is not None and self.queues() is not None:
+            return "queue"
+        return "in-flight"
 
     # -- 429 pauses --------------------------------------------------------------------------
 
@@ -303,7 +367,8 @@ class Router:
                  metrics: Metrics | None = None) -> None:
         self.routing = settings.routing
         self.pools: dict[str, Pool] = {
-            p.name: Pool(p, settings.routing, rng, metrics) for p in settings.pools
+            p.name: Pool(p, settings.routing, rng, metrics, settings.load)
+            for p in settings.pools
         }
         for pool in self.pools.values():
             pool.panic_threshold = settings.health.panic_threshold
@@ -371,10 +436,14 @@ class Router:
         return not self.unready_pools()
 
     def in_flight_rows(self) -> Iterator[PoolState]:
-        """(pool, endpoint, in-flight, routable) for every endpoint state, for /metrics."""
+        """Every endpoint state's load, for /metrics."""
+        now = time.monotonic()
         for name, pool in self.pools.items():
             for endpoint_id, state in pool.states.items():
-                yield name, endpoint_id, state.in_flight, endpoint_id in pool._routable_set
+                queue = state.queue
+                yield PoolState(name, endpoint_id, state.in_flight,
+                                endpoint_id in pool._routable_set, queue.queued,
+                                queue.kv_usage, queue.age(now))
 
     def close_connections(self) -> None:
         """Close every endpoint's connections (at shutdown)."""

@@ -11,7 +11,8 @@ between the state holds:
 - ``models``: the model names the endpoint last reported on ``/v1/models``;
 - ``connections``: its keep-alive connection pool;
 - ``metrics``: its metric children;
-- ``reported_load``: room for the load the endpoint itself reports (not filled yet).
+- ``queue``: the endpoint's queue as it reports it, plus this balancer's traffic since
+  (:class:`~balancer.load.QueueEstimate`).
 
 :meth:`EndpointState.retire` frees all of it: the connections close, the probe stops and
 the endpoint's metric series are removed, so nothing of a departed endpoint outlives it.
@@ -26,6 +27,7 @@ from typing import Any, Final
 
 from balancer.endpoints import Endpoint
 from balancer.health import EndpointHealth
+from balancer.load import QueueEstimate
 from balancer.metrics import EndpointMetrics
 from balancer.upstream import ConnectionPool, Connector
 
@@ -38,7 +40,7 @@ class EndpointState:
 
     __slots__ = (
         "connections", "endpoint", "health", "history", "in_flight", "metrics", "models",
-        "paused_until", "present", "probe", "reported_load",
+        "paused_until", "present", "probe", "queue",
     )
 
     def __init__(self, endpoint: Endpoint, metrics: EndpointMetrics) -> None:
@@ -59,9 +61,8 @@ class EndpointState:
         self.models: frozenset[str] | None = None
         """Models the endpoint last reported (pools that learn their models); None: not
         heard from yet."""
-        self.reported_load: object | None = None
-        """Load the endpoint reports about itself (none yet: the slot for pod-reported
-        load)."""
+        self.queue = QueueEstimate()
+        """The endpoint's queue: its last load report plus this balancer's traffic since."""
         self.metrics = metrics
         self.connections: ConnectionPool | None = None
         """Keep-alive connections, opened on the first request."""

@@ -41,7 +41,7 @@ class Probe:
     """One endpoint considered during a decision, with its load at the time."""
 
     endpoint: str
-    load: int
+    load: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,10 @@ class Choice:
     session: the first choice for an explicit session key;
     fallback: nothing was within the bound, the least loaded was taken."""
     probes: tuple[Probe, ...] = ()
-    bound: int | None = None
+    bound: float | None = None
+    signal: str = "in-flight"
+    """The load the bound was taken on: "in-flight" (this process's requests) or "queue"
+    (the pods' reported queues)."""
 
 
 class Chooser(Protocol):
@@ -63,8 +66,8 @@ class Chooser(Protocol):
         self,
         key_hash: int,
         candidates: Sequence[str],
-        load: Mapping[str, int],
-        total_load: int,
+        load: Mapping[str, float],
+        total_load: float,
         *,
         session: bool = False,
         exclude: Collection[str] = (),
@@ -74,8 +77,9 @@ class Chooser(Protocol):
         ...
 
 
-def chwbl_bound(total_load: int, endpoints: int, load_factor: float, min_bound: int) -> int:
-    """Most in-flight requests one endpoint may hold once this request is placed."""
+def chwbl_bound(total_load: float, endpoints: int, load_factor: float, min_bound: int) -> int:
+    """Most load (requests in flight, or queued) one endpoint may hold once this request is
+    placed."""
     if endpoints <= 0:
         return min_bound
     return max(min_bound, math.ceil(load_factor * (total_load + 1) / endpoints))
@@ -84,17 +88,20 @@ def chwbl_bound(total_load: int, endpoints: int, load_factor: float, min_bound: 
 class BoundedLoad:
     """CHWBL over a :class:`HashRing` whose members are the routable endpoints."""
 
-    def __init__(self, ring: HashRing, load_factor: float = 1.25, min_bound: int = 1) -> None:
+    def __init__(self, ring: HashRing, load_factor: float = 1.25, min_bound: int = 1,
+                 signal: str = "in-flight") -> None:
         self.ring = ring
         self.load_factor = load_factor
         self.min_bound = min_bound
+        self.signal = signal
+        """What the loads it is given count (recorded on each choice)."""
 
     def choose(
         self,
         key_hash: int,
         candidates: Sequence[str],
-        load: Mapping[str, int],
-        total_load: int,
+        load: Mapping[str, float],
+        total_load: float,
         *,
         session: bool = False,
         exclude: Collection[str] = (),
@@ -114,11 +121,11 @@ class BoundedLoad:
                     outcome: Outcome = "session" if session else "primary"
                 else:
                     outcome = "overflow"
-                return Choice(endpoint, outcome, tuple(probes), bound)
+                return Choice(endpoint, outcome, tuple(probes), bound, self.signal)
         if not probes:
             return None
         least = min(probes, key=lambda p: p.load)
-        return Choice(least.endpoint, "fallback", tuple(probes), bound)
+        return Choice(least.endpoint, "fallback", tuple(probes), bound, self.signal)
 
 
 class LeastRequest:
@@ -135,8 +142,8 @@ class LeastRequest:
         self,
         key_hash: int,
         candidates: Sequence[str],
-        load: Mapping[str, int],
-        total_load: int,
+        load: Mapping[str, float],
+        total_load: float,
         *,
         session: bool = False,
         exclude: Collection[str] = (),
@@ -164,8 +171,8 @@ class RoundRobin:
         self,
         key_hash: int,
         candidates: Sequence[str],
-        load: Mapping[str, int],
-        total_load: int,
+        load: Mapping[str, float],
+        total_load: float,
         *,
         session: bool = False,
         exclude: Collection[str] = (),
@@ -187,8 +194,8 @@ class Random:
         self,
         key_hash: int,
         candidates: Sequence[str],
-        load: Mapping[str, int],
-        total_load: int,
+        load: Mapping[str, float],
+        total_load: float,
         *,
         session: bool = False,
         exclude: Collection[str] = (),

@@ -80,7 +80,8 @@ def test_check_config_prints_the_effective_configuration_as_yaml(
     printed = yaml.safe_load(out)
     assert printed == as_dict(load(config_file, environ={}))
     assert printed["routing"]["strategy"] == "chwbl"
-    assert list(printed) == ["server", "pools", "routing", "limits", "health", "retries", "drain"]
+    assert list(printed) == ["server", "pools", "routing", "load", "limits", "health", "retries",
+                            "drain"]
 
 
 def test_check_config_shows_flag_overrides(
@@ -163,12 +164,14 @@ def test_route_json_describes_the_decision(
         "key_source": "first-user-message",
         "key": key,
         "key_hash": f"{hash_key(key):016x}",
+        "signal": "in-flight",
         "bound": 2,
         "ring_walk": result["ring_walk"],
         "endpoint": first,
         "url": f"http://{first}",
         "outcome": "primary",
-        "reason": "the key's first endpoint on the ring is within the load bound",
+        "reason": "the key's first endpoint on the ring is within the load bound "
+                  "(load: this balancer's in-flight requests)",
         "probes": [{"endpoint": first, "in_flight": 0}],
     }
     assert sorted(s["endpoint"] for s in result["ring_walk"]) == sorted(ENDPOINT_IDS)
@@ -224,7 +227,8 @@ def test_load_on_the_first_endpoint_moves_the_request_along_the_ring(
     )
     assert (result["outcome"], result["bound"]) == (outcome, bound)
     assert result["endpoint"] == (first if outcome == "primary" else second)
-    assert result["ring_walk"][0] == {"endpoint": first, "in_flight": first_load}
+    assert result["ring_walk"][0] == {"endpoint": first, "in_flight": first_load,
+                                      "queue_estimate": 0.0, "report": None}
     assert result["probes"][0] == {"endpoint": first, "in_flight": first_load}
 
 
