@@ -157,13 +157,16 @@ class QueueEstimate:
     the request ends without one, and :meth:`report` when a report arrives.
     """
 
-    __slots__ = ("at", "base", "generation", "kv_usage", "mine", "report_", "source")
+    __slots__ = ("at", "base", "generation", "kv_usage", "mine", "queue_at", "report_",
+                 "source")
 
     def __init__(self) -> None:
         self.report_: LoadReport = EMPTY
         """The last report (EMPTY: none yet)."""
         self.at = -math.inf
-        """Loop time the last report arrived."""
+        """When the last report arrived (``time.monotonic()``)."""
+        self.queue_at = -math.inf
+        """When the last report with a waiting count arrived."""
         self.source: Source | None = None
         self.generation = 0
         """Counts reports; a request sent under an older generation predates the report."""
@@ -192,6 +195,7 @@ class QueueEstimate:
         if report.kv_usage is not None:
             self.kv_usage = report.kv_usage
         if report.waiting is not None:
+            self.queue_at = now
             self.generation += 1
             self.base = report.waiting
             self.mine = 0
@@ -201,8 +205,8 @@ class QueueEstimate:
         return self.base + self.mine
 
     def fresh(self, now: float, max_age: float) -> bool:
-        """Whether the last report is recent enough to route on."""
-        return now - self.at <= max_age and self.report_.waiting is not None
+        """Whether the queue figure is recent enough to route on."""
+        return now - self.queue_at <= max_age
 
     def age(self, now: float) -> float | None:
         """Seconds since the last report; None: never reported."""

@@ -119,6 +119,46 @@ class PodOptions:
     extra: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A balancer contender under a name of its own: a strategy and dotted settings, e.g.
+    ``chwbl-local`` = chwbl with ``load.source=local``."""
+
+    strategy: str
+    settings: dict[str, Any]
+
+
+def parse_variant(item: str) -> tuple[str, Variant]:
+    """``NAME=STRATEGY[:KEY=VALUE,...]`` from ``--variant``."""
+    import yaml
+
+    name, sep, spec = item.partition("=")
+    strategy, _, pairs = spec.partition(":")
+    if not sep or not name or strategy not in STRATEGIES or name in CONTENDERS:
+        raise SystemExit(f"--variant {item!r}: expected NAME=STRATEGY[:KEY=VALUE,...] with a "
+                         f"new NAME and STRATEGY one of {', '.join(STRATEGIES)}")
+    settings: dict[str, Any] = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit(f"--variant {item!r}: {pair!r} is not SECTION.KEY=VALUE")
+        settings[key.strip()] = yaml.safe_load(value)
+    return name, Variant(strategy, settings)
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``SECTION.KEY=VALUE`` pairs from ``--set``."""
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
 @dataclass
 class RunOptions:
     """How each contender is driven and measured."""
@@ -134,6 +174,10 @@ class RunOptions:
     body_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 1
     """Seeds the fleet's random choice of replica."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Dotted balancer settings for every balancer contender (``--set``)."""
+    variants: dict[str, Variant] = field(default_factory=dict)
+    """Named balancer configurations run as contenders of their own (``--variant``)."""
 
     def window(self) -> Window:
         return Window(self.warmup_s, max(self.warmup_s, self.duration_s - self.cooldown_s))
@@ -280,16 +324,23 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def balancer_config(pod_urls: Sequence[str], strategy: str, model: str, port: int,
-                    admin_port: int, extra: dict[str, Any]) -> str:
+                    admin_port: int, extra: dict[str, Any],
+                    settings: dict[str, Any] | None = None) -> str:
+    """The configuration of one balancer contender; ``settings`` are dotted overrides
+    (``load.min_queue: 8``) applied last."""
     routing = {"strategy": strategy, **extra}
-    return json.dumps({
+    config: dict[str, Any] = {
         "server": {"host": HOST, "port": port, "admin_port": admin_port,
                    "log_level": "warning"},
         "pools": [{"name": "sim", "models": [model], "endpoints": list(pod_urls)}],
         "routing": routing,
         # Nothing sends traffic once a run is over: no Service needs time to see it leave.
         "drain": {"delay": 0, "timeout": 5},
-    })
+    }
+    for dotted, value in (settings or {}).items():
+        section, _, key = dotted.partition(".")
+        config.setdefault(section, {})[key] = value
+    return json.dumps(config)
 
 
 # -- one contender -----------------------------------------------------------------------------
@@ -333,7 +384,8 @@ class Progress:
 
 def label(name: str, replicas: int) -> str:
     """A contender's name in tables: balancer strategies in a fleet say how many replicas."""
-    return f"{name} x{replicas}" if name in STRATEGIES and replicas > 1 else name
+    balancer = name not in (ORACLE, HAPROXY, VLLM_ROUTER)
+    return f"{name} x{replicas}" if balancer and replicas > 1 else name
 
 
 async def _pod_stats(session: aiohttp.ClientSession, pod_urls: Sequence[str]
@@ -428,8 +480,10 @@ async def run_contender(
             for replica in range(run.replicas):
                 port, admin_port = free_port(), free_port()
                 config = log_dir / f"{tag}-{replica}.yaml"
-                config.write_text(
-                    balancer_config(pod_urls, name, model, port, admin_port, routing))
+                variant = run.variants.get(name, Variant(name, {}))
+                config.write_text(balancer_config(
+                    pod_urls, variant.strategy, model, port, admin_port, routing,
+                    {**run.settings, **variant.settings}))
                 proc = services.start(f"{tag}-balancer-{replica}",
                                       [python, "-m", "balancer", "serve", "--config", str(config)])
                 pids["balancer" if run.replicas == 1 else f"balancer-{replica}"] = proc.pid
@@ -653,6 +707,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "--shape think_mean_s=1 (see loadtest/workloads.py)")
     parser.add_argument("--routing", action="append", default=[], metavar="KEY=VALUE",
                         help="balancer routing setting, e.g. --routing prefix_chars=200")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        dest="settings",
+                        help="balancer setting for every balancer contender, e.g. "
+                             "--set load.min_queue=8")
+    parser.add_argument("--variant", action="append", default=[],
+                        metavar="NAME=STRATEGY[:SECTION.KEY=VALUE,...]",
+                        help="a balancer contender of its own, e.g. "
+                             "--variant chwbl-local=chwbl:load.source=local; name it in "
+                             "--contenders")
     parser.add_argument("--concurrency", type=int, default=2048,
                         help="requests in flight at most on the client side (reported when "
                              "it binds)")
@@ -707,13 +770,14 @@ def run_options_from(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         duration_s=args.duration, warmup_s=args.warmup, cooldown_s=args.cooldown,
         grace_s=args.grace, slo=Slo.from_arguments(args), concurrency=args.concurrency,
-        replicas=args.replicas, seed=args.seed)
+        replicas=args.replicas, seed=args.seed, settings=parse_settings(args.settings),
+        variants=dict(parse_variant(v) for v in args.variant))
 
 
-def contenders_from(spec: str) -> list[str]:
+def contenders_from(spec: str, variants: Sequence[str] = ()) -> list[str]:
     """The contenders asked for, less optional tools that are not installed."""
     contenders = [c.strip() for c in spec.split(",") if c.strip()]
-    unknown = [c for c in contenders if c not in CONTENDERS]
+    unknown = [c for c in contenders if c not in CONTENDERS and c not in variants]
     if unknown:
         raise SystemExit(f"unknown contender(s): {', '.join(unknown)}")
     for tool, install in OPTIONAL_TOOLS.items():
@@ -740,8 +804,8 @@ def pod_options_from(args: argparse.Namespace) -> PodOptions:
 
 async def run_all(args: argparse.Namespace, trace: list[TraceRecord]) -> list[Outcome]:
     """Play the workload through every contender, interleaved over the repeats."""
-    contenders = contenders_from(args.contenders)
     run = run_options_from(args)
+    contenders = contenders_from(args.contenders, list(run.variants))
     routing = parse_routing(args.routing)
     pods = pod_options_from(args)
     print(f"workload {args.workload} (seed {args.seed}): {len(trace)} requests in the trace over "

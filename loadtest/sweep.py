@@ -91,8 +91,8 @@ def rates_from(args: argparse.Namespace) -> list[float]:
 async def run_sweep(args: argparse.Namespace, rates: Sequence[float]
                     ) -> list[tuple[float, compare.Outcome]]:
     """Every (rate, repeat, contender) run, rates ascending, contenders interleaved."""
-    contenders = compare.contenders_from(args.contenders)
     run = compare.run_options_from(args)
+    contenders = compare.contenders_from(args.contenders, list(run.variants))
     routing = compare.parse_routing(args.routing)
     pods = compare.pod_options_from(args)
     total = len(rates) * args.repeat * len(contenders)

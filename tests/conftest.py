@@ -28,7 +28,8 @@ class Upstream:
     Behaviour is set per test through attributes: ``chunks`` per stream, ``chunk_delay``
     between chunks (seconds), ``gate`` (an event the stream waits on after its first chunk),
     ``status`` to answer errors, ``first_byte_delay`` before the response starts, ``die_after``
-    (close the connection after that many chunks).
+    (close the connection after that many chunks), ``load_report`` (the
+    ``endpoint-load-metrics`` value answered to requests that ask for one).
     """
 
     name: str
@@ -40,6 +41,7 @@ class Upstream:
     gate: asyncio.Event | None = None
     status: int = 200
     die_after: int | None = None
+    load_report: str | None = None
     active: int = 0
     cancelled: int = 0
     completed: int = 0
@@ -90,11 +92,14 @@ class Upstream:
                     status=self.status,
                     headers={"Connection": "keep-alive", "Keep-Alive": "timeout=5"},
                 )
+            headers = {"x-upstream": self.name}
+            if self.load_report is not None and "endpoint-load-metrics-format" in request.headers:
+                headers["endpoint-load-metrics"] = self.load_report
             if not body.get("stream"):
                 return web.json_response(self._completion(body), headers={
-                    "x-upstream": self.name, "Keep-Alive": "timeout=5"})
+                    **headers, "Keep-Alive": "timeout=5"})
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                   "x-upstream": self.name})
+                                                   **headers})
             await response.prepare(request)
             for i in range(self.chunks):
                 if self.die_after is not None and i == self.die_after:

@@ -389,3 +389,35 @@ def test_python_dash_m_balancer_runs_the_command_line(
         runpy.run_module("balancer", run_name="__main__")
     assert caught.value.code == 0
     assert "chwbl" in capsys.readouterr().out
+
+
+def test_reported_queues_route_on_the_pods_queues(
+    capsys: pytest.CaptureFixture[str], config_file: Path, request_file: Path
+) -> None:
+    """--report ENDPOINT=WAITING[,KV] on every endpoint bounds queues: a long queue on the
+    key's endpoint moves the request along the ring, and the walk shows each report."""
+    idle = route_json(capsys, "--config", str(config_file), str(request_file))
+    first, second = (s["endpoint"] for s in idle["ring_walk"][:2])
+    reports = [arg for e in ENDPOINT_IDS
+               for arg in ("--report", f"{e}={6 if e == first else 0},0.5")]
+    result = route_json(capsys, "--config", str(config_file), str(request_file), *reports)
+    assert (result["signal"], result["outcome"], result["endpoint"]) == (
+        "queue", "overflow", second)
+    assert result["bound"] == 4
+    step = result["ring_walk"][0]
+    assert (step["queue_estimate"], step["report"]["waiting"], step["report"]["kv_usage"],
+            step["report"]["source"]) == (6.0, 6.0, 0.5, "assumed")
+    assert result["probes"][0] == {"endpoint": first, "queued": 6.0}
+    code, out, _ = run(capsys, "route", "--config", str(config_file), str(request_file),
+                       *reports)
+    assert code == 0
+    assert "bound:     4 queued requests per endpoint" in out
+    assert f"1. {first} (in flight 0, queue 6 (reported 6, KV 50%, " in out
+
+
+@pytest.mark.parametrize("item", ["x=-1", "x=lots", "=3", "x=1,2.5", "x=1,kv"])
+def test_a_malformed_report_is_refused(capsys: pytest.CaptureFixture[str], config_file: Path,
+                                       request_file: Path, item: str) -> None:
+    code = main(["route", "--config", str(config_file), str(request_file), "--report", item])
+    assert code == EXIT_CONFIG
+    assert "--report" in capsys.readouterr().err

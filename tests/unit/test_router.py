@@ -517,3 +517,121 @@ async def test_a_new_url_gets_new_connections() -> None:
     new = pool.states["vllm-0"].open(connector)
     assert new is not old and new.port == 9000
     new.close()
+
+
+# -- routing on the pods' reported queues ------------------------------------------------------
+
+
+def queue_pool(source: str = "auto", n: int = 4, **load: Any) -> Pool:
+    from balancer.config import LoadSettings, LoadSource
+
+    settings = LoadSettings(source=LoadSource(source), **load)
+    pool = Pool(CHAT_POOL, RoutingSettings(virtual_nodes=64), random.Random(0), None, settings)
+    pool.set_endpoints(ep(i) for i in range(n))
+    return pool
+
+
+def report_all(pool: Pool, waiting: dict[str, float], default: float = 0.0) -> None:
+    from balancer.load import LoadReport
+
+    for endpoint_id in pool.routable:
+        pool.assume_report(endpoint_id, LoadReport(waiting=waiting.get(endpoint_id, default)))
+
+
+def walk(pool: Pool, key: str = "hot prefix") -> list[str]:
+    return list(pool.ring.walk(hash_key(key)))
+
+
+def test_with_every_endpoint_reporting_the_bound_is_on_queues() -> None:
+    pool = queue_pool()
+    first = walk(pool)[0]
+    report_all(pool, {})
+    for _ in range(20):  # running requests never move a key whose pod does not queue
+        take(pool).start()
+    choice = pool.choose(hash_key("hot prefix"))
+    assert (choice.endpoint, choice.outcome, choice.signal) == (first, "primary", "queue")
+    assert choice.bound == 4  # min_queue: the pool queues nothing
+    assert pool.signal() == "queue"
+
+
+def test_a_queue_at_the_bound_overflows_along_the_ring() -> None:
+    pool = queue_pool()
+    first, second = walk(pool)[:2]
+    report_all(pool, {first: 3.0})
+    assert pool.choose(hash_key("hot prefix")).endpoint == first  # 3 + 1 <= 4
+    report_all(pool, {first: 4.0})
+    choice = pool.choose(hash_key("hot prefix"))
+    assert (choice.endpoint, choice.outcome) == (second, "overflow")
+    assert [p.load for p in choice.probes] == [4.0, 0.0]
+
+
+def test_when_every_pod_queues_the_key_keeps_its_pod() -> None:
+    """Moving a request costs its prefill elsewhere: when all pods queue alike, it stays."""
+    pool = queue_pool()
+    first = walk(pool)[0]
+    report_all(pool, {}, default=10.0)
+    choice = pool.choose(hash_key("hot prefix"))
+    # ceil(1.5 * (40 + 1) / 4) = 16: ten queued everywhere is no imbalance
+    assert (choice.endpoint, choice.outcome, choice.bound) == (first, "primary", 16)
+
+
+def test_requests_sent_since_the_report_count_at_once() -> None:
+    """A burst to one pod shows in the estimate before the pod's next report."""
+    pool = queue_pool()
+    first, second = walk(pool)[:2]
+    report_all(pool, {})
+    leases = [take(pool) for _ in range(4)]
+    assert [lease.endpoint.id for lease in leases] == [first] * 4
+    assert take(pool).endpoint.id == second  # first holds 4 unstarted requests
+    for lease in leases:
+        lease.start()  # they left the queue
+    assert take(pool).endpoint.id == first
+
+
+def test_auto_falls_back_to_in_flight_while_an_endpoint_has_no_fresh_report() -> None:
+    from balancer.load import LoadReport
+
+    pool = queue_pool()
+    ids = list(pool.routable)
+    for endpoint_id in ids[:-1]:
+        pool.assume_report(endpoint_id, LoadReport(waiting=0.0))
+    assert pool.signal() == "in-flight"
+    assert pool.choose(hash_key("k")).signal == "in-flight"
+    pool.assume_report(ids[-1], LoadReport(waiting=0.0))
+    assert pool.signal() == "queue"
+    for endpoint_id in ids:  # reports age out: back on in-flight counts
+        pool.states[endpoint_id].queue.queue_at -= 10
+    assert pool.signal() == "in-flight"
+
+
+def test_reports_source_counts_unstarted_requests_where_no_report_is_fresh() -> None:
+    pool = queue_pool("reports")
+    first = walk(pool)[0]
+    assert pool.signal() == "queue"
+    queues = pool.queues()
+    assert queues == {i: 0.0 for i in pool.routable}
+    take(pool)
+    assert pool.queues()[first] == 1.0
+
+
+def test_local_source_never_routes_on_queues() -> None:
+    pool = queue_pool("local")
+    report_all(pool, {})
+    assert pool.queue_strategy is None and pool.signal() == "in-flight"
+
+
+def test_keyless_requests_stay_on_in_flight_counts() -> None:
+    pool = queue_pool()
+    report_all(pool, {})
+    assert pool.choose(0, keyed=False).signal == "in-flight"
+
+
+@given(st.lists(st.floats(0, 100), min_size=1, max_size=12), st.integers(0, 2**64 - 1))
+def test_some_endpoint_is_always_within_the_queue_bound(queues: list[float], key: int) -> None:
+    """CHWBL's guarantee holds on queues too: the walk ends within the bound, never in the
+    fallback, whatever the reported queues."""
+    pool = queue_pool(n=len(queues))
+    report_all(pool, dict(zip(sorted(pool.routable), queues, strict=True)))
+    choice = pool.choose(key)
+    assert choice.outcome in ("primary", "overflow")
+    assert choice.probes[-1].load + 1 <= choice.bound
