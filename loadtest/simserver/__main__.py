@@ -28,6 +28,7 @@ from .engine import (
     EngineConfig,
 )
 from .faults import ERROR_STATUSES, FaultConfig
+from .metrics import METRICS_FLAVORS
 from .server import pod_configs, serve_pods
 
 
@@ -64,6 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall seconds per simulated second (0.1 runs ten times faster than the GPU)",
     )
     pods.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+    reports = parser.add_argument_group("load reports")
+    reports.add_argument(
+        "--metrics-flavor",
+        choices=METRICS_FLAVORS,
+        default="vllm",
+        help="/metrics under vLLM's names (vllm:num_requests_waiting...), SGLang's"
+        " (sglang:num_queue_reqs...), or none (404: a server that reports nothing)",
+    )
+    reports.add_argument(
+        "--orca",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer requests carrying endpoint-load-metrics-format: text|json with an ORCA"
+        " load report in endpoint-load-metrics, as vLLM does; --no-orca: a server without"
+        " ORCA support",
+    )
+    reports.add_argument(
+        "--orca-running",
+        action="store_true",
+        help="add named_metrics.num_requests_running (a count) to ORCA reports; vLLM sends"
+        " only num_requests_waiting and kv_cache_usage_perc",
+    )
+    reports.add_argument(
+        "--orca-streams",
+        action="store_true",
+        help="put ORCA reports on streamed answers too, read as the stream starts; vLLM"
+        " reports on non-streamed answers only",
+    )
 
     engine = parser.add_argument_group("engine (Llama-3.1-8B on one H100 by default)")
     engine.add_argument(
@@ -212,6 +242,10 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         time_scale=args.time_scale,
         engine=engine,
         faults=faults,
+        orca=args.orca,
+        orca_running=args.orca_running,
+        orca_streams=args.orca_streams,
+        metrics_flavor=args.metrics_flavor,
     )
     return pod_configs(base, args.pods)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .engine import EngineConfig
 from .faults import FaultConfig
+from .metrics import METRICS_FLAVORS, MetricsFlavor
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 """Model name served when none is given."""
@@ -28,6 +29,23 @@ class SimConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """Largest request body accepted, in bytes."""
+    orca: bool = True
+    """Answer ORCA load-report requests as vLLM does: a chat or completion request carrying
+    ``endpoint-load-metrics-format: text|json`` gets ``endpoint-load-metrics`` on its
+    non-streamed answer, read from the engine when the answer is ready (see :mod:`.orca`).
+    False: a server without ORCA support, which never sends the header."""
+    orca_running: bool = False
+    """Add ``named_metrics.num_requests_running`` (sequences in the batch, a count) to each
+    report. Off by default because vLLM reports only ``num_requests_waiting`` (a count) and
+    ``kv_cache_usage_perc`` (a fraction, 0..1)."""
+    orca_streams: bool = False
+    """Report on streamed answers too, read when the stream's head is sent (the request was
+    just queued, so it counts itself as waiting). Off by default because vLLM puts the report
+    on non-streamed answers only."""
+    metrics_flavor: MetricsFlavor = "vllm"
+    """``/metrics`` under vLLM's names (``vllm:num_requests_waiting``...), SGLang's
+    (``sglang:num_queue_reqs``...), or ``none``: no ``/metrics`` (404), a server that reports
+    nothing out of band."""
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -36,3 +54,5 @@ class SimConfig:
             raise ValueError("time_scale must be positive")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if self.metrics_flavor not in METRICS_FLAVORS:
+            raise ValueError(f"metrics_flavor must be one of {', '.join(METRICS_FLAVORS)}")

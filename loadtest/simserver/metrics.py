@@ -1,4 +1,5 @@
-"""Prometheus metrics of a simulated pod, under vLLM's names and ``model_name`` label.
+"""Prometheus metrics of a simulated pod, under vLLM's (or SGLang's) names and a ``model_name``
+label.
 
 Engine counters and gauges are read from the engine at scrape time; latency histograms are
 observed as tokens are delivered. Times are wall-clock seconds (simulated time x time scale), as a
@@ -7,13 +8,20 @@ client of the pod measures them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine import Engine
+
+MetricsFlavor = Literal["vllm", "sglang", "none"]
+"""Which server's ``/metrics`` a pod imitates: ``vllm`` (``vllm:num_requests_waiting``...),
+``sglang`` (``sglang:num_queue_reqs``...) or ``none`` (no ``/metrics`` at all: 404)."""
+
+METRICS_FLAVORS: tuple[MetricsFlavor, ...] = get_args(MetricsFlavor)
 
 TTFT_BUCKETS = (
     0.001,
@@ -67,27 +75,37 @@ E2E_BUCKETS = (
 """vLLM's buckets for ``vllm:e2e_request_latency_seconds``."""
 
 
-class _EngineCollector(Collector):
-    """Reads the engine's gauges and counters when scraped."""
+def _family_makers(
+    model: str,
+) -> tuple[
+    Callable[[str, str, float], GaugeMetricFamily], Callable[[str, str, float], CounterMetricFamily]
+]:
+    """Gauge and counter builders with one sample labelled ``model_name=<model>``."""
+
+    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model], value)
+        return family
+
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model], value)
+        return family
+
+    return gauge, counter
+
+
+class _VllmCollector(Collector):
+    """Reads the engine's gauges and counters when scraped, under vLLM's names."""
 
     def __init__(self, engine: Engine, model_name: str) -> None:
         self._engine = engine
         self._model = model_name
 
     def collect(self) -> Iterator[Metric]:
-        engine, model = self._engine, [self._model]
+        engine = self._engine
         totals = engine.totals
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(model, value)
-            return family
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(model, value)
-            return family
-
+        gauge, counter = _family_makers(self._model)
         yield gauge(
             "vllm:num_requests_running",
             "Number of requests in model execution batches.",
@@ -140,21 +158,66 @@ class _EngineCollector(Collector):
         yield success
 
 
-class SimMetrics:
-    """All metrics of one pod, in its own registry."""
+class _SGLangCollector(Collector):
+    """Reads the engine's gauges and counters when scraped, under SGLang's names."""
 
-    def __init__(self, engine: Engine, model_name: str, registry: CollectorRegistry) -> None:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self._engine = engine
+        self._model = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine
+        totals = engine.totals
+        gauge, counter = _family_makers(self._model)
+        yield gauge(
+            "sglang:num_running_reqs", "The number of running requests.", engine.num_running
+        )
+        yield gauge(
+            "sglang:num_queue_reqs",
+            "The number of requests in the waiting queue.",
+            engine.num_waiting,
+        )
+        yield gauge("sglang:token_usage", "The token usage.", engine.kv_usage)
+        yield counter(
+            "sglang:prompt_tokens", "Number of prefill tokens processed.", totals.prompt_tokens
+        )
+        yield counter(
+            "sglang:generation_tokens",
+            "Number of generation tokens processed.",
+            totals.generation_tokens,
+        )
+
+
+class SimMetrics:
+    """All metrics of one pod, in its own registry, under `flavor`'s names.
+
+    With flavor ``none`` the histograms are still kept (they cost nothing) but the engine's
+    gauges are not registered; the pod serves no ``/metrics``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        registry: CollectorRegistry,
+        flavor: MetricsFlavor = "vllm",
+    ) -> None:
         self.registry = registry
-        registry.register(_EngineCollector(engine, model_name))
+        self.flavor = flavor
+        if flavor == "vllm":
+            registry.register(_VllmCollector(engine, model_name))
+        elif flavor == "sglang":
+            registry.register(_SGLangCollector(engine, model_name))
+        prefix = "sglang" if flavor == "sglang" else "vllm"
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
+            f"{prefix}:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
             ["model_name"],
             buckets=TTFT_BUCKETS,
             registry=registry,
         ).labels(model_name)
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds",
+            f"{prefix}:e2e_request_latency_seconds",
             "Histogram of end to end request latency in seconds.",
             ["model_name"],
             buckets=E2E_BUCKETS,

@@ -8,11 +8,13 @@ Endpoints:
 
 * ``POST /v1/chat/completions``, ``POST /v1/completions``: streamed (SSE) or not;
 * ``POST /tokenize``: vLLM's tokenizer endpoint, with pseudo-token ids;
-* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (vLLM names);
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (vLLM's names, SGLang's, or none);
 * ``GET /stats``, ``POST /stats/reset``: counters for benchmarks;
 * ``GET /sim/faults``, ``POST /sim/faults``: read or change fault injection live.
 
-Every response carries ``x-sim-pod: <pod name>``.
+Every response carries ``x-sim-pod: <pod name>``. A non-streamed completion whose request asks
+for an ORCA load report (``endpoint-load-metrics-format: text|json``) carries
+``endpoint-load-metrics``, as vLLM's does (see :mod:`.orca`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .engine import Engine, EngineError, TokenOutput
 from .engine import Sequence as EngineSequence
 from .faults import RETRY_AFTER_STATUSES, Fate, FaultConfigError, FaultInjector
 from .metrics import SimMetrics
+from .orca import FORMAT_HEADER, REPORT_HEADER, load_report, named_metrics
 from .text import PromptError, render_chat, render_completion_prompts, token_ids
 
 log = logging.getLogger(__name__)
@@ -142,7 +145,9 @@ class SimPod:
         self.clock = clock
         self.engine = Engine(config.engine)
         self.engine.latency_multiplier = config.faults.latency_multiplier
-        self.metrics = SimMetrics(self.engine, config.models[0], CollectorRegistry())
+        self.metrics = SimMetrics(
+            self.engine, config.models[0], CollectorRegistry(), config.metrics_flavor
+        )
         self.driver = EngineDriver(
             self.engine, config.time_scale, clock=clock, listener=self._on_token
         )
@@ -166,6 +171,19 @@ class SimPod:
             e2e = self.driver.wall_seconds(seq.finish_ms - seq.arrival_ms)
             self.metrics.e2e.observe(e2e)
             self.counters.e2e_s.append(e2e)
+
+    def load_report_headers(self, request: web.Request, *, stream: bool) -> dict[str, str]:
+        """The ORCA load report `request` asks for, as response headers, read from the engine
+        now; empty if it asks for none, in a format not supported, or this pod does not
+        report (on this kind of answer)."""
+        metrics_format = request.headers.get(FORMAT_HEADER)
+        config = self.config
+        if not metrics_format or not config.orca or (stream and not config.orca_streams):
+            return {}
+        report = load_report(
+            metrics_format, named_metrics(self.engine, running=config.orca_running)
+        )
+        return {REPORT_HEADER: report} if report is not None else {}
 
     def update_faults(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         config = self.faults.update(changes, self.clock())
@@ -490,9 +508,12 @@ async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
     reply = _Reply.new(req)
     try:
         if req.stream:
-            response = web.StreamResponse(
-                headers={hdrs.CONTENT_TYPE: "text/event-stream", hdrs.CACHE_CONTROL: "no-cache"}
-            )
+            headers: dict[str, str] = {
+                hdrs.CONTENT_TYPE: "text/event-stream",
+                hdrs.CACHE_CONTROL: "no-cache",
+            }
+            headers.update(pod.load_report_headers(request, stream=True))
+            response = web.StreamResponse(headers=headers)
             await response.prepare(request)
             try:
                 await _stream(response, submission, reply, stall_after)
@@ -501,7 +522,10 @@ async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
                 return response
         else:
             await _wait_finished(submission)
-            response = web.json_response(reply.body(submission.seqs))
+            response = web.json_response(
+                reply.body(submission.seqs),
+                headers=pod.load_report_headers(request, stream=False),
+            )
     except asyncio.CancelledError:
         pod.counters.requests_disconnected += 1
         raise
@@ -595,7 +619,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text."""
+    """``GET /metrics``: Prometheus text (not routed when the pod's metrics flavor is none)."""
     pod = request.app[POD_KEY]
     payload = generate_latest(pod.metrics.registry)
     return web.Response(body=payload, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
@@ -656,7 +680,8 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    if config.metrics_flavor != "none":
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", get_stats)
     app.router.add_post("/stats/reset", reset_stats)
     app.router.add_get("/sim/faults", get_faults)
