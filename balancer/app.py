@@ -25,6 +25,7 @@ from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
 from balancer.errors import BalancerError, error_body
 from balancer.forward import Forwarder
+from balancer.loadpoll import LoadPoller
 from balancer.metrics import Metrics
 from balancer.models import ModelLearner
 from balancer.monitor import HealthMonitor
@@ -48,6 +49,7 @@ class Balancer:
     source: EndpointSource
     learner: ModelLearner
     health: HealthMonitor
+    poller: LoadPoller
     app: web.Application = field(init=False)
     admin: web.Application = field(init=False)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,6 +75,7 @@ class Balancer:
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
         app.cleanup_ctx.append(self._connections)
         app.cleanup_ctx.append(self._health)
+        app.cleanup_ctx.append(self._load_polls)
         app.cleanup_ctx.append(self._discovery)
         return app
 
@@ -82,6 +85,13 @@ class Balancer:
             yield
         finally:
             await self.health.close()
+
+    async def _load_polls(self, app: web.Application) -> AsyncIterator[None]:
+        await self.poller.start()
+        try:
+            yield
+        finally:
+            await self.poller.close()
 
     async def _connections(self, app: web.Application) -> AsyncIterator[None]:
         """Endpoints open their connection pools while the app runs; all close after."""
@@ -131,6 +141,7 @@ class Balancer:
             if pool.learns_models and (added or removed):
                 self.learner.endpoints_changed()
             self.health.follow(pool)
+            self.poller.endpoints_changed()
         self.synced.set()
 
     # -- admin app -------------------------------------------------------------------------
@@ -251,6 +262,7 @@ def build(
         source=source or discovery.from_settings(settings, metrics),
         learner=ModelLearner(router, settings.model_discovery, metrics),
         health=health,
+        poller=LoadPoller(router.pools, metrics),
     )
 
 

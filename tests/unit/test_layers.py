@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     "health": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1,
     "state": 2,
     "router": 3,
-    "route": 4, "monitor": 4, "models": 4,
+    "route": 4, "monitor": 4, "models": 4, "loadpoll": 4,
     "admission": 5, "record": 5,
     "forward": 6,
     "proxy": 7,
