@@ -275,8 +275,8 @@ async def test_polling_off_means_no_metrics_requests(pods, start_balancer):
 
 
 async def test_a_simulated_vllm_pod_is_polled(start_balancer):
-    """The load-test harness's simulated vLLM pod (vLLM's gauge names, no in-band reports)
-    reports through its /metrics; after a request, polled figures follow its engine."""
+    """The load-test harness's simulated vLLM pod (vLLM's gauge names; like vLLM, no in-band
+    report on a stream) reports through its /metrics; after a stream, polls go on."""
     server = TestServer(build_app(SimConfig(name="sim", models=(MODEL,), time_scale=0.01)),
                         host="127.0.0.1")
     await server.start_server()
@@ -289,7 +289,7 @@ async def test_a_simulated_vllm_pod_is_polled(start_balancer):
         assert (report["waiting"], report["running"]) == (0.0, 0.0)
         assert report["kv_usage"] is not None and 0.0 <= report["kv_usage"] <= 1.0
         async with run.http.post(run.url + "/v1/chat/completions",
-                                 json=chat_body("hello", max_tokens=4)) as r:
+                                 json=chat_body("hello", stream=True, max_tokens=4)) as r:
             assert r.status == 200
             await r.read()
         before = await run.metric("balancer_load_reports_total", source="poll")
