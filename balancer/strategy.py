@@ -20,6 +20,12 @@ when the pool is nearly idle. Only ``exclude`` (endpoints a retry tried, that ar
 asked for a pause) can leave no endpoint within the bound; then a fallback takes the least
 loaded endpoint probed.
 
+The load is whatever the pool hands in, the same walk either way (``Choice.signal`` says
+which): this process's in-flight requests per endpoint, or each pod's queue as the pods
+report it (``balancer.load``), bounded with its own factor and floor. On queues the bound
+lets a key stay on the pod that holds its prefix for as long as that pod does not queue more
+than its share, whatever its batch size, and every replica of a fleet reads the same reports.
+
 Cost: O(log V) to find the key's position and O(k) for the k endpoints probed.
 """
 
