@@ -128,12 +128,14 @@ class RoutingSettings:
 class LoadSettings:
     """Which load CHWBL's bound is taken on, and how balancer learns the pods' own load."""
 
-    source: LoadSource = LoadSource.AUTO
-    """auto: bound each pod's *queue* as the pods report it (plus this process's requests
-    since the report) while every routable endpoint of the pool has a fresh report, else
-    this process's in-flight requests; local: always the in-flight requests (reports are
-    still read and shown); reports: always the queues, an endpoint without a fresh report
-    counting only this process's requests that have not started."""
+    source: LoadSource = LoadSource.LOCAL
+    """local: bound this process's in-flight requests per endpoint (reports are still read
+    and shown); auto: bound each pod's *queue* as the pods report it (plus this process's
+    requests since the report) while every routable endpoint of the pool has a fresh report,
+    else the in-flight requests; reports: always the queues, an endpoint without a fresh
+    report counting only this process's requests that have not started. local by
+    measurement: on the simulated pods the queue bound has not yet beaten it (README,
+    "Routing on the pods' load")."""
     max_age: float = 3.0
     """Seconds a report stays usable for routing."""
     poll_interval: float = 1.0

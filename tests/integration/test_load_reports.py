@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from balancer.config import LoadSettings, validate
+from balancer.config import LoadSettings, LoadSource, validate
 from tests.conftest import chat_body, make_settings
 
 TEXT = "TEXT named_metrics.kv_cache_usage_perc=0.41, named_metrics.num_requests_waiting=3.0"
@@ -20,7 +20,9 @@ async def _endpoint(run, endpoint_id: str) -> dict:
 async def test_reports_are_asked_for_kept_and_hidden_from_clients(upstreams, start_balancer):
     (up,) = await upstreams(1)
     up.load_report = TEXT
-    run = await start_balancer(make_settings([up.url]))
+    settings = make_settings([up.url])
+    run = await start_balancer(validate(replace(settings,
+                                                load=LoadSettings(source=LoadSource.AUTO))))
     for stream in (False, True):
         async with run.http.post(run.url + "/v1/chat/completions",
                                  json=chat_body("hello", stream=stream),
@@ -74,7 +76,7 @@ async def test_a_pod_that_stops_reporting_falls_back_to_in_flight_counts(upstrea
         up.load_report = "TEXT named_metrics.num_requests_waiting=0.0"
     settings = make_settings([u.url for u in ups])
     run = await start_balancer(validate(replace(
-        settings, load=LoadSettings(max_age=0.5, poll_interval=0))))
+        settings, load=LoadSettings(source=LoadSource.AUTO, max_age=0.5, poll_interval=0))))
 
     async def signal() -> str:
         return (await _endpoint(run, ups[0].endpoint_id))[1]["load_signal"]

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from balancer.config import HealthSettings, LoadSettings, Settings, validate
+from balancer.config import HealthSettings, LoadSettings, LoadSource, Settings, validate
 from balancer.discovery import QueueDiscovery
 from balancer.endpoints import static_endpoint
 from loadtest.simserver import SimConfig, build_app
@@ -114,7 +114,8 @@ def polling(urls: list[str], interval: float, **load: Any) -> Settings:
     """Settings for one pool of ``urls`` polled every ``interval`` seconds."""
     settings = make_settings(urls)
     return validate(replace(settings, load=LoadSettings(
-        poll_interval=interval, **{"poll_timeout": 1.0, "max_age": 2.0, **load})))
+        poll_interval=interval,
+        **{"poll_timeout": 1.0, "max_age": 2.0, "source": LoadSource.AUTO, **load})))
 
 
 async def until(condition: Callable[[], Any], timeout: float = 5.0) -> None:

@@ -398,8 +398,8 @@ def test_reported_queues_route_on_the_pods_queues(
     key's endpoint moves the request along the ring, and the walk shows each report."""
     idle = route_json(capsys, "--config", str(config_file), str(request_file))
     first, second = (s["endpoint"] for s in idle["ring_walk"][:2])
-    reports = [arg for e in ENDPOINT_IDS
-               for arg in ("--report", f"{e}={6 if e == first else 0},0.5")]
+    reports = ["--set", "load.source=auto"] + [
+        arg for e in ENDPOINT_IDS for arg in ("--report", f"{e}={6 if e == first else 0},0.5")]
     result = route_json(capsys, "--config", str(config_file), str(request_file), *reports)
     assert (result["signal"], result["outcome"], result["endpoint"]) == (
         "queue", "overflow", second)

@@ -523,6 +523,7 @@ async def test_a_new_url_gets_new_connections() -> None:
 
 
 def queue_pool(source: str = "auto", n: int = 4, **load: Any) -> Pool:
+    """A pool of n endpoints routing on load ``source`` (auto by default here)."""
     from balancer.config import LoadSettings, LoadSource
 
     settings = LoadSettings(source=LoadSource(source), **load)
