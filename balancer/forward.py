@@ -39,7 +39,7 @@ import math
 import sys
 import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -331,24 +331,27 @@ class Forwarder:
         headers.append((HEADER_REQUEST_ID, request_id))
         return serialize_head(request.method, request.raw_path, host, headers, body_length)
 
-    async def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
-                     upstream: Response, deadline: float, *, stream: bool,
-                     retry_possible: bool) -> web.StreamResponse | Retryable:
+    def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
+               upstream: Response, deadline: float, *, stream: bool,
+               retry_possible: bool) -> Awaitable[web.StreamResponse | Retryable]:
+        """The relay that fits the answer: offered for a retry, whole, or streamed.
+        Choosing needs no waiting, so this returns the chosen coroutine for
+        :meth:`attempt` to await rather than being one more coroutine per request."""
         code = upstream.status
         if code >= 500:
             lease.failure = Failure.STATUS
         headers = filter_response_headers(upstream.headers)
         headers[HEADER_REQUEST_ID] = record.request_id
         if self.route_headers:
-            headers[HEADER_ENDPOINT] = lease.state.id
+            headers[HEADER_ENDPOINT] = lease.endpoint.id
             headers[HEADER_ROUTE] = lease.choice.outcome
         length = upstream.content_length
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
-            return await self._retryable(lease, record, upstream, headers, deadline)
+            return self._retryable(lease, record, upstream, headers, deadline)
         if small and not stream:
-            return await self._relay_whole(record, upstream, headers, deadline)
-        return await self._relay_stream(request, lease, record, upstream, headers, deadline)
+            return self._relay_whole(record, upstream, headers, deadline)
+        return self._relay_stream(request, lease, record, upstream, headers, deadline)
 
     def _first_byte(self, record: RequestRecord, now: float) -> None:
         record.first_byte = now - record.started
