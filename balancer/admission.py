@@ -1,11 +1,13 @@
 """Admission: taking an endpoint for one attempt, and always giving it back.
 
-``async with admission.lease(decision, tried) as lease:`` is the whole protocol. Entering
+``async with admission.lease(decision, tried) as lease:`` is the whole protocol; the proxy
+spells it out as :meth:`Admission.acquire` and, in a ``finally``, :meth:`Admission.release`,
+which is the same without an async context manager's two coroutines per attempt. Acquiring
 steers around endpoints that asked for a pause (429 ``Retry-After``) and endpoints already
 tried, keeps each endpoint under ``max_in_flight_per_endpoint`` (the next one on the walk
 takes the request, else it waits in the pool's bounded FIFO queue), and takes the lease.
-Leaving tells passive health how the attempt went (unless the client went away), releases
-the lease and wakes the next waiter. Entering raises instead of admitting:
+Releasing tells passive health how the attempt went (unless the client went away), releases
+the lease and wakes the next waiter. Acquiring raises instead of admitting:
 
 - :class:`~balancer.errors.RateLimitedError` when every endpoint left is paused (with the
   shortest pause as its ``retry_after``);
@@ -46,6 +48,8 @@ class Admission:
         return Admit(self, decision, tried)
 
     async def acquire(self, decision: Decision, tried: frozenset[str]) -> Lease:
+        """The lease of an endpoint for one attempt (never one of ``tried``); the caller
+        must :meth:`release` it however the attempt ends."""
         pool, choice = decision.pool, decision.choice
         excluded = tried
         paused: frozenset[str] = frozenset()

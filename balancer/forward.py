@@ -39,7 +39,7 @@ import math
 import sys
 import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -346,9 +346,12 @@ class Forwarder:
         headers.append((FORMAT_HEADER, "text"))
         return serialize_head(request.method, request.raw_path, host, headers, body_length)
 
-    async def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
-                     upstream: Response, deadline: float, *, stream: bool,
-                     retry_possible: bool) -> web.StreamResponse | Retryable:
+    def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
+               upstream: Response, deadline: float, *, stream: bool,
+               retry_possible: bool) -> Awaitable[web.StreamResponse | Retryable]:
+        """The relay that fits the answer: offered for a retry, whole, or streamed.
+        Choosing needs no waiting, so this returns the chosen coroutine for
+        :meth:`attempt` to await rather than being one more coroutine per request."""
         code = upstream.status
         if code >= 500:
             lease.failure = Failure.STATUS
@@ -358,15 +361,15 @@ class Forwarder:
             self._load_report(lease, report)
         headers[HEADER_REQUEST_ID] = record.request_id
         if self.route_headers:
-            headers[HEADER_ENDPOINT] = lease.state.id
+            headers[HEADER_ENDPOINT] = lease.endpoint.id
             headers[HEADER_ROUTE] = lease.choice.outcome
         length = upstream.content_length
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
-            return await self._retryable(lease, record, upstream, headers, deadline)
+            return self._retryable(lease, record, upstream, headers, deadline)
         if small and not stream:
-            return await self._relay_whole(lease, record, upstream, headers, deadline)
-        return await self._relay_stream(request, lease, record, upstream, headers, deadline)
+            return self._relay_whole(lease, record, upstream, headers, deadline)
+        return self._relay_stream(request, lease, record, upstream, headers, deadline)
 
     def _load_report(self, lease: Lease, value: bytes) -> None:
         """Keep the endpoint's load report; a malformed one is counted, never an error."""

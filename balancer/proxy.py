@@ -4,9 +4,9 @@ Reading top to bottom, a request goes through:
 
 1. a handler here: the body is read once (within the size limit) and parsed;
 2. ``route.decide``: pool, routing key and the strategy's choice of endpoint;
-3. ``admission``: ``async with admission.lease(decision)`` takes the endpoint (around 429
-   pauses, within the per-endpoint limit, or after a wait in the pool's queue) and always
-   gives it back, telling passive health how the attempt went;
+3. ``admission``: ``admission.acquire(decision)`` takes the endpoint (around 429 pauses,
+   within the per-endpoint limit, or after a wait in the pool's queue) and
+   ``admission.release`` always gives it back, telling passive health how the attempt went;
 4. ``forward.Forwarder.attempt``: sends the request over the endpoint's keep-alive
    connections and relays the answer as it comes;
 5. ``record.Reporter.emit``: the request's metrics and access-log line, once, at its end.
@@ -226,19 +226,22 @@ class Proxy:
         tried: frozenset[str] = frozenset()
         while True:
             record.attempts += 1
-            async with self.admission.lease(decision, tried) as lease:
+            # acquire/release, which ``async with admission.lease(...)`` wraps, without the
+            # two coroutines of an async context manager on every attempt.
+            lease = await self.admission.acquire(decision, tried)
+            try:
                 record.pool = lease.pool.name
                 record.state = lease.state
                 record.outcome = lease.choice.outcome
                 record.status = -1
-                try:
-                    result = await self.forwarder.attempt(
-                        request, lease, body, record, stream=stream,
-                        retry_possible=record.attempts < self._max_attempts)
-                finally:
-                    # While the lease holds the endpoint's state (it may be retired after).
-                    if record.status >= 0:
-                        self.reporter.emit(record, loop.time())
+                result = await self.forwarder.attempt(
+                    request, lease, body, record, stream=stream,
+                    retry_possible=record.attempts < self._max_attempts)
+            finally:
+                # While the lease holds the endpoint's state (it may be retired after).
+                if record.status >= 0:
+                    self.reporter.emit(record, loop.time())
+                self.admission.release(lease)
             if not isinstance(result, Retryable):
                 return result
             endpoint = lease.state.id

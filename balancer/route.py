@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from balancer.errors import BadRequestError
 from balancer.prefix import Kind, model_of, routing_key, session_key, validate
@@ -39,9 +38,13 @@ _REASONS: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
-    """What routing reads of a request."""
+class RequestView(NamedTuple):
+    """What routing reads of a request.
+
+    This and :class:`Decision` are named tuples: as immutable as frozen dataclasses, and
+    built for every request at well under half the cost (a frozen dataclass's ``__init__``
+    sets each field through ``object.__setattr__``).
+    """
 
     kind: Kind | None
     """The keyed API the body is for; None: a pass-through request (no key)."""
@@ -82,8 +85,7 @@ def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:
     raise BadRequestError("cannot tell the request kind: no messages, prompt or input field")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Where a request goes, and what led there."""
 
     pool: Pool

@@ -330,12 +330,6 @@ class Response:
             self._timer.cancel()
             self._timer = None
 
-    async def wait_head(self, waiter: asyncio.Future[None], deadline: float) -> None:
-        """Wait for the response head (``waiter`` from ``_Connection.send``) until
-        ``deadline``; raises UpstreamTimeoutError when it passes first."""
-        self._guard(waiter, deadline)
-        await waiter
-
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, deadline: float = math.inf, idle: float = 0.0) -> bytes:
@@ -367,6 +361,12 @@ class Response:
 
     async def read_all(self, deadline: float = math.inf) -> bytes:
         """The whole body, by ``deadline``."""
+        if self.complete and not self._paused:
+            # All of it came with the head, as most small answers do: nothing to wait for.
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            return data
         parts = []
         while chunk := await self.read(deadline):
             parts.append(chunk)
@@ -477,7 +477,10 @@ class ConnectionPool:
                     skip_body: bool, deadline: float) -> Response:
         response = Response(self.loop, skip_body=skip_body)
         try:
-            await response.wait_head(connection.send(head, body, response), deadline)
+            head_received = connection.send(head, body, response)
+            # The head's wait fails with UpstreamTimeoutError if the deadline passes first.
+            response._guard(head_received, deadline)
+            await head_received
         except BaseException:
             response._cancel_timer()
             connection.close()
