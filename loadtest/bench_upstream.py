@@ -3,7 +3,8 @@
 ``python -m loadtest.bench_upstream --port 8000`` answers ``POST /v1/chat/completions`` at once:
 a small JSON completion (about 200 bytes) when the body does not ask for a stream, or an SSE
 stream of ``--chunks`` ``chat.completion.chunk`` events and ``data: [DONE]`` when it does,
-written one event per write with no delay in between. ``GET /health`` answers ``ok``.
+written one event per write with no delay in between (``--whole-streams``: all of it in one
+write, with a Content-Length). ``GET /health`` answers ``ok``.
 
 Why it exists: a proxy benchmark measures what the proxy adds, so the server behind it must cost
 as little CPU as possible and never be the bottleneck. It therefore uses aiohttp's low-level
@@ -36,6 +37,8 @@ CREATED: Final = 1_700_000_000
 # `"stream": true` anywhere in the body, with any JSON whitespace around the colon. A byte
 # search: parsing JSON per request would make the double cost nearly as much as the proxy.
 _STREAM_TRUE: Final = re.compile(rb'"stream"\s*:\s*true')
+
+_STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 log = logging.getLogger("bench_upstream")
 
@@ -75,9 +78,12 @@ def stream_events(model: str, chunks: int) -> list[bytes]:
 class Upstream:
     """The request handler; holds the precomputed bodies."""
 
-    def __init__(self, model: str, chunks: int) -> None:
+    def __init__(self, model: str, chunks: int, whole_streams: bool = False) -> None:
         self.completion = completion_body(model)
         self.events = stream_events(model, chunks)
+        self.whole_stream = b"".join(self.events) if whole_streams else None
+        """Every event in one body: a proxy then reads each stream in one piece, however
+        the processes are scheduled (for :mod:`loadtest.bench_instructions`)."""
         # Each event as an HTTP/1.1 chunk, written straight to the transport: one send per
         # event like a real server, without the response writer's per-call Python overhead.
         self.frames = [b"%x\r\n%s\r\n" % (len(e), e) for e in self.events]
@@ -93,9 +99,9 @@ class Upstream:
         body = await request.read()
         if _STREAM_TRUE.search(body) is None:
             return web.Response(body=self.completion, content_type="application/json")
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        if self.whole_stream is not None:
+            return web.Response(body=self.whole_stream, headers=_STREAM_HEADERS)
+        response = web.StreamResponse(headers=_STREAM_HEADERS)
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
@@ -114,9 +120,10 @@ class Upstream:
         return response
 
 
-async def serve(host: str, port: int, model: str, chunks: int, backlog: int) -> None:
+async def serve(host: str, port: int, model: str, chunks: int, backlog: int,
+                whole_streams: bool = False) -> None:
     """Serve until SIGINT or SIGTERM."""
-    server = web.Server(Upstream(model, chunks), access_log=None)
+    server = web.Server(Upstream(model, chunks, whole_streams), access_log=None)
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
@@ -143,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name in the responses")
     parser.add_argument("--chunks", type=int, default=20,
                         help="chat.completion.chunk events per streamed response")
+    parser.add_argument("--whole-streams", action="store_true",
+                        help="send each stream in one write, with a Content-Length, instead "
+                             "of one write per event")
     parser.add_argument("--backlog", type=int, default=1024, help="listen backlog")
     parser.add_argument("--log-level", default="warning", help="Python logging level")
     args = parser.parse_args(argv)
@@ -152,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 
-    uvloop.run(serve(args.host, args.port, args.model, args.chunks, args.backlog))
+    uvloop.run(serve(args.host, args.port, args.model, args.chunks, args.backlog,
+                     args.whole_streams))
     return 0
 
 

@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -189,16 +189,22 @@ class Services:
         self.log_dir = log_dir
         self.running: dict[str, Service] = {}
 
-    def start(self, name: str, argv: Sequence[str]) -> Service:
+    def start(self, name: str, argv: Sequence[str], *, cwd: Path = REPO_ROOT,
+              env: Mapping[str, str] | None = None) -> Service:
         """Start ``argv`` in its own session (a Ctrl-C in the terminal reaches only the load
-        test, which then stops its children in order), output to ``LOG_DIR/NAME.log``."""
+        test, which then stops its children in order), output to ``LOG_DIR/NAME.log``.
+
+        ``cwd`` is where it runs, so ``python -m`` imports from there: this checkout unless
+        another one is measured (:mod:`loadtest.bench_instructions` runs a baseline's).
+        ``env`` adds to (or overrides) the environment it inherits."""
         if name in self.running:
             raise ValueError(f"a service named {name!r} is already running")
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as out:
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT, start_new_session=True, preexec_fn=_DIE_WITH_PARENT,
+                cwd=cwd, env={**os.environ, **env} if env else None, start_new_session=True,
+                preexec_fn=_DIE_WITH_PARENT,
             )
         service = Service(name, list(argv), popen, log_path)
         self.running[name] = service

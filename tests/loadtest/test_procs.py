@@ -17,6 +17,7 @@ import pytest
 
 from loadtest.procs import (
     HOST,
+    REPO_ROOT,
     Services,
     StartupError,
     free_port,
@@ -89,6 +90,23 @@ def test_a_name_is_used_once(tmp_path: Path) -> None:
         services.start("one", SLEEPER)
         with pytest.raises(ValueError, match="already running"):
             services.start("one", SLEEPER)
+
+
+async def test_a_child_runs_where_and_with_what_it_is_told(tmp_path: Path) -> None:
+    """``cwd`` picks the directory (another checkout, for a baseline), this one by default;
+    ``env`` adds variables to the inherited environment."""
+    where = [sys.executable, "-c",
+             "import os; print(os.getcwd(), os.environ.get('BENCH_X'), 'PATH' in os.environ, "
+             "flush=True)"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with Services(tmp_path) as services:
+        here = services.start("here", where)
+        there = services.start("there", where, cwd=elsewhere, env={"BENCH_X": "1"})
+        (here_line,) = await wait_for_lines(here, r"^(.+)$", 1)
+        (there_line,) = await wait_for_lines(there, r"^(.+)$", 1)
+    assert here_line.group(1) == f"{REPO_ROOT} None True"
+    assert there_line.group(1) == f"{elsewhere} 1 True"
 
 
 async def test_wait_ready_returns_once_the_server_answers(tmp_path: Path) -> None:
