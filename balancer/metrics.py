@@ -141,7 +141,7 @@ class Metrics:
         self.bound = Gauge(
             "balancer_pool_load_bound",
             "The CHWBL load bound at the pool's latest keyed routing decision (in-flight "
-            "requests or queued requests per endpoint; see balancer_route_load_signal_total).",
+            "requests or queued requests per endpoint; see balancer_route_queue_decisions_total).",
             ["pool"],
             registry=registry,
         )
@@ -187,12 +187,12 @@ class Metrics:
             ["pool", "outcome"],
             registry=registry,
         )
-        self.route_signals = Counter(
-            "balancer_route_load_signal_total",
-            "Keyed routing decisions by the load the bound was taken on (queue: the pods' "
-            "reported queues; in-flight: this balancer's requests) and outcome: overflows "
-            "by signal say why keys left their endpoint.",
-            ["pool", "signal", "outcome"],
+        self.route_queue_decisions = Counter(
+            "balancer_route_queue_decisions_total",
+            "Keyed routing decisions whose bound was on the pods' reported queues (the rest "
+            "of balancer_route_decisions_total was on this balancer's in-flight requests), "
+            "by outcome: overflows here are keys that left a queueing pod.",
+            ["pool", "outcome"],
             registry=registry,
         )
         self.load_reports = Counter(
@@ -347,7 +347,8 @@ class Metrics:
             self._child(self.ring_walk, pool).observe(walk)
         if bound is not None:
             self._child(self.bound, pool).set(bound)
-            self._child(self.route_signals, pool, signal, outcome).inc()
+            if signal == "queue":
+                self._child(self.route_queue_decisions, pool, outcome).inc()
 
     def load_report(self, pool: str, source: str) -> None:
         self._child(self.load_reports, pool, source).inc()

@@ -86,7 +86,9 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.start()
+            if not self.started:  # ended before any response byte: it left the queue too
+                self.started = True
+                self.state.queue.started(self.generation)
             self.pool._release(self.state)
 
     def __enter__(self) -> Lease:

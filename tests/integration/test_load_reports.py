@@ -44,8 +44,8 @@ async def test_reports_are_asked_for_kept_and_hidden_from_clients(upstreams, sta
     assert await run.metric("balancer_load_reports_total", source="inband") == 2
     assert await run.metric("balancer_endpoint_queue_estimate", endpoint=up.endpoint_id) == 2.0
     assert await run.metric("balancer_endpoint_kv_cache_usage", endpoint=up.endpoint_id) == 0.41
-    assert await run.metric("balancer_route_load_signal_total", signal="in-flight") == 1
-    assert await run.metric("balancer_route_load_signal_total", signal="queue") == 1
+    assert await run.metric("balancer_route_decisions_total") == 2
+    assert await run.metric("balancer_route_queue_decisions_total") == 1
 
 
 async def test_reports_pass_on_to_clients_when_configured(upstreams, start_balancer):
