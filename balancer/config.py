@@ -140,7 +140,8 @@ class LoadSettings:
     """Seconds a report stays usable for routing."""
     poll_interval: float = 1.0
     """Seconds between polls of an endpoint's Prometheus metrics while it sends no in-band
-    report (idle endpoints, servers without ORCA support); 0: never poll."""
+    report (idle endpoints, streams, servers without ORCA support); 0: never poll. Only with
+    ``source`` auto or reports: under local, reports would route nothing."""
     poll_path: str = "/metrics"
     """Path of the model servers' Prometheus metrics (vLLM and SGLang gauges are read)."""
     poll_timeout: float = 1.0

@@ -1,10 +1,10 @@
 """Load reports out of band: polling the pods' Prometheus metrics while they say nothing in band.
 
-In-band reports (``endpoint-load-metrics`` on every proxied response, see
-:mod:`balancer.load`) only flow while an endpoint gets traffic, and only from servers that
-support ORCA. An idle endpoint's last report ages out, and a server without ORCA (SGLang,
-older vLLM) never reports at all; with ``load.source: auto`` one such endpoint sends the
-whole pool back to routing on this balancer's in-flight counts. So every serving endpoint
+In-band reports (``endpoint-load-metrics`` on proxied responses, see :mod:`balancer.load`)
+only flow while an endpoint gets traffic, only from servers that support ORCA, and from vLLM
+only on non-streamed answers. An idle endpoint's last report ages out, and a server without
+ORCA (SGLang, older vLLM) never reports at all; with ``load.source: auto`` one such endpoint
+sends the whole pool back to routing on this balancer's in-flight counts. So every serving endpoint
 whose last report is older than ``load.poll_interval`` seconds is asked for
 ``<url><load.poll_path>`` (``/metrics``), and the vLLM or SGLang gauges there become a
 report like an in-band one (source ``poll``). Busy endpoints of ORCA servers keep reporting
@@ -33,8 +33,11 @@ report, so routing falls back to in-flight counts; a server that has no usable m
 :data:`MAX_BACKOFF` seconds, since that rarely changes without a restart. A failure streak
 is logged once at info, the rest at debug.
 
-``load.poll_interval: 0`` turns polling off (no task, no session). The app starts the poller
-with the proxy and closes it (polls cancelled, session closed) when the proxy stops, and
+``load.poll_interval: 0`` turns polling off (no task, no session), and so does
+``load.source: local`` (the default): then reports would not route anything, and a fleet of
+sidecars polling every pod each second would put hundreds of scrapes a second on pods that
+serve tens of kilobytes per scrape. In-band reports are still read and shown. The app starts
+the poller with the proxy and closes it (polls cancelled, session closed) when the proxy stops, and
 tells it when endpoints change.
 """
 
@@ -55,6 +58,7 @@ from typing import Final
 
 import aiohttp
 
+from balancer.config import LoadSource
 from balancer.load import EMPTY, LoadReport
 from balancer.metrics import Metrics
 from balancer.router import Pool
@@ -201,6 +205,13 @@ class _Target:
         return max(self.not_before, self.state.queue.at + self.pool.load_settings.poll_interval)
 
 
+def polled(pool: Pool) -> bool:
+    """Whether the pool's endpoints are polled: a poll interval is set and reports can route
+    (``load.source`` other than local)."""
+    settings = pool.load_settings
+    return settings.poll_interval > 0 and settings.source is not LoadSource.LOCAL
+
+
 class LoadPoller:
     """Polls the metrics of the serving endpoints of every pool that has no fresh report."""
 
@@ -222,7 +233,7 @@ class LoadPoller:
 
     @property
     def enabled(self) -> bool:
-        return any(p.load_settings.poll_interval > 0 for p in self.pools.values())
+        return any(polled(p) for p in self.pools.values())
 
     def endpoints_changed(self) -> None:
         """Endpoints came, went or changed: poll new ones soon, stop polling departed ones."""
@@ -233,7 +244,7 @@ class LoadPoller:
         """Start polling (nothing happens when every pool's ``poll_interval`` is 0)."""
         if not self.enabled or self._task is not None:
             return
-        for s in {p.load_settings for p in self.pools.values()}:
+        for s in {p.load_settings for p in self.pools.values() if polled(p)}:
             slowest = s.poll_interval * JITTER[1] + s.poll_timeout
             if s.poll_interval > 0 and slowest > s.max_age:
                 log.warning("load.poll_interval %g s (up to %g s with jitter) plus "
@@ -294,9 +305,9 @@ class LoadPoller:
         of the interval, departed ones are dropped (a poll under way is cancelled)."""
         targets: dict[tuple[str, str], _Target] = {}
         for pool in self.pools.values():
-            interval = pool.load_settings.poll_interval
-            if interval <= 0:
+            if not polled(pool):
                 continue
+            interval = pool.load_settings.poll_interval
             for endpoint_id in pool.serving:
                 state = pool.states.get(endpoint_id)
                 if state is None or not state.present:

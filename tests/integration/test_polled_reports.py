@@ -110,11 +110,11 @@ async def pods() -> AsyncIterator[Callable[..., Awaitable[Pod]]]:
         await server.close()
 
 
-def polling(urls: list[str], interval: float, **load: Any) -> Settings:
+def polling(urls: list[str], poll_interval: float, **load: Any) -> Settings:
     """Settings for one pool of ``urls`` polled every ``interval`` seconds."""
     settings = make_settings(urls)
     return validate(replace(settings, load=LoadSettings(
-        poll_interval=interval,
+        poll_interval=poll_interval,
         **{"poll_timeout": 1.0, "max_age": 2.0, "source": LoadSource.AUTO, **load})))
 
 
@@ -264,10 +264,14 @@ async def test_new_endpoints_are_polled_soon_and_departed_ones_no_more(pods, sta
     assert len(a.polls) == left
 
 
-async def test_polling_off_means_no_metrics_requests(pods, start_balancer):
-    """poll_interval 0: the pods' /metrics are never asked, while their health checks run."""
+@pytest.mark.parametrize("load", [{"poll_interval": 0.0},
+                                  {"poll_interval": 0.05, "source": LoadSource.LOCAL}])
+async def test_polling_off_means_no_metrics_requests(pods, start_balancer, load):
+    """poll_interval 0, or load.source local (the default: reports route nothing, so a fleet
+    of sidecars does not scrape every pod each second): the pods' /metrics are never asked,
+    while their health checks run."""
     pod = await pods()
-    settings = polling([pod.url], 0.0)
+    settings = polling([pod.url], **load)
     settings = validate(replace(settings, health=HealthSettings(interval=0.05)))
     run = await start_balancer(settings)
     await until(lambda: pod.checks >= 3)
