@@ -21,8 +21,24 @@ from balancer.discovery import EndpointSource
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
+class Served:
+    """A double served by ``server`` on 127.0.0.1: its base URL and balancer's endpoint id."""
+
+    server: TestServer | None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def endpoint_id(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+
 @dataclass
-class Upstream:
+class Upstream(Served):
     """A model-server double: an aiohttp app that records requests and streams SSE.
 
     Behaviour is set per test through attributes: ``chunks`` per stream, ``chunk_delay``
@@ -45,16 +61,6 @@ class Upstream:
     active: int = 0
     cancelled: int = 0
     completed: int = 0
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
-
-    @property
-    def endpoint_id(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.port}"
 
     def app(self) -> web.Application:
         app = web.Application()

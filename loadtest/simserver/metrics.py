@@ -95,12 +95,16 @@ def _family_makers(
     return gauge, counter
 
 
-class _VllmCollector(Collector):
-    """Reads the engine's gauges and counters when scraped, under vLLM's names."""
+class _EngineCollector(Collector):
+    """Reads the engine's gauges and counters when scraped (a flavour names them)."""
 
     def __init__(self, engine: Engine, model_name: str) -> None:
         self._engine = engine
         self._model = model_name
+
+
+class _VllmCollector(_EngineCollector):
+    """Under vLLM's names."""
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
@@ -158,12 +162,8 @@ class _VllmCollector(Collector):
         yield success
 
 
-class _SGLangCollector(Collector):
-    """Reads the engine's gauges and counters when scraped, under SGLang's names."""
-
-    def __init__(self, engine: Engine, model_name: str) -> None:
-        self._engine = engine
-        self._model = model_name
+class _SGLangCollector(_EngineCollector):
+    """Under SGLang's names."""
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine

@@ -22,7 +22,7 @@ from balancer.config import HealthSettings, LoadSettings, LoadSource, Settings, 
 from balancer.discovery import QueueDiscovery
 from balancer.endpoints import static_endpoint
 from loadtest.simserver import SimConfig, build_app
-from tests.conftest import MODEL, RunningBalancer, chat_body, make_settings
+from tests.conftest import MODEL, RunningBalancer, Served, chat_body, make_settings
 
 VLLM_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -44,7 +44,7 @@ INBAND = ("TEXT named_metrics.num_requests_waiting=2.0, "
 
 
 @dataclass
-class Pod:
+class Pod(Served):
     """A model server double with a /metrics page: ``page`` None answers 404, ``status``
     another status; ``inband`` is sent as ``endpoint-load-metrics`` on completions."""
 
@@ -55,16 +55,6 @@ class Pod:
     """Monotonic times of the /metrics requests."""
     checks: int = 0
     server: TestServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
-
-    @property
-    def endpoint_id(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.port}"
 
     def app(self) -> web.Application:
         app = web.Application()
