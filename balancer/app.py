@@ -220,7 +220,7 @@ class Balancer:
             kind = kind_for(body, request.query.get("path"))
             view = keyed_view(kind, body,
                               request.headers.get(self.settings.routing.session_header))
-            result = explain(decide(view, self.router))
+            result = explain(decide(view, self.router), view=view)
         except BalancerError as exc:
             return web.json_response(error_body(exc.message, exc.type, exc.status, exc.param),
                                      status=exc.status)

@@ -33,6 +33,7 @@ _SHORTCUTS = {
     "virtual_nodes": "routing.virtual_nodes",
     "key": "routing.key",
     "prefix_chars": "routing.prefix_chars",
+    "min_key_chars": "routing.min_key_chars",
 }
 
 
@@ -57,6 +58,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool)
     group.add_argument("--virtual-nodes", type=int, help="ring points per endpoint")
     group.add_argument("--key", help="first-user-message or prompt-prefix")
     group.add_argument("--prefix-chars", type=int, help="characters of text in the key")
+    group.add_argument("--min-key-chars", type=int,
+                       help="a shorter first user message extends the key into the next two "
+                            "messages (routing.min_key_chars)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -115,7 +119,7 @@ def explain_route(
         pool.assume_load(loads)
     for endpoint_id, report in (reports or {}).items():
         pool.assume_report(endpoint_id, report)
-    return explain(decide(view, router), walk_limit)
+    return explain(decide(view, router), walk_limit, view)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -156,7 +160,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"pool:      {result['pool']} (strategy {result['strategy']})")
-    print(f"key:       {result['key']!r} ({result['key_source']})")
+    print(f"key:       {_shown(result['key'])} ({result['key_source']})")
+    print(f"key from:  {result['key_from']}")
     print(f"key hash:  {result['key_hash']}")
     unit = "queued" if result["signal"] == "queue" else "in-flight"
     print(f"bound:     {result['bound']} {unit} requests per endpoint")
@@ -167,6 +172,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     print(f"endpoint:  {result['endpoint']} {result['url']}")
     print(f"route:     {result['outcome']}: {result['reason']}")
     return 0
+
+
+def _shown(key: str, head: int = 80, tail: int = 20) -> str:
+    """A key for a terminal: a long one as its start and end with its length between."""
+    if len(key) <= head + tail + 20:
+        return repr(key)
+    return f"{key[:head]!r} ... {key[-tail:]!r} ({len(key)} characters)"
 
 
 def _parse_report(item: str) -> tuple[str, LoadReport] | None:

@@ -3,9 +3,25 @@
 Pure functions over the parsed JSON body. A request's key must be the same for every turn of
 a conversation (so the turns meet their KV cache) and differ between conversations (so they
 spread). The default key, the model plus the first ``prefix_chars`` characters of the first
-user message, has both properties for chat: later turns only append messages. The
-``prompt-prefix`` mode keys on the start of the whole rendered prompt, system prompt included,
-which groups every conversation that shares a system prompt.
+user message, has both properties for chat: later turns only append messages. Two shapes of
+real traffic need more:
+
+* Apps open every conversation's first user message with the same instruction template.
+  ``prefix_chars`` is long enough (1000 by default) to reach past a template into the user's
+  own text, and a document placed first still keys on the document, so questions about one
+  document stay together.
+* Chat UIs see the same greetings ("hi", "Hello!") over and over. A first user message shorter
+  than ``min_key_chars`` cannot tell conversations apart, so the key goes on through the two
+  messages after it (the first reply and the user's next message, or a tool result). Those
+  exist from the conversation's second turn on and never change after, so the key is stable
+  from turn 2: one move, when the history is still short, then affinity as usual.
+
+Nothing else in the request contributes: the system prompt and tool definitions are shared by
+many conversations (keying on them would group what should spread), and sampling parameters
+do not change the prompt. Non-text content parts (images, audio, files) contribute a hash of
+their whole reference, so different attachments give different keys at any ``prefix_chars``.
+The ``prompt-prefix`` mode keys on the start of the whole rendered prompt, system prompt
+included, which groups every conversation that shares a system prompt.
 
 The same functions validate the fields they read, so a malformed body is rejected with a
 message that names the field before anything is sent upstream.
@@ -15,7 +31,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
+
+import xxhash
 
 from balancer.config import KeyMode
 from balancer.errors import BadRequestError
@@ -45,14 +63,35 @@ def _content_text(content: Any, where: str) -> str:
             if isinstance(text, str):
                 pieces.append(text)
                 continue
-            # Non-text parts (images, audio) key on their reference so different
-            # attachments still give different keys.
-            for value in part.values():
-                if isinstance(value, Mapping) and isinstance(value.get("url"), str):
-                    pieces.append(value["url"])
+            pieces.append(_attachment(part))
         return "".join(pieces)
     raise BadRequestError(f"{where} must be a string, a list of content parts or null",
                           param=where)
+
+
+_REFERENCE_FIELDS: Final = ("url", "data", "file_data", "file_id")
+"""Fields of a non-text content part's payload that identify the attachment: image and video
+URLs (often ``data:`` URLs), audio data, files by content or by id."""
+
+
+def _attachment(part: Mapping[str, Any]) -> str:
+    """A non-text part's contribution to the key: a hash of its whole reference.
+
+    A data URL's first hundred characters are its header (``data:image/jpeg;base64,/9j/...``),
+    the same for every JPEG, so the reference is hashed whole rather than cut with the text.
+    xxh3 reads a multi-megabyte attachment in well under a millisecond.
+    """
+    for value in part.values():
+        if isinstance(value, Mapping):
+            for field in _REFERENCE_FIELDS:
+                reference = value.get(field)
+                if isinstance(reference, str) and reference:
+                    return f"<{part.get('type', 'part')}:{_digest(reference)}>"
+    return ""
+
+
+def _digest(reference: str) -> str:
+    return xxhash.xxh3_64_hexdigest(reference.encode("utf-8", "surrogatepass"))
 
 
 def _messages(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -118,8 +157,13 @@ def validate(kind: Kind, body: Mapping[str, Any]) -> None:
         _prompt_text(body.get("input"), "input")
 
 
-def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int) -> str:
-    """The text the routing key is made of (before the model name is added)."""
+def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
+             min_key_chars: int = 0) -> str:
+    """The text the routing key is made of (before the model name is added).
+
+    ``min_key_chars``: in first-user-message mode, a first user message shorter than this is
+    followed into the two messages after it (see the module docstring); 0 never extends.
+    """
     if kind is Kind.COMPLETIONS:
         return _prompt_text(body.get("prompt"), "prompt")[:prefix_chars]
     if kind is Kind.EMBEDDINGS:
@@ -128,8 +172,10 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
     if mode is KeyMode.FIRST_USER_MESSAGE:
         for i, message in enumerate(messages):
             if message.get("role") == "user":
-                return _content_text(message.get("content"),
-                                     f"messages[{i}].content")[:prefix_chars]
+                text = _content_text(message.get("content"), f"messages[{i}].content")
+                if len(text) >= min_key_chars or len(text) >= prefix_chars:
+                    return text[:prefix_chars]
+                return _extended(messages, i, text)[:prefix_chars]
         # No user message (a system-only prompt): fall back to the rendered prompt.
     pieces: list[str] = []
     size = 0
@@ -143,9 +189,54 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
     return "".join(pieces)[:prefix_chars]
 
 
-def routing_key(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int) -> str:
+EXTENDED_MESSAGES: Final = 2
+"""Messages after a short first user message that its key goes on through: the first reply
+and the next user message (or tool result). Both exist from the second turn on."""
+
+
+def _extended(messages: list[Mapping[str, Any]], first_user: int, text: str) -> str:
+    pieces = [text]
+    for i in range(first_user + 1, min(first_user + 1 + EXTENDED_MESSAGES, len(messages))):
+        message = messages[i]
+        content = _content_text(message.get("content"), f"messages[{i}].content")
+        pieces.append(f"\n{message['role']}:{content}")
+    return "".join(pieces)
+
+
+def key_source(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
+               min_key_chars: int = 0) -> str:
+    """Which part of the request :func:`key_text` took, in words, for explanations."""
+    if kind is Kind.COMPLETIONS:
+        return f"the prompt's first {prefix_chars} characters"
+    if kind is Kind.EMBEDDINGS:
+        return f"the input's first {prefix_chars} characters"
+    messages = _messages(body)
+    if mode is KeyMode.FIRST_USER_MESSAGE:
+        for i, message in enumerate(messages):
+            if message.get("role") != "user":
+                continue
+            size = len(_content_text(message.get("content"), f"messages[{i}].content"))
+            if size >= prefix_chars:
+                return f"the first user message (messages[{i}]), cut to {prefix_chars} characters"
+            if size >= min_key_chars:
+                return f"the whole first user message (messages[{i}], {size} characters)"
+            after = min(EXTENDED_MESSAGES, len(messages) - i - 1)
+            if after == 0:
+                return (f"the whole first user message (messages[{i}], {size} characters, "
+                        f"under min_key_chars {min_key_chars}; from the next turn the key "
+                        f"goes on through the reply and the next message)")
+            return (f"the first user message (messages[{i}], {size} characters, under "
+                    f"min_key_chars {min_key_chars}) and the {after} message(s) after it, "
+                    f"cut to {prefix_chars} characters")
+        return f"no user message: the rendered prompt's first {prefix_chars} characters"
+    return f"the rendered prompt's first {prefix_chars} characters (system prompt included)"
+
+
+def routing_key(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
+                min_key_chars: int = 0) -> str:
     """Model plus prefix text: one model's prefixes never share a key with another's."""
-    return f"{model_of(body)}{SEPARATOR}{key_text(kind, body, mode, prefix_chars)}"
+    text = key_text(kind, body, mode, prefix_chars, min_key_chars)
+    return f"{model_of(body)}{SEPARATOR}{text}"
 
 
 def session_key(header_value: str | None, body: Mapping[str, Any]) -> str | None:

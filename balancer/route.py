@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
 from balancer.errors import BadRequestError
-from balancer.prefix import Kind, model_of, routing_key, session_key, validate
+from balancer.prefix import Kind, key_source, model_of, routing_key, session_key, validate
 from balancer.ring import hash_key
 from balancer.router import Pool, Router
 from balancer.strategy import Choice, chwbl_bound
@@ -120,7 +120,8 @@ def decide(view: RequestView, router: Router,
     pool = router.pool_for_model(model if model is not None else model_of(view.body))
     explicit = session_key(view.session, view.body)
     routing = router.routing
-    key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars)
+    key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars,
+                                  routing.min_key_chars)
     key_hash = hash_key(key)
     choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude)
     return Decision(pool, choice, key_hash, key,
@@ -150,11 +151,16 @@ def redecide(decision: Decision, exclude: frozenset[str]) -> Decision:
                     decision.key_source)
 
 
-def explain(decision: Decision, walk_limit: int = 8) -> dict[str, Any]:
-    """A keyed decision for people: key, ring walk with each endpoint's load, bound,
-    endpoint and why."""
+def explain(decision: Decision, walk_limit: int = 8,
+            view: RequestView | None = None) -> dict[str, Any]:
+    """A keyed decision for people: key, which part of the request it was built from (given
+    the request's ``view``), ring walk with each endpoint's load, bound, endpoint and why."""
     pool, choice = decision.pool, decision.choice
     routing = pool.routing
+    key_from = "the session header or the body's user field"
+    if not decision.session and view is not None and view.kind is not None:
+        key_from = key_source(view.kind, view.body, routing.key, routing.prefix_chars,
+                              routing.min_key_chars)
     now = time.monotonic()
     walk = []
     for i, endpoint_id in enumerate(pool.ring.walk(decision.key_hash)):
@@ -169,6 +175,7 @@ def explain(decision: Decision, walk_limit: int = 8) -> dict[str, Any]:
         "pool": pool.name,
         "strategy": strategy,
         "key_source": decision.key_source,
+        "key_from": key_from,
         "key": decision.key,
         "key_hash": f"{decision.key_hash:016x}",
         "signal": choice.signal,

@@ -162,6 +162,7 @@ def test_route_json_describes_the_decision(
         "pool": "chat",
         "strategy": "chwbl",
         "key_source": "first-user-message",
+        "key_from": result["key_from"],
         "key": key,
         "key_hash": f"{hash_key(key):016x}",
         "signal": "in-flight",
@@ -198,13 +199,35 @@ def test_route_matches_explain_route(
 def test_a_later_turn_of_the_conversation_routes_to_the_same_endpoint(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, config_file: Path, request_file: Path
 ) -> None:
-    """Appending the assistant reply and a new question keeps the key and the endpoint."""
+    """Appending the assistant reply and a new question keeps the key and the endpoint once
+    the first user message is long enough to key on (here: with min_key_chars 0)."""
     later = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "content": "Hi."},
                                   {"role": "user", "content": "How are you?"}]}
     turn_two = write_request(tmp_path, later, "turn2.json")
-    first = route_json(capsys, "--config", str(config_file), str(request_file))
-    second = route_json(capsys, "--config", str(config_file), str(turn_two))
+    flags = ("--config", str(config_file), "--min-key-chars", "0")
+    first = route_json(capsys, *flags, str(request_file))
+    second = route_json(capsys, *flags, str(turn_two))
     assert (second["key"], second["endpoint"]) == (first["key"], first["endpoint"])
+
+
+def test_a_greeting_keys_on_the_reply_and_next_message_from_the_second_turn(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, config_file: Path, request_file: Path
+) -> None:
+    """A short first message ("Hello") extends its key through the two messages after it
+    from turn 2 on, and the third turn keeps the second's key; the explanation says so."""
+    turns = [[*CHAT["messages"], {"role": "assistant", "content": "Hi."},
+              {"role": "user", "content": "How are you?"}]]
+    turns.append([*turns[0], {"role": "assistant", "content": "Fine."},
+                  {"role": "user", "content": "Good."}])
+    first = route_json(capsys, "--config", str(config_file), str(request_file))
+    assert first["key"] == "llama\x00Hello"
+    assert "under min_key_chars 64; from the next turn" in first["key_from"]
+    later = [route_json(capsys, "--config", str(config_file),
+                        str(write_request(tmp_path, {**CHAT, "messages": m}, f"t{i}.json")))
+             for i, m in enumerate(turns)]
+    assert later[0]["key"] == "llama\x00Hello\nassistant:Hi.\nuser:How are you?"
+    assert later[1]["key"] == later[0]["key"]
+    assert "and the 2 message(s) after it" in later[0]["key_from"]
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,8 @@ def lookup(settings: Settings, dotted: str) -> Any:
         ("routing.virtual_nodes", 1024),
         ("routing.min_bound", 2),
         ("routing.key", KeyMode.FIRST_USER_MESSAGE),
-        ("routing.prefix_chars", 100),
+        ("routing.prefix_chars", 1000),
+        ("routing.min_key_chars", 64),
         ("routing.session_header", "x-session-id"),
         ("limits.max_body_bytes", 10 * 1024 * 1024),
         ("limits.max_header_bytes", 16 * 1024),
@@ -122,6 +123,7 @@ routing:
   min_bound: 3
   key: prompt-prefix
   prefix_chars: 256
+  min_key_chars: 16
   session_header: x-conversation
 limits:
   max_body_bytes: 2048
@@ -155,7 +157,7 @@ def test_every_setting_is_read_from_the_file(tmp_path: Path) -> None:
             PoolSettings("embed", ("bge",), ()),
         ),
         routing=RoutingSettings(
-            Strategy.LEAST_REQUEST, 1.5, 512, 3, KeyMode.PROMPT_PREFIX, 256, "x-conversation"
+            Strategy.LEAST_REQUEST, 1.5, 512, 3, KeyMode.PROMPT_PREFIX, 256, 16, "x-conversation"
         ),
         limits=LimitsSettings(2048, 4096, 1.0, 60.0, 30.5, 600.0),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,15 +65,22 @@ KEY_TEXT_CASES = [
             )
         ),
         FIRST_USER,
-        f"What is in {IMAGE}?",
+        f"What is in <image_url:{xxhash.xxh3_64_hexdigest(IMAGE.encode())}>?",
         id="chat-content-parts-text-and-image",
     ),
     pytest.param(
         Kind.CHAT,
         chat(msg("user", [{"type": "input_audio", "input_audio": {"data": "AAA"}}])),
         FIRST_USER,
+        f"<input_audio:{xxhash.xxh3_64_hexdigest(b'AAA')}>",
+        id="chat-content-part-audio-data",
+    ),
+    pytest.param(
+        Kind.CHAT,
+        chat(msg("user", [{"type": "image_url", "image_url": {"detail": "low"}}])),
+        FIRST_USER,
         "",
-        id="chat-content-part-without-text-or-url",
+        id="chat-content-part-without-text-or-reference",
     ),
     pytest.param(
         Kind.CHAT,
@@ -477,3 +485,117 @@ def test_model_of_returns_the_model_name() -> None:
     assert model_of({"model": "meta-llama/Llama-3.1-8B-Instruct"}) == (
         "meta-llama/Llama-3.1-8B-Instruct"
     )
+
+
+# -- keys on real traffic: templates, greetings, documents, attachments -------------------
+
+long_text = st.text(min_size=0, max_size=400)
+
+
+@settings(max_examples=200)
+@given(
+    system=st.none() | turn_text,
+    first_user=st.text(min_size=0, max_size=150),
+    turns=st.lists(st.tuples(st.none() | turn_text, turn_text), min_size=1, max_size=6),
+    prefix_chars=st.integers(1, 400),
+    min_key_chars=st.integers(0, 200),
+)
+def test_a_conversation_keeps_one_key_from_its_second_turn_on(
+    system: str | None,
+    first_user: str,
+    turns: list[tuple[str | None, str]],
+    prefix_chars: int,
+    min_key_chars: int,
+) -> None:
+    """Whatever the first message's length and the settings, appending a reply and a new
+    message never changes the key after turn 2; turn 1 keeps it too when the first message is
+    at least min_key_chars long."""
+    messages = ([msg("system", system)] if system is not None else []) + [msg("user", first_user)]
+    first = routing_key(Kind.CHAT, chat(*messages), FIRST_USER, prefix_chars, min_key_chars)
+    keys = []
+    for reply, question in turns:
+        messages += [msg("assistant", reply), msg("user", question)]
+        keys.append(routing_key(Kind.CHAT, chat(*messages), FIRST_USER, prefix_chars,
+                                min_key_chars))
+    assert len(set(keys)) == 1
+    if len(first_user) >= min(min_key_chars, prefix_chars):
+        assert keys[0] == first
+
+
+@settings(max_examples=100)
+@given(template=st.text(min_size=1, max_size=400),
+       own=st.lists(st.text(min_size=1, max_size=50), min_size=2, max_size=5, unique=True))
+def test_templated_messages_key_apart_when_the_key_reaches_the_users_text(
+    template: str, own: list[str]
+) -> None:
+    """Conversations that open with one app template and differ in the user's own text get
+    distinct keys when prefix_chars covers the template and that text."""
+    keys = {routing_key(Kind.CHAT, chat(msg("user", template + "\n\n" + text)), FIRST_USER,
+                        len(template) + 52, 64) for text in own}
+    assert len(keys) == len(own)
+
+
+def test_greetings_collide_on_turn_one_and_part_from_turn_two() -> None:
+    """Every "hi" conversation shares the turn-1 key; their own replies and next questions give
+    each a key of its own from turn 2 on (only with min_key_chars above the greeting)."""
+    openers = [chat(msg("system", SYSTEM), msg("user", "hi")) for _ in range(3)]
+    assert len({routing_key(Kind.CHAT, b, FIRST_USER, 1000, 64) for b in openers}) == 1
+    seconds = [chat(msg("system", SYSTEM), msg("user", "hi"), msg("assistant", f"Hello {i}!"),
+                    msg("user", question))
+               for i, question in enumerate(["Plan a trip", "Fix my code", "Write a poem"])]
+    assert len({routing_key(Kind.CHAT, b, FIRST_USER, 1000, 64) for b in seconds}) == 3
+    assert len({routing_key(Kind.CHAT, b, FIRST_USER, 1000, 0) for b in seconds}) == 1
+
+
+def test_even_identical_first_replies_part_on_the_next_message() -> None:
+    """Greedy decoding gives every "hi" the same reply; the next user message still parts them."""
+    seconds = [chat(msg("user", "hi"), msg("assistant", "Hello! How can I help?"),
+                    msg("user", question)) for question in ["Plan a trip", "Fix my code"]]
+    assert len({routing_key(Kind.CHAT, b, FIRST_USER, 1000, 64) for b in seconds}) == 2
+
+
+def test_tool_results_extend_a_short_task_like_a_next_user_message() -> None:
+    """An agent's short task keys on its first tool call and result from turn 2 on."""
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "search", "arguments": "{}"}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "3 results"}
+    body = chat(msg("user", "go"), call, result, msg("assistant", "Done"), msg("user", "thanks"))
+    assert key_text(Kind.CHAT, body, FIRST_USER, 1000, 64) == (
+        "go\nassistant:\ntool:3 results")
+
+
+def test_questions_about_one_long_document_share_a_key() -> None:
+    """A document placed first in the message keys on the document, whatever the question."""
+    document = "Document 1.\n\n" + "The river runs past the old mill. " * 60
+    keys = {routing_key(Kind.CHAT, chat(msg("user", f"{document}\n\nQuestion: {q}")),
+                        FIRST_USER, 1000, 64) for q in ["Why?", "When?", "Who built it?"]}
+    assert len(keys) == 1
+
+
+def test_data_url_images_key_on_their_whole_content() -> None:
+    """Data URLs that share their first hundreds of characters still give different keys, and
+    the same attachment gives the same key."""
+    header = "data:image/jpeg;base64," + "/9j/4AAQSkZJRgABAQ" * 20
+
+    def with_image(url: str) -> dict[str, Any]:
+        return chat(msg("user", [{"type": "image_url", "image_url": {"url": url}},
+                                 {"type": "text", "text": "What is this?"}]))
+
+    keys = [routing_key(Kind.CHAT, with_image(header + tail), FIRST_USER, 100, 0)
+            for tail in ["AAAA", "BBBB", "AAAA"]]
+    assert keys[0] != keys[1]
+    assert keys[0] == keys[2]
+
+
+def test_audio_and_file_parts_key_on_their_data() -> None:
+    """input_audio and file parts give a key per attachment rather than an empty one."""
+    def part(kind: str, payload: dict[str, str]) -> dict[str, Any]:
+        return chat(msg("user", [{"type": kind, kind: payload}]))
+
+    audio = {routing_key(Kind.CHAT, part("input_audio", {"data": d, "format": "wav"}),
+                         FIRST_USER, 100, 0) for d in ["UklGRg1", "UklGRg2"]}
+    files = {routing_key(Kind.CHAT, part("file", {"file_id": f}), FIRST_USER, 100, 0)
+             for f in ["file-1", "file-2"]}
+    assert len(audio) == 2
+    assert len(files) == 2
