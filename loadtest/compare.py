@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 
 from balancer.config import RoutingSettings
-from loadtest import haproxy
+from loadtest import haproxy, workloads
 from loadtest.cells import fixed
 from loadtest.hostcpu import CpuMeter
 from loadtest.player import play, random_spread
@@ -70,7 +70,7 @@ from loadtest.procs import (
 )
 from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
 from loadtest.trace import TraceRecord
-from loadtest.workloads import DEFAULT_MODEL, generate
+from loadtest.workloads import DEFAULT_MODEL, WORKLOADS, generate
 
 STRATEGIES = ("chwbl", "least-request", "round-robin", "random")
 ORACLE = "sticky-oracle"
@@ -671,8 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated, from {', '.join(CONTENDERS)} "
                              "(haproxy and vllm-router are skipped when not installed)")
-    parser.add_argument("--workload", default="multi-turn",
-                        choices=("multi-turn", "shared-docs", "unique"))
+    parser.add_argument("--workload", default="multi-turn", choices=tuple(WORKLOADS),
+                        help="seeded workload (see loadtest/workloads.py; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=None,
                         help="arrivals per second (conversations or requests); workload default")
@@ -738,28 +738,11 @@ def parse_routing(items: Sequence[str]) -> dict[str, Any]:
 
 
 def parse_shape(workload: str, items: Sequence[str]) -> Any:
-    """``KEY=VALUE`` pairs onto the workload's shape dataclass (``LO-HI`` for ranges)."""
-    import dataclasses
-
-    from loadtest import workloads
-
-    shape_cls = {"multi-turn": workloads.MultiTurnShape, "shared-docs": workloads.SharedDocsShape,
-                 "unique": workloads.UniqueShape}[workload]
-    shape = shape_cls()
-    fields = {f.name: f for f in dataclasses.fields(shape)}
-    changes: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--shape {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(fields)}")
-        current = getattr(shape, key)
-        if isinstance(current, tuple):
-            lo, _, hi = value.partition("-")
-            changes[key] = (int(lo), int(hi or lo))
-        else:
-            changes[key] = type(current)(value)
-    return dataclasses.replace(shape, **changes)
+    """``KEY=VALUE`` pairs onto the workload's default shape (``LO-HI`` for ranges)."""
+    try:
+        return workloads.parse_shape(workload, items)
+    except ValueError as e:
+        raise SystemExit(f"--shape {e}") from None
 
 
 def run_options_from(args: argparse.Namespace) -> RunOptions:

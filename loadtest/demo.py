@@ -10,6 +10,10 @@ accounted for, the first 25 s (caches filling, conversations building up) and th
 left out, and a run the host could not keep up with is flagged. The table, its JSON, every
 request's sample and five plots land in ``results/demo/``.
 
+Flags after the demo's own replace them: ``python -m loadtest.demo --workload templated``
+plays the templated workload instead (any of ``multi-turn``, ``templated``, ``greetings`` and
+``agent``: the demo's ``--shape`` fields are those of the multi-turn generator).
+
 Every process the demo starts (pods, balancers) is stopped when it ends, on error or Ctrl-C.
 """
 

@@ -53,7 +53,8 @@ Usage, from the repository root or anywhere else::
         --summary-file results/locust-summary.json --samples-file results/samples.jsonl
 
 ``--host`` is the OpenAI base URL, with or without ``/v1``: a balancer, a Kubernetes Service or
-a model server. Our flags: ``--workload {multi-turn,shared-docs,unique,trace}``,
+a model server. Our flags: ``--workload
+{multi-turn,templated,greetings,agent,shared-docs,unique,trace}``,
 ``--trace-file``, ``--model`` and ``--max-tokens`` (override the bodies' values),
 ``--temperature`` (e.g. 0) and ``--ignore-eos`` (vLLM's ``ignore_eos: true``) so that every
 contender sees the same outputs from real servers, ``--seed``, ``--summary-file``,

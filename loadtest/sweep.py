@@ -7,7 +7,7 @@ and plots TTFT p50/p99, output tokens/s and goodput against the offered rate. Ea
 *knee* is the highest rate of the ladder at which goodput (completed requests/s within the SLO)
 is still at least 95% of the requests offered, at that rate and every lower one
 (:func:`loadtest.sweep_core.find_knee`). Rates are arrivals per second: new conversations for
-the multi-turn workload (whose later turns wait for the replies, so the requests offered
+the multi-turn workloads (whose later turns wait for the replies, so the requests offered
 depend on the contender), requests for the others. That is how operating points are chosen:
 a comparison at "80% of the knee" means the same thing for every contender and every machine.
 
@@ -37,6 +37,7 @@ from loadtest.cells import fixed
 from loadtest.procs import raise_fd_limit
 from loadtest.stats import write_samples
 from loadtest.sweep_core import DEFAULT_SHARE, find_knee, knee_line, rate_ladder
+from loadtest.workloads import MULTI_TURN_WORKLOADS
 
 DEFAULT_RATES = "4,8,12,16,20,24"
 """New conversations per second for the default multi-turn workload on 4 simulated pods: from
@@ -131,7 +132,7 @@ def points_of(outcomes: Sequence[tuple[float, compare.Outcome]]
 
 def rate_unit(workload: str) -> str:
     """What a workload's rate counts: conversations for multi-turn chat, else requests."""
-    return "new conversations/s" if workload == "multi-turn" else "requests/s"
+    return "new conversations/s" if workload in MULTI_TURN_WORKLOADS else "requests/s"
 
 
 def markdown(points: dict[str, list[dict[str, Any]]], lines: Sequence[str], unit: str) -> str:

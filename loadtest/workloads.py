@@ -1,6 +1,6 @@
 """Seeded workload generators that write request traces (format: :mod:`loadtest.trace`).
 
-Three shapes, each chosen to show one thing about prefix-aware routing:
+Six workloads, each chosen to show one thing about prefix-aware routing:
 
 ``multi-turn``
     Chat conversations in the shape of the KubeAI/ShareGPT benchmark. A few shared system
@@ -9,6 +9,26 @@ Three shapes, each chosen to show one thing about prefix-aware routing:
     appends the reply it actually received and a new user message (20-200 tokens) after a think
     time drawn from an exponential distribution. New conversations arrive as a Poisson process.
     Prefix routing keeps a conversation's growing history cached on one pod.
+``templated``
+    Multi-turn chat as real apps send it: 70% of conversations open their first user message
+    with one of 4 instruction templates of 150-400 characters (a customer assistant, a
+    summarizer, RAG over a context, house rules) before the user's own text, 15% open with a
+    greeting alone, the rest as ``multi-turn``; bodies carry ``temperature: 0.7``. Shows whether
+    a routing key separates conversations whose first messages agree for hundreds of
+    characters.
+``greetings``
+    Greeting-heavy chat: 60% of conversations open with a short greeting alone ("hi",
+    "Hello!"..., a few of them most of the time), the question coming in the second user
+    message; the rest as ``multi-turn``. Sampled replies (``temperature: 0.7``) make the
+    conversations part at the first reply, as with a real model. Shows whether a key tells
+    apart conversations whose whole first message is the same.
+``agent``
+    Agent sessions: 2 agents, each a long system prompt (4-6k tokens) and 5-10 tool
+    definitions in the body's ``tools`` (OpenAI function tools, shared by all of that agent's
+    sessions). A session's first user message is a task (half open with one of 2 task
+    templates); then 8-20 short turns each append a tool result (a ``tool`` message of 50-300
+    tokens) 0.1-0.5 s after the reply. Shows routing under long shared prefixes, many short
+    turns and fast turn-around.
 ``shared-docs``
     A few long documents (4-8k tokens) and many short single-turn questions about them: the
     prompt is the document followed by the question. Requests arrive as a Poisson process and
@@ -18,21 +38,34 @@ Three shapes, each chosen to show one thing about prefix-aware routing:
     share their first 64 characters). Nothing can be cached, so routing can only add harm: a
     good balancer shows none.
 
+``templated``, ``greetings`` and ``agent`` are presets of the multi-turn generator
+(:data:`TEMPLATED_SHAPE`, :data:`GREETINGS_SHAPE`, :data:`AGENT_SHAPE`): one generator, shapes
+that differ, and any field can be changed (``--shape KEY=VALUE`` here and in
+:mod:`loadtest.compare`). Openings are drawn per conversation (``template_share``,
+``greeting_share``); a shape that asks for none of the new features gives byte for byte the
+conversations it gave before they existed. Templates are distinct from their first characters
+on (no two share their first 50). The simulated server answers a request with ``temperature``
+> 0 with a reply drawn for that request, and one without with the prompt's own reply (greedy
+decoding), see :mod:`loadtest.simserver.server`.
+
 Text is pseudo-natural English words from a seeded RNG; lengths are in pseudo-tokens of about
 4 characters (the simulated model server counts the same way). Content and arrival times use
 separate RNGs derived from the seed, so changing the rate or duration keeps the content of the
 conversations that remain. The same seed and flags give a byte-identical file.
 
 The defaults suit a laptop demo of about 60 s against 4 simulated pods: about 60 conversations
-(some 400 requests) of multi-turn chat, or about 120 requests of the single-turn shapes, so every
-shared prefix recurs many times and most conversations get through several turns. Raise
-``--rate`` to add load.
+(some 400 requests; ``agent``: about 1,000) of multi-turn chat, or about 120 requests of the
+single-turn shapes, so every shared prefix recurs many times and most conversations get through
+several turns. Raise ``--rate`` to add load.
 
 Command line::
 
     python -m loadtest.workloads multi-turn --seed 1 --out trace.jsonl [--rate 1.0] [--duration 60]
         [--conversations N] [--system-prompts 4] [--system-tokens 1000-3000] [--turns 3-10]
         [--user-tokens 20-200] [--think-mean 2.0] [--max-tokens 32-128] [--model NAME]
+        [--shape KEY=VALUE ...]
+    python -m loadtest.workloads templated|greetings|agent --seed 1 --out trace.jsonl ...
+        (the same flags, defaults from the preset)
     python -m loadtest.workloads shared-docs --seed 1 --out trace.jsonl [--rate 2.0] [--duration 60]
         [--requests N] [--documents 4] [--document-tokens 4000-8000] [--question-tokens 10-40] ...
     python -m loadtest.workloads unique --seed 1 --out trace.jsonl [--rate 2.0] [--duration 60]
@@ -47,28 +80,41 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from loadtest.trace import Conversation, TraceRecord, dump_trace, records_of, write_trace
 
 __all__ = [
+    "AGENT_SHAPE",
     "CHARS_PER_TOKEN",
     "DEFAULT_MODEL",
+    "GREETINGS",
+    "GREETINGS_SHAPE",
+    "MULTI_TURN_WORKLOADS",
+    "SHAPES",
+    "TEMPLATED_SHAPE",
+    "TEMPLATE_DISTINCT_CHARS",
+    "TEMPLATE_OPENERS",
     "WORKLOADS",
     "MultiTurnShape",
     "SharedDocsShape",
     "TextGenerator",
     "UniqueShape",
+    "agent",
     "conversation_stream",
     "generate",
+    "greetings",
     "main",
     "multi_turn",
+    "parse_shape",
     "schedule",
     "shared_docs",
+    "templated",
     "unique",
 ]
 
@@ -115,6 +161,82 @@ _QUESTION_OPENERS = (
     "Is it true that",
     "Please describe",
 )
+_TASK_OPENERS = (
+    "Find out why",
+    "Check whether",
+    "Update the records so that",
+    "Compare the two reports on",
+    "List every case where",
+    "Fix the problem where",
+    "Collect the figures on",
+    "Write a short note on",
+)
+
+TEMPLATE_DISTINCT_CHARS = 50
+"""Templates are regenerated until no two share this many leading characters."""
+
+TEMPLATE_OPENERS: dict[str, tuple[str, ...]] = {
+    "app": (
+        "You are helping a customer of {Word} {Word}. Answer using only the product notes"
+        " below; be brief and polite, and never promise a refund.",
+        "Summarize the following {word} {word} for a busy reader in three short points,"
+        " keeping every figure and name as written.",
+        "Use the {word} context below to answer the question at the end. If the context"
+        " does not hold the answer, say so. Context:",
+        "You are the {word} assistant of {Word} {Word}. Follow these rules in every reply:",
+        "Rewrite the {word} text that follows in plain English for a {word} audience,"
+        " keeping its meaning:",
+        "Classify the {word} message below as a {word}, {word} or {word} request, then draft"
+        " a short reply.",
+        "Extract every {word}, {word} and date from the document below and return them as a"
+        " list.",
+        "Translate the following {word} notes into clear English, keeping the headings:",
+    ),
+    "task": (
+        "Task for the {word} agent: work through the {word} {word} issue below with the tools"
+        " you have. Read before you change anything.",
+        "You are running the scheduled {word} check for {Word} {Word}. Gather the records,"
+        " compare them with last week's and file a report.",
+        "Fix the following {word} problem: reproduce it, find its cause, change what is"
+        " needed and run the {word} checks again.",
+        "Research request from the {word} team: collect what the {word} sources say about"
+        " the topic below and cite each one.",
+    ),
+}
+"""Openings of instruction templates by kind; ``{word}`` and ``{Word}`` are filled with seeded
+words (lower case, capitalized) so that templates differ from their first characters on."""
+
+GREETINGS: tuple[tuple[str, float], ...] = (
+    ("hi", 20.0),
+    ("Hello!", 12.0),
+    ("hey", 9.0),
+    ("Hi", 7.0),
+    ("hello", 6.0),
+    ("Hi there!", 4.0),
+    ("hey there", 3.0),
+    ("Good morning!", 3.0),
+    ("Hi, can you help me?", 3.0),
+    ("Hello, are you there?", 2.0),
+    ("Hey!", 2.0),
+    ("hii", 1.5),
+    ("Good afternoon", 1.5),
+    ("yo", 1.0),
+    ("Hi, I have a question.", 1.0),
+)
+"""Greetings that open chat conversations, with relative weights: a few dominate (``hi`` is
+about a quarter of them), as in chat UIs' logs."""
+
+_TOOL_VERBS = ("search", "get", "list", "read", "create", "update", "run", "send", "fetch",
+               "check", "find", "write")
+_NOUN_TEXT = """
+    system model data value process result method level point group order field state number
+    report team service network memory cache request response server client user query answer
+    document section table figure record source target output input context river city station
+    harbor bridge forest island letter story music picture paper
+"""
+_NOUNS = tuple(_NOUN_TEXT.split())
+_PARAMETER_TYPES = ("string", "string", "integer", "boolean")
+_PLACEHOLDER = re.compile(r"\{(word|Word)\}")
 
 
 class TextGenerator:
@@ -153,6 +275,46 @@ class TextGenerator:
         opener = self._rng.choice(_QUESTION_OPENERS)
         body = self.text(max(1, tokens - len(opener) // CHARS_PER_TOKEN))
         return f"{opener} {body[0].lower()}{body[1:].rstrip('.,')}?"
+
+    def task(self, tokens: int) -> str:
+        """An instruction to an agent of about ``tokens`` pseudo-tokens."""
+        opener = self._rng.choice(_TASK_OPENERS)
+        body = self.text(max(1, tokens - len(opener) // CHARS_PER_TOKEN))
+        return f"{opener} {body[0].lower()}{body[1:]}"
+
+    def template(self, opener: str, chars: int) -> str:
+        """An instruction template of about ``chars`` characters (cut at a word): ``opener``
+        with its placeholders filled, then sentences."""
+        rng = self._rng
+
+        def word(match: re.Match[str]) -> str:
+            chosen = rng.choice(_NOUNS)
+            return chosen.capitalize() if match.group(1) == "Word" else chosen
+
+        head = _PLACEHOLDER.sub(word, opener)
+        room = (chars - len(head) - 1) // CHARS_PER_TOKEN
+        return head if room < 1 else f"{head} {self.text(room)}"
+
+    def tool(self, name: str) -> dict[str, Any]:
+        """An OpenAI function tool called ``name``: a description and 1-4 parameters."""
+        rng = self._rng
+        names = rng.sample(_NOUNS, rng.randint(1, 4))
+        properties = {
+            parameter: {"type": rng.choice(_PARAMETER_TYPES), "description": self.sentence()}
+            for parameter in names
+        }
+        return {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": self.sentence(),
+                "parameters": {
+                    "type": "object",
+                    "properties": properties,
+                    "required": names[: rng.randint(1, len(names))],
+                },
+            },
+        }
 
 
 def _uniform(rng: random.Random, bounds: tuple[int, int]) -> int:
@@ -195,6 +357,57 @@ class MultiTurnShape:
     steady_reply_s: float = 2.5
     """Assumed reply time (s) when working out which turn a conversation that began before
     the trace has reached: about E2E p50 at moderate load on the simulated pods."""
+    templates: int = 0
+    """Distinct instruction templates of the app (0: none). A templated conversation's first
+    user message is one of them followed by the user's own text, as when a product assistant,
+    a RAG app or an agent framework wraps every request in the same instructions."""
+    template_chars: tuple[int, int] = (150, 400)
+    """Length of each template in characters (about: cut at a word). No two templates share
+    their first :data:`TEMPLATE_DISTINCT_CHARS` characters."""
+    template_share: float = 0.0
+    """Fraction of conversations whose first user message opens with a template."""
+    template_kind: str = "app"
+    """``app``: app instructions (a customer assistant, a summarizer, RAG over a context...)
+    and users' own text as questions; ``task``: an agent's task instructions, and users' own
+    text as tasks."""
+    greeting_share: float = 0.0
+    """Fraction of conversations whose first user message is a short greeting alone ("hi",
+    "Hello!"; a few dominate); the real question comes in the second user message."""
+    tools: tuple[int, int] = (0, 0)
+    """Tool definitions per system prompt (an agent), sent in every body's ``tools`` (OpenAI
+    function tools) by all conversations on that system prompt. 0: no ``tools``."""
+    tool_turn_share: float = 0.0
+    """Fraction of later turns that append a tool result (a ``tool`` message) instead of a user
+    message, as an agent loop does after each tool call."""
+    tool_result_tokens: tuple[int, int] = (50, 300)
+    """Length of each tool result."""
+    think_range_s: tuple[float, float] = (0.0, 0.0)
+    """When its upper end is > 0, think times are drawn uniformly from this range instead of
+    the exponential of ``think_mean_s`` (an agent runs its tools in a bounded time)."""
+    temperature: float = 0.0
+    """``temperature`` written into every body when > 0: chat apps sample, so two conversations
+    that open alike get different replies (the simulated server follows it). 0: the field is
+    left out (greedy on the simulated server)."""
+
+    def __post_init__(self) -> None:
+        shares = (self.template_share, self.greeting_share, self.tool_turn_share)
+        if not all(0.0 <= share <= 1.0 for share in shares):
+            raise ValueError("template_share, greeting_share and tool_turn_share must be in 0..1")
+        if self.template_share + self.greeting_share > 1.0:
+            raise ValueError("template_share + greeting_share must be <= 1")
+        if self.template_share > 0 and self.templates < 1:
+            raise ValueError("template_share > 0 needs templates >= 1")
+        if self.templates < 0 or self.template_chars[0] < 1:
+            raise ValueError("templates must be >= 0 and template_chars >= 1")
+        if self.template_kind not in TEMPLATE_OPENERS:
+            raise ValueError(f"template_kind must be one of {', '.join(TEMPLATE_OPENERS)}")
+        if self.tools[0] < 0 or self.tools[0] > self.tools[1]:
+            raise ValueError("tools must be a range LO-HI with 0 <= LO <= HI")
+        low, high = self.think_range_s
+        if low < 0 or (high > 0 and high < low):
+            raise ValueError("think_range_s must be a range LO-HI with 0 <= LO <= HI")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -221,6 +434,31 @@ class UniqueShape:
     """``max_tokens`` of each request."""
 
 
+TEMPLATED_SHAPE = MultiTurnShape(
+    templates=4, template_chars=(150, 400), template_share=0.70, greeting_share=0.15,
+    temperature=0.7,
+)  # fmt: skip
+"""``templated``: 70% of conversations open with one of 4 app templates of 150-400 characters
+before the user's own text, 15% with a greeting, the rest plain; sampled replies."""
+
+GREETINGS_SHAPE = MultiTurnShape(greeting_share=0.60, temperature=0.7)
+"""``greetings``: 60% of conversations open with a greeting alone, the rest plain; sampled
+replies, so conversations that open alike part at the first reply."""
+
+AGENT_SHAPE = MultiTurnShape(
+    system_prompts=2, system_tokens=(4000, 6000), tools=(5, 10), templates=2,
+    template_kind="task", template_share=0.5, turns=(8, 20), tool_turn_share=1.0,
+    tool_result_tokens=(50, 300), think_mean_s=0.3, think_range_s=(0.1, 0.5), temperature=0.7,
+)  # fmt: skip
+"""``agent``: 2 agents, each a long system prompt (4-6k tokens) and 5-10 tools; a session's
+first user message is a task (half of them open with one of 2 task templates), then 8-20
+short turns that each append a tool result, 0.1-0.5 s apart; sampled replies."""
+
+MULTI_TURN_WORKLOADS = ("multi-turn", "templated", "greetings", "agent")
+"""Workloads made by the multi-turn generator: conversations whose rate counts new
+conversations, not requests."""
+
+
 # --- conversation streams (endless; arrival times are assigned by schedule()) ---------------
 
 
@@ -229,9 +467,18 @@ def _content_rng(seed: int) -> random.Random:
 
 
 def iter_multi_turn(
-    seed: int, shape: MultiTurnShape = MultiTurnShape(), *, model: str = DEFAULT_MODEL
+    seed: int,
+    shape: MultiTurnShape = MultiTurnShape(),
+    *,
+    model: str = DEFAULT_MODEL,
+    prefix: str = "mt",
 ) -> Iterator[Conversation]:
-    """Endless multi-turn conversations (``at`` = 0); deterministic for a seed."""
+    """Endless multi-turn conversations (``at`` = 0); deterministic for a seed.
+
+    Conversation ids are ``<prefix>-00000``, ``<prefix>-00001``... Openings, tools and tool
+    turns draw from the content RNG only when the shape asks for them, so a shape without them
+    gives the same conversations as before they existed.
+    """
     rng = _content_rng(seed)
     text = TextGenerator(rng)
     systems = [
@@ -239,10 +486,18 @@ def iter_multi_turn(
         + text.text(max(1, _uniform(rng, shape.system_tokens) - 5))
         for index in range(shape.system_prompts)
     ]
+    templates = _templates(rng, text, shape)
+    toolsets = _toolsets(rng, text, shape, len(systems))
     for number in itertools.count():
-        conversation_id = f"mt-{number:05d}"
-        system = rng.choice(systems)
-        turns = []
+        conversation_id = f"{prefix}-{number:05d}"
+        agent = rng.choice(range(len(systems)))
+        system = {"role": "system", "content": systems[agent]}
+        extra: dict[str, Any] = {}
+        if toolsets and toolsets[agent]:
+            extra["tools"] = toolsets[agent]
+        if shape.temperature > 0:
+            extra["temperature"] = shape.temperature
+        opening = _opening(rng, shape)
         history: list[dict[str, str]] = []
         if shape.history_turns[1] > 0:
             for _ in range(_uniform(rng, shape.history_turns)):
@@ -250,21 +505,126 @@ def iter_multi_turn(
                     {"role": "user", "content": text.question(_uniform(rng, shape.user_tokens))})
                 history.append({"role": "assistant",
                                 "content": text.text(_uniform(rng, shape.history_reply_tokens))})
-        for turn in range(_uniform(rng, shape.turns)):
-            user = {"role": "user", "content": text.question(_uniform(rng, shape.user_tokens))}
-            messages = (
-                [{"role": "system", "content": system}, *history, user] if turn == 0 else [user]
-            )
+        greeting = _greeting(rng) if opening == "greeting" else None
+        template = rng.choice(templates) if opening == "template" else None
+        if history and greeting is not None:
+            reply = text.text(_uniform(rng, GREETING_REPLY_TOKENS))
+            history = [{"role": "user", "content": greeting},
+                       {"role": "assistant", "content": reply}, *history]
+        if history and template is not None:
+            history[0] = {"role": "user", "content": f"{template}\n\n{history[0]['content']}"}
+        turns: list[TraceRecord] = []
+        if greeting is not None and not history:
             body: dict[str, Any] = {
+                "model": model,
+                "messages": [system, {"role": "user", "content": greeting}],
+                "max_tokens": _uniform(rng, shape.max_tokens),
+                **extra,
+            }
+            turns.append(TraceRecord(conversation_id, 0, 0.0, 0.0, False, body))
+        for turn in range(_uniform(rng, shape.turns)):
+            index = len(turns)
+            message: dict[str, str]
+            if turn > 0 and _is_tool_turn(rng, shape):
+                message = {
+                    "role": "tool",
+                    "tool_call_id": f"call-{number:05d}-{index:02d}",
+                    "content": text.text(_uniform(rng, shape.tool_result_tokens)),
+                }
+            else:
+                ask = text.task if shape.template_kind == "task" else text.question
+                content = ask(_uniform(rng, shape.user_tokens))
+                if turn == 0 and template is not None and not history:
+                    content = f"{template}\n\n{content}"
+                message = {"role": "user", "content": content}
+            messages = [system, *history, message] if index == 0 else [message]
+            body = {
                 "model": model,
                 "messages": messages,
                 "max_tokens": _uniform(rng, shape.max_tokens),
+                **extra,
             }
-            think = 0.0
-            if turn > 0 and shape.think_mean_s > 0:
-                think = round(rng.expovariate(1.0 / shape.think_mean_s), 3)
-            turns.append(TraceRecord(conversation_id, turn, 0.0, think, turn > 0, body))
+            think = _think(rng, shape) if index > 0 else 0.0
+            turns.append(TraceRecord(conversation_id, index, 0.0, think, index > 0, body))
         yield Conversation(conversation_id, 0.0, tuple(turns))
+
+
+GREETING_REPLY_TOKENS = (8, 30)
+"""Length of the recorded reply to a greeting, in a history that a conversation picked up
+mid-way already carries."""
+
+_GREETING_TEXTS = tuple(greeting for greeting, _ in GREETINGS)
+_GREETING_WEIGHTS = tuple(itertools.accumulate(weight for _, weight in GREETINGS))
+
+
+def _templates(rng: random.Random, text: TextGenerator, shape: MultiTurnShape) -> list[str]:
+    """The shape's instruction templates, no two alike in their first characters."""
+    openers = TEMPLATE_OPENERS[shape.template_kind]
+    templates: list[str] = []
+    seen: set[str] = set()
+    for index in range(shape.templates):
+        for _ in range(1000):
+            template = text.template(
+                openers[index % len(openers)], _uniform(rng, shape.template_chars)
+            )
+            if template[:TEMPLATE_DISTINCT_CHARS] not in seen:
+                break
+        else:
+            raise ValueError(f"cannot make {shape.templates} distinct templates")
+        seen.add(template[:TEMPLATE_DISTINCT_CHARS])
+        templates.append(template)
+    return templates
+
+
+def _toolsets(
+    rng: random.Random, text: TextGenerator, shape: MultiTurnShape, count: int
+) -> list[list[dict[str, Any]]]:
+    """Tool definitions for each of ``count`` system prompts; none when the shape has no
+    tools."""
+    if shape.tools[1] < 1:
+        return []
+    toolsets = []
+    for _ in range(count):
+        names: list[str] = []
+        size = _uniform(rng, shape.tools)
+        while len(names) < size:
+            name = f"{rng.choice(_TOOL_VERBS)}_{rng.choice(_NOUNS)}"
+            if name not in names:
+                names.append(name)
+        toolsets.append([text.tool(name) for name in names])
+    return toolsets
+
+
+def _opening(rng: random.Random, shape: MultiTurnShape) -> str:
+    """How a conversation opens: ``greeting``, ``template`` or ``plain``."""
+    if shape.greeting_share <= 0 and shape.template_share <= 0:
+        return "plain"
+    draw = rng.random()
+    if draw < shape.greeting_share:
+        return "greeting"
+    if draw < shape.greeting_share + shape.template_share:
+        return "template"
+    return "plain"
+
+
+def _greeting(rng: random.Random) -> str:
+    return rng.choices(_GREETING_TEXTS, cum_weights=_GREETING_WEIGHTS)[0]
+
+
+def _is_tool_turn(rng: random.Random, shape: MultiTurnShape) -> bool:
+    share = shape.tool_turn_share
+    if share <= 0:
+        return False
+    return share >= 1 or rng.random() < share
+
+
+def _think(rng: random.Random, shape: MultiTurnShape) -> float:
+    low, high = shape.think_range_s
+    if high > 0:
+        return round(rng.uniform(low, high), 3)
+    if shape.think_mean_s > 0:
+        return round(rng.expovariate(1.0 / shape.think_mean_s), 3)
+    return 0.0
 
 
 def iter_shared_docs(
@@ -355,10 +715,12 @@ def multi_turn(
     conversations: int | None = None,
     shape: MultiTurnShape = MultiTurnShape(),
     model: str = DEFAULT_MODEL,
+    prefix: str = "mt",
 ) -> list[TraceRecord]:
     """A multi-turn chat trace: Poisson arrivals over ``duration_s`` (or ``conversations``),
-    started in steady state when ``shape.steady_start_s`` is set."""
-    stream = iter_multi_turn(seed, shape, model=model)
+    started in steady state when ``shape.steady_start_s`` is set; ``prefix`` starts the
+    conversation ids."""
+    stream = iter_multi_turn(seed, shape, model=model, prefix=prefix)
     lead = shape.steady_start_s
     if lead <= 0 or conversations is not None:
         return records_of(
@@ -446,25 +808,92 @@ def unique(
     return records_of(schedule(stream, seed=seed, rate=rate, duration_s=duration_s, count=requests))
 
 
+def templated(
+    seed: int, *, shape: MultiTurnShape = TEMPLATED_SHAPE, **options: Any
+) -> list[TraceRecord]:
+    """Multi-turn chat whose first messages open with app templates or greetings (see
+    :data:`TEMPLATED_SHAPE`); options as :func:`multi_turn`."""
+    return multi_turn(seed, shape=shape, prefix="tp", **options)
+
+
+def greetings(
+    seed: int, *, shape: MultiTurnShape = GREETINGS_SHAPE, **options: Any
+) -> list[TraceRecord]:
+    """Greeting-heavy multi-turn chat (see :data:`GREETINGS_SHAPE`); options as
+    :func:`multi_turn`."""
+    return multi_turn(seed, shape=shape, prefix="gr", **options)
+
+
+def agent(seed: int, *, shape: MultiTurnShape = AGENT_SHAPE, **options: Any) -> list[TraceRecord]:
+    """Agent sessions with tools and tool results (see :data:`AGENT_SHAPE`); options as
+    :func:`multi_turn`."""
+    return multi_turn(seed, shape=shape, prefix="ag", **options)
+
+
 WORKLOADS: dict[str, Callable[..., list[TraceRecord]]] = {
     "multi-turn": multi_turn,
+    "templated": templated,
+    "greetings": greetings,
+    "agent": agent,
     "shared-docs": shared_docs,
     "unique": unique,
 }
 """Trace generators by workload name."""
+
+SHAPES: dict[str, MultiTurnShape | SharedDocsShape | UniqueShape] = {
+    "multi-turn": MultiTurnShape(),
+    "templated": TEMPLATED_SHAPE,
+    "greetings": GREETINGS_SHAPE,
+    "agent": AGENT_SHAPE,
+    "shared-docs": SharedDocsShape(),
+    "unique": UniqueShape(),
+}
+"""Each workload's default shape: what ``--shape KEY=VALUE`` changes."""
+
+_ID_PREFIXES = {"multi-turn": "mt", "templated": "tp", "greetings": "gr", "agent": "ag"}
 
 
 def conversation_stream(
     name: str, seed: int, *, model: str = DEFAULT_MODEL
 ) -> Iterator[Conversation]:
     """An endless stream of a workload's conversations in default shapes (closed-loop users)."""
-    if name == "multi-turn":
-        return iter_multi_turn(seed, model=model)
-    if name == "shared-docs":
-        return iter_shared_docs(seed, model=model)
-    if name == "unique":
-        return iter_unique(seed, model=model)
+    shape = SHAPES.get(name)
+    if isinstance(shape, MultiTurnShape):
+        return iter_multi_turn(seed, shape, model=model, prefix=_ID_PREFIXES[name])
+    if isinstance(shape, SharedDocsShape):
+        return iter_shared_docs(seed, shape, model=model)
+    if isinstance(shape, UniqueShape):
+        return iter_unique(seed, shape, model=model)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+
+
+def parse_shape(workload: str, items: Sequence[str]) -> Any:
+    """``KEY=VALUE`` pairs onto the workload's default shape (``LO-HI`` or ``N`` for ranges);
+    raises ValueError with the reason."""
+    try:
+        shape = SHAPES[workload]
+    except KeyError:
+        raise ValueError(f"unknown workload {workload!r}") from None
+    names = [f.name for f in fields(shape)]
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(names)}")
+        current = getattr(shape, key)
+        try:
+            if isinstance(current, tuple):
+                kind = type(current[0])
+                lo, _, hi = value.partition("-")
+                changes[key] = (kind(lo), kind(hi or lo))
+            else:
+                changes[key] = type(current)(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a {type(current).__name__}") from None
+    try:
+        return replace(shape, **changes)
+    except ValueError as e:
+        raise ValueError(f"{', '.join(items)}: {e}") from None
 
 
 def generate(name: str, seed: int, **options: Any) -> list[TraceRecord]:
@@ -543,17 +972,30 @@ def _parser() -> argparse.ArgumentParser:
             "--max-tokens", type=_token_range, default=(32, 128), help="reply length (32-128)"
         )
 
-    mt = sub.add_parser("multi-turn", help="multi-turn chat over shared system prompts")
-    common(mt, 1.0, "--conversations")
-    mt.add_argument(
-        "--system-prompts", type=_positive_int, default=4, help="distinct system prompts (4)"
-    )
-    mt.add_argument("--system-tokens", type=_token_range, default=(1000, 3000), help="(1000-3000)")
-    mt.add_argument(
-        "--turns", type=_token_range, default=(3, 10), help="turns per conversation (3-10)"
-    )
-    mt.add_argument("--user-tokens", type=_token_range, default=(20, 200), help="(20-200)")
-    mt.add_argument("--think-mean", type=float, default=2.0, help="mean think time, s (2.0)")
+    helps = {
+        "multi-turn": "multi-turn chat over shared system prompts",
+        "templated": "multi-turn chat opening with app templates or greetings",
+        "greetings": "multi-turn chat, most conversations opening with a greeting",
+        "agent": "agent sessions: long system prompt, tools, many tool-result turns",
+    }
+    for name in MULTI_TURN_WORKLOADS:
+        preset = SHAPES[name]
+        assert isinstance(preset, MultiTurnShape)
+        mt = sub.add_parser(name, help=helps[name])
+        common(mt, 1.0, "--conversations")
+        mt.add_argument("--system-prompts", type=_positive_int, default=preset.system_prompts,
+                        help="distinct system prompts (%(default)s)")
+        mt.add_argument("--system-tokens", type=_token_range, default=preset.system_tokens,
+                        help=_range_help(preset.system_tokens))
+        mt.add_argument("--turns", type=_token_range, default=preset.turns,
+                        help="turns per conversation " + _range_help(preset.turns))
+        mt.add_argument("--user-tokens", type=_token_range, default=preset.user_tokens,
+                        help=_range_help(preset.user_tokens))
+        mt.add_argument("--think-mean", type=float, default=preset.think_mean_s,
+                        help="mean think time, s (%(default)s)")
+        mt.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other shape field, e.g. --shape greeting_share=0.3 "
+                             "--shape template_chars=200-600 (MultiTurnShape)")
 
     sd = sub.add_parser("shared-docs", help="short questions about a few long documents")
     common(sd, 2.0, "--requests")
@@ -569,20 +1011,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _range_help(bounds: tuple[int, int]) -> str:
+    return f"({bounds[0]}-{bounds[1]})"
+
+
 def _records_from_args(args: argparse.Namespace) -> list[TraceRecord]:
     common: dict[str, Any] = {"rate": args.rate, "duration_s": args.duration, "model": args.model}
-    if args.workload == "multi-turn":
+    if args.workload in MULTI_TURN_WORKLOADS:
         if args.think_mean < 0:
             raise SystemExit("--think-mean must be >= 0")
-        mt_shape = MultiTurnShape(
-            system_prompts=args.system_prompts,
-            system_tokens=args.system_tokens,
-            turns=args.turns,
-            user_tokens=args.user_tokens,
-            think_mean_s=args.think_mean,
-            max_tokens=args.max_tokens,
+        try:
+            base = parse_shape(args.workload, args.shape)
+            mt_shape = replace(
+                base,
+                system_prompts=args.system_prompts,
+                system_tokens=args.system_tokens,
+                turns=args.turns,
+                user_tokens=args.user_tokens,
+                think_mean_s=args.think_mean,
+                max_tokens=args.max_tokens,
+            )
+        except ValueError as e:
+            raise SystemExit(f"--shape {e}") from None
+        return multi_turn(
+            args.seed,
+            conversations=args.conversations,
+            shape=mt_shape,
+            prefix=_ID_PREFIXES[args.workload],
+            **common,
         )
-        return multi_turn(args.seed, conversations=args.conversations, shape=mt_shape, **common)
     if args.workload == "shared-docs":
         sd_shape = SharedDocsShape(
             documents=args.documents,

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.simserver",
         description="Simulated vLLM-compatible model servers (an engine model, no GPU).",
+        epilog="Replies follow each request's sampling fields: without 'temperature' (or with"
+        " 0) a prompt always gets the same reply (greedy); with 'seed' the reply is fixed by"
+        " the prompt and the seed; with 'temperature' > 0 and no seed each request gets its own"
+        " reply, drawn from the pod's RNG (seeded by --seed). Chat 'tools' are rendered into"
+        " the prompt after the system message, so they are prefilled and cached.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pods = parser.add_argument_group("pods")

@@ -73,14 +73,22 @@ class EngineDriver:
         """Wall-clock length of a simulated duration."""
         return model_ms * self.time_scale / 1000.0
 
-    def submit(self, prompts: Sequence[str], max_tokens: int) -> Submission:
-        """Queue one sequence per prompt; raises :class:`EngineError` and queues none if any is
-        refused."""
+    def submit(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int,
+        reply_seeds: Sequence[int | None] | None = None,
+    ) -> Submission:
+        """Queue one sequence per prompt, each reply seeded by its entry of `reply_seeds` (None:
+        by its prompt); raises :class:`EngineError` and queues none if any is refused."""
         now = self.model_now()
+        seeds = [None] * len(prompts) if reply_seeds is None else reply_seeds
         seqs: list[EngineSequence] = []
         try:
-            for prompt in prompts:
-                seqs.append(self.engine.add_request(prompt, max_tokens, now_ms=now))
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                seqs.append(
+                    self.engine.add_request(prompt, max_tokens, now_ms=now, reply_seed=seed)
+                )
         except EngineError:
             for seq in seqs:
                 self.engine.abort(seq)

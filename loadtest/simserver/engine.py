@@ -217,7 +217,14 @@ class Sequence:
         "state",
     )
 
-    def __init__(self, seq_id: int, prompt: str, max_tokens: int, arrival_ms: float) -> None:
+    def __init__(
+        self,
+        seq_id: int,
+        prompt: str,
+        max_tokens: int,
+        arrival_ms: float,
+        reply_seed: int | None = None,
+    ) -> None:
         self.id = seq_id
         self.prompt = prompt
         self.prompt_tokens = count_tokens(prompt)
@@ -237,7 +244,7 @@ class Sequence:
         """Times the sequence was preempted (and its KV recomputed)."""
         self.first_token_ms: float | None = None
         self.finish_ms: float | None = None
-        self._words = PseudoWords(text_seed(prompt))
+        self._words = PseudoWords(text_seed(prompt) if reply_seed is None else reply_seed)
         self._hashes = list(self.prompt_hashes)
         """Chained hashes of the full blocks of the prompt and the output so far."""
         self._target = self.prompt_tokens
@@ -438,12 +445,19 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(
-        self, prompt: str, max_tokens: int | None = None, *, now_ms: float | None = None
+        self,
+        prompt: str,
+        max_tokens: int | None = None,
+        *,
+        now_ms: float | None = None,
+        reply_seed: int | None = None,
     ) -> Sequence:
         """Queue a request arriving at `now_ms` (default: the engine's clock).
 
         An idle engine's clock jumps forward to the arrival. A busy engine whose clock is behind
-        the arrival time (its host fell behind) counts the request as arriving now.
+        the arrival time (its host fell behind) counts the request as arriving now. The reply's
+        text is seeded by `reply_seed`, or by the prompt when it is None (greedy decoding: a
+        prompt always gets the same reply).
         """
         if max_tokens is None:
             max_tokens = self.config.default_max_tokens
@@ -469,7 +483,7 @@ class Engine:
             now_ms = self.now
         if not self.has_work:
             self.now = max(self.now, now_ms)
-        seq = Sequence(next(self._ids), prompt, max_tokens, min(now_ms, self.now))
+        seq = Sequence(next(self._ids), prompt, max_tokens, min(now_ms, self.now), reply_seed)
         self._waiting.append(seq)
         self.totals.requests_added += 1
         self.peak_waiting = max(self.peak_waiting, len(self._waiting))

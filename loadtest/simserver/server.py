@@ -12,6 +12,15 @@ Endpoints:
 * ``GET /stats``, ``POST /stats/reset``: counters for benchmarks;
 * ``GET /sim/faults``, ``POST /sim/faults``: read or change fault injection live.
 
+Replies follow the request's sampling fields, as a model's would: without ``temperature`` (or
+with 0) a prompt always gets the same reply (greedy decoding); with a ``seed`` the reply is
+fixed by the prompt and the seed; with ``temperature`` > 0 and no seed each request gets a
+reply of its own, drawn from the pod's own RNG (seeded by its fault seed, so a run replayed in
+the same request order gets the same replies). Only the words differ: a reply's length is
+``max_tokens`` either way. (The OpenAI API's default temperature is 1; the simulator takes a
+missing one as greedy so that plain replays are reproducible.) A chat request's ``tools`` are
+rendered into its prompt after the system message (:func:`.text.render_chat`).
+
 Every response carries ``x-sim-pod: <pod name>``. A non-streamed completion whose request asks
 for an ORCA load report (``endpoint-load-metrics-format: text|json``) carries
 ``endpoint-load-metrics``, as vLLM's does (see :mod:`.orca`).
@@ -23,6 +32,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import statistics
 import time
 import uuid
@@ -42,7 +52,13 @@ from .engine import Sequence as EngineSequence
 from .faults import RETRY_AFTER_STATUSES, Fate, FaultConfigError, FaultInjector
 from .metrics import SimMetrics
 from .orca import FORMAT_HEADER, REPORT_HEADER, load_report, named_metrics
-from .text import PromptError, render_chat, render_completion_prompts, token_ids
+from .text import (
+    PromptError,
+    render_chat,
+    render_completion_prompts,
+    sampled_seed,
+    token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +172,8 @@ class SimPod:
         self.counters = ServerCounters()
         self.started_at = clock()
         self.stats_since = clock()
+        self.sampler = random.Random(f"replies:{config.faults.seed}")
+        """Draws the reply seeds of sampled requests (``temperature`` > 0, no ``seed``)."""
 
     def start(self) -> None:
         """Mark the pod as started now (slow start counts from here)."""
@@ -171,6 +189,14 @@ class SimPod:
             e2e = self.driver.wall_seconds(seq.finish_ms - seq.arrival_ms)
             self.metrics.e2e.observe(e2e)
             self.counters.e2e_s.append(e2e)
+
+    def reply_seeds(self, req: CompletionRequest) -> list[int | None]:
+        """The seed of each prompt's reply: None (the prompt's own reply) when greedy."""
+        if req.temperature == 0 or (req.temperature is None and req.seed is None):
+            return [None] * len(req.prompts)
+        if req.seed is not None:
+            return [sampled_seed(prompt, req.seed) for prompt in req.prompts]
+        return [self.sampler.getrandbits(64) for _ in req.prompts]
 
     def load_report_headers(self, request: web.Request, *, stream: bool) -> dict[str, str]:
         """The ORCA load report `request` asks for, as response headers, read from the engine
@@ -303,6 +329,33 @@ class CompletionRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    temperature: float | None = None
+    """The request's ``temperature``; None when it sends none."""
+    seed: int | None = None
+    """The request's sampling ``seed``; None when it sends none."""
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds vLLM accepts: a signed 64-bit integer."""
+
+
+def _sampling(body: Mapping[str, Any]) -> tuple[float | None, int | None]:
+    """The request's ``temperature`` and ``seed``, checked."""
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not temperature >= 0
+    ):
+        raise ApiError(400, "'temperature' must be a number >= 0", param="temperature")
+    seed = body.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool)
+        or not isinstance(seed, int)
+        or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
+    ):
+        raise ApiError(400, "'seed' must be a 64-bit integer", param="seed")
+    return (None if temperature is None else float(temperature)), seed
 
 
 def _parse_completion(pod: SimPod, kind: Kind, body: Mapping[str, Any]) -> CompletionRequest:
@@ -311,7 +364,7 @@ def _parse_completion(pod: SimPod, kind: Kind, body: Mapping[str, Any]) -> Compl
         if kind == "chat":
             if "messages" not in body:
                 raise ApiError(400, "'messages' is required", param="messages")
-            prompts = [render_chat(body["messages"])]
+            prompts = [render_chat(body["messages"], body.get("tools"))]
         else:
             if "prompt" not in body:
                 raise ApiError(400, "'prompt' is required", param="prompt")
@@ -335,7 +388,10 @@ def _parse_completion(pod: SimPod, kind: Kind, body: Mapping[str, Any]) -> Compl
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     include_usage = bool(options.get("include_usage", False))
-    return CompletionRequest(kind, model, prompts, max_tokens, stream, include_usage)
+    temperature, seed = _sampling(body)
+    return CompletionRequest(
+        kind, model, prompts, max_tokens, stream, include_usage, temperature, seed
+    )
 
 
 # -- response shapes --------------------------------------------------------------------------
@@ -501,7 +557,7 @@ async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
         stall_after = config.hang_after_chunks
 
     try:
-        submission = pod.driver.submit(req.prompts, req.max_tokens)
+        submission = pod.driver.submit(req.prompts, req.max_tokens, pod.reply_seeds(req))
     except EngineError as e:
         pod.counters.requests_rejected += 1
         raise ApiError(400, str(e)) from e
@@ -580,7 +636,7 @@ async def tokenize(request: web.Request) -> web.Response:
     _model(pod, body)
     try:
         if "messages" in body:
-            text = render_chat(body["messages"])
+            text = render_chat(body["messages"], body.get("tools"))
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:

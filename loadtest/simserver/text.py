@@ -13,6 +13,7 @@ are the leading blocks of the next turn.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,13 +74,30 @@ def _content_text(content: Any) -> str:
     raise PromptError("message content must be a string, a list of parts or null")
 
 
-def render_chat(messages: Any) -> str:
+def render_tools(tools: Any) -> str:
+    """Render a chat request's ``tools`` as ``<|tools|>\\nJSON\\n`` ("" for none).
+
+    The JSON keeps the client's key order, so the same definitions always render alike.
+    """
+    if tools is None:
+        return ""
+    if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
+        raise PromptError("'tools' must be a list of objects")
+    if not tools:
+        return ""
+    return f"<|tools|>\n{json.dumps(tools, ensure_ascii=False, separators=(',', ':'))}\n"
+
+
+def render_chat(messages: Any, tools: Any = None) -> str:
     """Render OpenAI chat messages as one prompt string, ending with the generation prompt.
 
     Each message becomes ``<|role|>\\ncontent\\n``; ``<|assistant|>\\n`` follows the last one.
+    Tool definitions (:func:`render_tools`) go right after a leading system message, or first
+    when there is none, as chat templates place them: they are part of every turn's prefix.
     """
     if not isinstance(messages, list) or not messages:
         raise PromptError("'messages' must be a non-empty list")
+    tools_text = render_tools(tools)
     parts: list[str] = []
     for message in messages:
         if not isinstance(message, Mapping):
@@ -87,7 +105,11 @@ def render_chat(messages: Any) -> str:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise PromptError("each message needs a string 'role'")
+        if tools_text and (parts or role != "system"):
+            parts.append(tools_text)
+            tools_text = ""
         parts.append(f"<|{role}|>\n{_content_text(message.get('content'))}\n")
+    parts.append(tools_text)
     parts.append(ASSISTANT_PREFIX)
     return "".join(parts)
 
@@ -178,6 +200,12 @@ def block_hashes(text: str, parent: int = ROOT_HASH) -> list[int]:
 def text_seed(text: str) -> int:
     """Seed for the generated text of a prompt, so that a prompt always gets the same reply."""
     return xxhash.xxh3_64_intdigest(text.encode())
+
+
+def sampled_seed(text: str, seed: int) -> int:
+    """Seed for the reply to a prompt sampled with a request's ``seed``: the same prompt and
+    seed give the same reply, other seeds (and greedy decoding) other replies."""
+    return xxhash.xxh3_64_intdigest(b"seed:%d:" % seed + text.encode())
 
 
 class PseudoWords:

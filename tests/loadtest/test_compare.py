@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from loadtest.compare import (
     Outcome,
     aggregate,
     balancer_config,
+    build_parser,
     invalid_reasons,
     markdown_table,
     mean_in_flight,
@@ -34,7 +36,14 @@ from loadtest.compare import (
     ratios,
 )
 from loadtest.stats import RunResult, Sample, Window
-from loadtest.workloads import MultiTurnShape, SharedDocsShape, UniqueShape
+from loadtest.workloads import (
+    AGENT_SHAPE,
+    TEMPLATED_SHAPE,
+    WORKLOADS,
+    MultiTurnShape,
+    SharedDocsShape,
+    UniqueShape,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -243,6 +252,23 @@ def test_parse_shape_picks_each_workloads_shape() -> None:
     assert parse_shape("multi-turn", []) == MultiTurnShape()
     assert parse_shape("shared-docs", ["documents=8"]) == SharedDocsShape(documents=8)
     assert parse_shape("unique", ["prompt_tokens=10-20"]) == UniqueShape(prompt_tokens=(10, 20))
+
+
+def test_parse_shape_starts_from_a_presets_shape() -> None:
+    """The app-like workloads start from their presets; their fields parse like the others,
+    and a field that breaks the shape stops with the reason."""
+    assert parse_shape("agent", []) == AGENT_SHAPE
+    shape = parse_shape("templated", ["template_share=0.5", "template_chars=300-900"])
+    assert shape == replace(TEMPLATED_SHAPE, template_share=0.5, template_chars=(300, 900))
+    assert parse_shape("greetings", ["think_range_s=0.1-0.5"]).think_range_s == (0.1, 0.5)
+    with pytest.raises(SystemExit, match="greeting_share"):
+        parse_shape("greetings", ["greeting_share=2"])
+
+
+def test_every_workload_can_be_chosen() -> None:
+    """``--workload`` offers every generator in loadtest.workloads."""
+    for name in WORKLOADS:
+        assert build_parser().parse_args(["--workload", name]).workload == name
 
 
 @pytest.mark.parametrize("item", ["no_such_field=3", "max_tokens", "documents=8"])

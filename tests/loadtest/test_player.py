@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loadtest.player import normalize_base_url, play, poisson_arrivals
+from loadtest.simserver import SimConfig, run_pods
 from loadtest.stats import (
     RunResult,
     Sample,
@@ -32,6 +34,7 @@ from loadtest.stats import (
     write_samples,
 )
 from loadtest.trace import Conversation, TraceRecord
+from loadtest.workloads import AGENT_SHAPE, agent
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 REPO = Path(__file__).resolve().parents[2]
@@ -490,6 +493,29 @@ def test_poisson_arrivals_keep_order_and_rate() -> None:
     assert all(a.at <= b.at for a, b in itertools.pairwise(timed))
     assert timed[-1].at / (len(timed) - 1) == pytest.approx(0.1, rel=0.1)
     assert poisson_arrivals(conversations, 10.0, seed=3) == timed
+
+
+async def test_an_agent_session_plays_through_a_simulated_pod() -> None:
+    """An agent session (system prompt and tools, a task, then tool results appended after the
+    replies actually received) plays through a simulated pod: every turn completes, and each
+    later turn finds the previous turn's whole prompt cached."""
+    shape = replace(
+        AGENT_SHAPE, system_tokens=(300, 400), tools=(3, 3), turns=(4, 4),
+        tool_result_tokens=(20, 40), think_range_s=(0.01, 0.02),
+    )  # fmt: skip
+    records = agent(1, conversations=1, shape=shape)
+    assert all(record.body["tools"] for record in records)
+    async with run_pods([SimConfig(time_scale=0.01)]) as pods:
+        result = await play(records, pods[0].url, max_tokens=8)
+        served = pods[0].pod.stats()["requests_served"]
+    samples = sorted(result.samples, key=lambda s: s.turn)
+    assert [s.turn for s in samples] == [0, 1, 2, 3] and served == 4
+    assert all(s.ok and s.output_tokens == 8 for s in samples), [s.error for s in samples]
+    for earlier, later in itertools.pairwise(samples):
+        assert earlier.prompt_tokens is not None and later.prompt_tokens is not None
+        assert later.prompt_tokens > earlier.prompt_tokens + 8 + 20  # reply and tool result
+        assert later.cached_tokens is not None
+        assert later.cached_tokens >= earlier.prompt_tokens - 16  # all but a partial block
 
 
 def test_the_player_command_replays_a_trace_against_two_simulated_pods(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from loadtest.simserver import (
     run_pods,
 )
 from loadtest.simserver.__main__ import build_parser, configs_from_args
-from loadtest.simserver.text import count_tokens, render_chat
+from loadtest.simserver.text import PseudoWords, count_tokens, render_chat, text_seed
 
 # One simulated second lasts 10 ms: a default 128-token reply takes ~7 ms of wall time.
 FAST = SimConfig(name="pod-a", time_scale=0.01)
@@ -137,6 +137,54 @@ async def test_non_streaming_chat_has_openai_shape(aiohttp_client: AiohttpClient
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
+async def _reply(client: Client, body: dict[str, Any]) -> str:
+    async with client.post("/v1/chat/completions", json=body) as response:
+        assert response.status == 200
+        content: str = (await response.json())["choices"][0]["message"]["content"]
+        return content
+
+
+async def test_replies_follow_temperature_and_seed(aiohttp_client: AiohttpClient) -> None:
+    """Greedy (no temperature, or 0): a prompt always gets its own reply, as before. Sampled
+    (temperature > 0): each request gets another reply of the same length. Seeded: the same
+    prompt and seed give the same reply, another seed another one."""
+    client = await _client(aiohttp_client)
+    body = _chat("hi", max_tokens=12)
+    prompt = render_chat(body["messages"])
+    greedy = "".join(PseudoWords(text_seed(prompt)).tokens(12))
+    assert await _reply(client, body) == greedy
+    assert await _reply(client, {**body, "temperature": 0}) == greedy
+    sampled = [await _reply(client, {**body, "temperature": 0.7}) for _ in range(3)]
+    assert len(set(sampled)) == 3 and greedy not in sampled
+    assert all(len(reply) == len(greedy) for reply in sampled)
+    seeded = await _reply(client, {**body, "temperature": 0.7, "seed": 5})
+    assert seeded == await _reply(client, {**body, "temperature": 0.7, "seed": 5})
+    assert seeded == await _reply(client, {**body, "seed": 5})
+    assert seeded not in (greedy, await _reply(client, {**body, "temperature": 0.7, "seed": 6}))
+    assert await _reply(client, {**body, "temperature": 0, "seed": 5}) == greedy
+
+
+async def test_tools_are_part_of_the_prompt(aiohttp_client: AiohttpClient) -> None:
+    """Tool definitions count as prompt tokens and are cached with the prefix; a ``tool``
+    message is rendered like any other."""
+    client = await _client(aiohttp_client)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "x" * 400}}]
+    body = _chat("hello", max_tokens=4, tools=tools)
+    async with client.post("/v1/chat/completions", json=body) as response:
+        first = await response.json()
+    expected = count_tokens(render_chat(body["messages"], tools))
+    assert first["usage"]["prompt_tokens"] == expected > count_tokens(render_chat(body["messages"]))
+    reply = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+    result = {"role": "tool", "tool_call_id": "call-1", "content": "the result"}
+    body = {**body, "messages": [*body["messages"], reply, result]}
+    async with client.post("/v1/chat/completions", json=body) as response:
+        second = await response.json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= expected - 16
+    async with client.post("/tokenize", json=body) as response:
+        tokenized = await response.json()
+    assert tokenized["count"] == second["usage"]["prompt_tokens"]
+
+
 async def test_max_completion_tokens_wins_and_default_applies(
     aiohttp_client: AiohttpClient,
 ) -> None:
@@ -231,6 +279,11 @@ async def test_unknown_model_is_404_with_openai_error(aiohttp_client: AiohttpCli
         ("/v1/chat/completions", json.dumps(_chat(max_tokens="5")).encode()),
         ("/v1/chat/completions", json.dumps(_chat(n=2)).encode()),
         ("/v1/chat/completions", json.dumps(_chat(stream="yes")).encode()),
+        ("/v1/chat/completions", json.dumps(_chat(temperature=-0.5)).encode()),
+        ("/v1/chat/completions", json.dumps(_chat(temperature="hot")).encode()),
+        ("/v1/chat/completions", json.dumps(_chat(seed=1.5)).encode()),
+        ("/v1/chat/completions", json.dumps(_chat(seed=2**64)).encode()),
+        ("/v1/chat/completions", json.dumps(_chat(tools="all")).encode()),
         ("/v1/chat/completions", json.dumps({**_chat(), "messages": []}).encode()),
         ("/v1/chat/completions", json.dumps(_chat(max_tokens=200_000)).encode()),
         ("/v1/completions", json.dumps({"model": DEFAULT_MODEL}).encode()),

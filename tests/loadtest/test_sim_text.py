@@ -64,6 +64,39 @@ def test_prompt_plus_reply_is_a_prefix_of_the_next_turn(
     assert second.startswith(first + reply)
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+TOOLS_TEXT = '<|tools|>\n[{"type":"function","function":{"name":"get_weather","parameters":{}}}]\n'
+
+
+def test_tools_are_rendered_after_the_system_message() -> None:
+    """Tool definitions follow a leading system message, or open the prompt without one."""
+    system = {"role": "system", "content": "Be brief."}
+    user = {"role": "user", "content": "Hi"}
+    assert render_chat([system, user], TOOLS) == (
+        f"<|system|>\nBe brief.\n{TOOLS_TEXT}<|user|>\nHi\n<|assistant|>\n"
+    )
+    assert render_chat([user], TOOLS) == f"{TOOLS_TEXT}<|user|>\nHi\n<|assistant|>\n"
+    assert render_chat([system], TOOLS).endswith(f"{TOOLS_TEXT}<|assistant|>\n")
+    assert render_chat([system, user], []) == render_chat([system, user], None)
+
+
+def test_tool_turns_extend_the_previous_rendering() -> None:
+    """With tools in every body, appending the reply and a tool result extends the prompt, so
+    the system prompt and the tools stay cached across an agent's turns."""
+    messages = [{"role": "system", "content": "Agent."}, {"role": "user", "content": "Go"}]
+    first = render_chat(messages, TOOLS)
+    result = {"role": "tool", "tool_call_id": "call-1", "content": "42"}
+    second = render_chat([*messages, {"role": "assistant", "content": "ok"}, result], TOOLS)
+    assert second.startswith(first + "ok")
+    assert second.endswith("<|tool|>\n42\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("tools", ["x", {"type": "function"}, [1]])
+def test_bad_tools_are_refused(tools: object) -> None:
+    with pytest.raises(PromptError):
+        render_chat([{"role": "user", "content": "Hi"}], tools)
+
+
 @pytest.mark.parametrize(
     "messages",
     [None, [], "hello", [1], [{"content": "x"}], [{"role": "user", "content": 3}],

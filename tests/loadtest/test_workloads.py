@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +15,23 @@ import pytest
 
 from loadtest import workloads
 from loadtest.trace import (
+    Conversation,
     TraceError,
     TraceRecord,
     dump_trace,
     group_conversations,
     load_trace,
     parse_trace,
+    write_trace,
 )
-from loadtest.workloads import CHARS_PER_TOKEN, TextGenerator
+from loadtest.workloads import (
+    AGENT_SHAPE,
+    CHARS_PER_TOKEN,
+    GREETINGS,
+    TEMPLATE_DISTINCT_CHARS,
+    MultiTurnShape,
+    TextGenerator,
+)
 
 WORD_SLACK = 30
 """Texts are cut at a word boundary, so they may be this many characters short."""
@@ -35,7 +47,7 @@ def _tokens(text: str) -> float:
     return len(text) / CHARS_PER_TOKEN
 
 
-@pytest.mark.parametrize("name", ["multi-turn", "shared-docs", "unique"])
+@pytest.mark.parametrize("name", list(workloads.WORKLOADS))
 def test_same_seed_writes_the_same_file(tmp_path: Path, name: str) -> None:
     """A seed fixes the trace byte for byte; another seed gives another trace."""
     first = _cli(tmp_path, name, "--seed", "7", "--duration", "10")
@@ -45,7 +57,7 @@ def test_same_seed_writes_the_same_file(tmp_path: Path, name: str) -> None:
     assert first != other
 
 
-@pytest.mark.parametrize("name", ["multi-turn", "shared-docs", "unique"])
+@pytest.mark.parametrize("name", list(workloads.WORKLOADS))
 def test_written_traces_load_back_unchanged(tmp_path: Path, name: str) -> None:
     """Generated traces pass the loader and round-trip exactly."""
     records = workloads.generate(name, 3, duration_s=5.0)
@@ -204,6 +216,215 @@ def test_conversation_stream_is_endless_and_seeded() -> None:
     assert taken == [next(again) for _ in range(3)]
     with pytest.raises(ValueError):
         workloads.conversation_stream("nope", 1)
+
+
+# --- workloads that look like real apps ------------------------------------------------------
+
+GREETING_TEXTS = {greeting for greeting, _ in GREETINGS}
+
+PINNED_MULTI_TURN = {
+    "plain": "cc5b2d92574a5d3d70ce8eed2c0f17c9702194f0188a2c56681baacb94a767a1",
+    "steady": "3b02cd3914622dbd325bbbf45a77c27ef256a3202cb3dc0ee072557a7be098de",
+}
+"""SHA-256 of two multi-turn traces (seed 1, 2/s for 20 s; plain, and started in steady state
+with recorded history), as written before templates, greetings and tools existed: the
+measurements in the README were made on these conversations."""
+
+
+def _digest(records: list[TraceRecord]) -> str:
+    out = io.StringIO()
+    write_trace(records, out)
+    return hashlib.sha256(out.getvalue().encode()).hexdigest()
+
+
+def _first_user(conversation: Conversation) -> str:
+    content: str = next(
+        m["content"] for m in conversation.turns[0].body["messages"] if m["role"] == "user"
+    )
+    return content
+
+
+def test_multi_turn_traces_are_byte_for_byte_as_before() -> None:
+    """The new shape fields at their defaults draw nothing: multi-turn traces are unchanged."""
+    plain = workloads.multi_turn(1, rate=2.0, duration_s=20.0)
+    steady = workloads.multi_turn(
+        1, rate=2.0, duration_s=20.0,
+        shape=MultiTurnShape(steady_start_s=40.0, history_turns=(1, 3)),
+    )  # fmt: skip
+    assert _digest(plain) == PINNED_MULTI_TURN["plain"]
+    assert _digest(steady) == PINNED_MULTI_TURN["steady"]
+    assert all("temperature" not in r.body and "tools" not in r.body for r in plain)
+
+
+def test_templated_openings_come_in_the_configured_shares() -> None:
+    """About 70% of conversations open with one of 4 templates of 150-400 characters before the
+    user's own question, about 15% with a greeting alone, the rest with a plain question."""
+    conversations = group_conversations(workloads.templated(1, conversations=400))
+    assert len(conversations) == 400
+    templates: Counter[str] = Counter()
+    greeted = plain = 0
+    for conversation in conversations:
+        first = _first_user(conversation)
+        if first in GREETING_TEXTS:
+            greeted += 1
+        elif "\n\n" in first:
+            template, own = first.split("\n\n")
+            templates[template] += 1
+            assert own.endswith("?")
+        else:
+            plain += 1
+            assert first.endswith("?")
+        assert all(t.body["temperature"] == 0.7 for t in conversation.turns)
+    # Binomial over 400: standard deviations of 2.3 (templated) and 1.8 (greeting) points.
+    assert 0.63 <= sum(templates.values()) / 400 <= 0.77
+    assert 0.10 <= greeted / 400 <= 0.20
+    assert plain == 400 - greeted - sum(templates.values())
+    assert len(templates) == 4 and min(templates.values()) >= 30
+    assert all(150 - WORD_SLACK <= len(t) <= 400 for t in templates)
+    assert len({t[:TEMPLATE_DISTINCT_CHARS] for t in templates}) == 4
+
+
+@pytest.mark.parametrize("kind", ["app", "task"])
+def test_templates_differ_in_their_first_50_characters(kind: str) -> None:
+    """Even with more templates than openings, no two templates share their first 50
+    characters, and each reads as instructions from its first word."""
+    shape = MultiTurnShape(
+        templates=12, template_share=1.0, template_kind=kind, template_chars=(150, 200)
+    )
+    records = workloads.multi_turn(4, conversations=300, shape=shape)
+    templates = {_first_user(c).split("\n\n")[0] for c in group_conversations(records)}
+    assert len(templates) == 12
+    assert len({t[:TEMPLATE_DISTINCT_CHARS] for t in templates}) == 12
+    assert all(t[0].isupper() and 150 - WORD_SLACK <= len(t) <= 200 for t in templates)
+
+
+def test_greeting_conversations_ask_their_question_in_the_second_message() -> None:
+    """About 60% of conversations open with a greeting alone, a few greetings most of the time;
+    their second user message is the question."""
+    conversations = group_conversations(workloads.greetings(2, conversations=300))
+    greetings: Counter[str] = Counter()
+    for conversation in conversations:
+        first = _first_user(conversation)
+        if first not in GREETING_TEXTS:
+            assert first.endswith("?")
+            continue
+        greetings[first] += 1
+        opening, second, *_ = conversation.turns
+        assert [m["role"] for m in opening.body["messages"]] == ["system", "user"]
+        assert second.append and second.turn == 1
+        (question,) = second.body["messages"]
+        assert question["role"] == "user" and question["content"].endswith("?")
+        assert 4 <= len(conversation.turns) <= 11  # the greeting, then 3-10 turns
+    share = sum(greetings.values()) / 300
+    assert 0.52 <= share <= 0.68  # binomial over 300: standard deviation 2.8 points
+    top = [count for _, count in greetings.most_common(3)]
+    assert top[0] / sum(greetings.values()) >= 0.15  # "hi" is about a quarter
+    assert sum(top) / sum(greetings.values()) >= 0.4
+    assert len(greetings) >= 8
+
+
+def test_a_picked_up_greeting_conversation_keeps_its_greeting_first() -> None:
+    """With recorded history, the greeting (and a short reply to it) opens the history."""
+    shape = replace(workloads.GREETINGS_SHAPE, history_turns=(1, 2))
+    conversations = group_conversations(workloads.multi_turn(3, conversations=60, shape=shape))
+    opened = [c for c in conversations if _first_user(c) in GREETING_TEXTS]
+    assert opened
+    for conversation in opened:
+        system, greeting, reply, question, *_ = conversation.turns[0].body["messages"]
+        roles = [m["role"] for m in (system, greeting, reply, question)]
+        assert roles == ["system", "user", "assistant", "user"]
+        assert _tokens(reply["content"]) <= 30
+
+
+def test_agent_sessions_carry_tools_and_append_tool_results() -> None:
+    """Agent sessions: 2 long system prompts, each with its own 5-10 function tools sent in
+    every body; a task first, then 8-20 short turns that append one tool message each, 0.1-0.5
+    s apart; the trace parser reads it all back."""
+    records = workloads.agent(3, conversations=40)
+    conversations = group_conversations(records)
+    tools_of: dict[str, list[Any]] = {}
+    for conversation in conversations:
+        first, *later = conversation.turns
+        assert 8 <= len(conversation.turns) <= 20
+        system, task = first.body["messages"]
+        assert system["role"] == "system" and task["role"] == "user"
+        assert 4000 - WORD_SLACK <= _tokens(system["content"]) <= 6000 + WORD_SLACK
+        tools = first.body["tools"]
+        assert tools_of.setdefault(system["content"], tools) == tools
+        assert 5 <= len(tools) <= 10
+        assert len({tool["function"]["name"] for tool in tools}) == len(tools)
+        for tool in tools:
+            assert tool["type"] == "function"
+            parameters = tool["function"]["parameters"]
+            assert parameters["type"] == "object" and parameters["properties"]
+            assert set(parameters["required"]) <= set(parameters["properties"])
+        for turn in later:
+            assert turn.append and 0.1 <= turn.think_s <= 0.5
+            assert turn.body["tools"] == tools and turn.body["temperature"] == 0.7
+            (message,) = turn.body["messages"]
+            assert message["role"] == "tool" and message["tool_call_id"]
+            assert 50 - WORD_SLACK <= _tokens(message["content"]) <= 300
+    assert len(tools_of) == 2
+    think = [t.think_s for c in conversations for t in c.turns[1:]]
+    assert 0.27 <= sum(think) / len(think) <= 0.33
+    templated = [c for c in conversations if "\n\n" in _first_user(c)]
+    assert 0.25 <= len(templated) / len(conversations) <= 0.75  # half, over 40
+    assert parse_trace(json.dumps(r.to_json()) for r in records) == records
+
+
+def test_new_workloads_have_their_own_conversation_ids_and_streams() -> None:
+    """Each preset names its conversations apart and streams the same conversations as its
+    trace generator."""
+    for name, prefix in [("templated", "tp"), ("greetings", "gr"), ("agent", "ag")]:
+        stream = workloads.conversation_stream(name, 5)
+        streamed = [next(stream) for _ in range(3)]
+        generated = group_conversations(workloads.generate(name, 5, conversations=3))
+        assert [c.conversation_id for c in streamed] == [f"{prefix}-0000{i}" for i in range(3)]
+        assert [c.turns[0].body for c in streamed] == [c.turns[0].body for c in generated]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"template_share": 0.5},  # no templates to open with
+        {"templates": 2, "template_share": 0.8, "greeting_share": 0.3},
+        {"greeting_share": 1.5},
+        {"template_kind": "poem"},
+        {"tools": (4, 2)},
+        {"think_range_s": (0.5, 0.1)},
+        {"temperature": -1.0},
+    ],
+)
+def test_impossible_shapes_are_refused(changes: dict[str, Any]) -> None:
+    """Shares outside 0..1 or adding up past 1, unknown kinds and reversed ranges raise."""
+    with pytest.raises(ValueError):
+        MultiTurnShape(**changes)
+
+
+def test_parse_shape_starts_from_the_workloads_preset() -> None:
+    """``--shape`` changes a preset's fields and keeps the rest; float ranges parse too."""
+    shape = workloads.parse_shape("agent", ["tools=3", "think_range_s=0.2-0.4"])
+    assert shape.tools == (3, 3) and shape.think_range_s == (0.2, 0.4)
+    assert shape.system_tokens == AGENT_SHAPE.system_tokens
+    assert workloads.parse_shape("templated", []) == workloads.TEMPLATED_SHAPE
+    with pytest.raises(ValueError, match="greeting_share"):
+        workloads.parse_shape("templated", ["greeting_share=0.5"])  # 0.7 + 0.5 > 1
+    with pytest.raises(ValueError, match="not a float"):
+        workloads.parse_shape("greetings", ["greeting_share=lots"])
+
+
+def test_preset_commands_take_flags_and_shape_fields(tmp_path: Path) -> None:
+    """The preset subcommands start from their preset; flags and ``--shape`` change it."""
+    raw = _cli(
+        tmp_path, "agent", "--seed", "1", "--conversations", "3", "--turns", "2",
+        "--shape", "tools=2", "--shape", "temperature=0.2",
+    )  # fmt: skip
+    records = [json.loads(line) for line in raw.decode().splitlines()]
+    assert len(records) == 6
+    assert all(len(r["body"]["tools"]) == 2 and r["body"]["temperature"] == 0.2 for r in records)
+    assert {r["body"]["messages"][0]["role"] for r in records if r["turn"] == 1} == {"tool"}
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "templated", "--seed", "1", "--shape", "greeting_share=0.9")
 
 
 # --- loading users' traces ------------------------------------------------------------------
