@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -694,17 +695,20 @@ def render(report: TuneReport) -> str:
         line(COLUMNS),
     ]
     out.extend(line(row) for row in rows)
-    out += [
-        "",
-        f"colliding conv: conversations sharing a key with another (shared openings aside); "
+    legend = (
+        "colliding conv: conversations sharing a key with another (shared openings aside); "
         f"hottest, top-10: share of requests on the hottest key and the {TOP_KEYS} hottest "
         f"(! above a pod's fair share, {_pct(fair)} of {report.pods} pods); moves t2, later: "
         "key changes at a conversation's turn 2 and after it; split: shared-opening requests "
-        "keyed apart from their group",
-        "",
-        f"recommended: {report.recommended.candidate.label}"
-        + (" (the current setting)" if report.recommended is report.current else ""),
-        f"why: {report.reason}",
-    ]
-    out.extend(f"note: {note}" for note in report.notes)
+        "keyed apart from their group")
+    out += ["", _wrapped("", legend), "",
+            f"recommended: {report.recommended.candidate.label}"
+            + (" (the current setting)" if report.recommended is report.current else ""),
+            _wrapped("why: ", report.reason)]
+    out.extend(_wrapped("note: ", note) for note in report.notes)
     return "\n".join(out) + "\n"
+
+
+def _wrapped(head: str, text: str, width: int = 100) -> str:
+    return textwrap.fill(head + text, width, subsequent_indent=" " * len(head),
+                         break_long_words=False, break_on_hyphens=False)
