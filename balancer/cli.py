@@ -1,4 +1,5 @@
-"""Command line: ``balancer serve``, ``balancer check-config``, ``balancer route``."""
+"""Command line: ``balancer serve``, ``balancer check-config``, ``balancer route``,
+``balancer tune``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ from balancer.load import LoadReport, report_from
 from balancer.logs import configure_logging
 from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
 from balancer.router import Router
+from balancer.trace import TraceError, load_trace
+from balancer.tune import (
+    DEFAULT_PODS,
+    DEFAULT_SHARED_CHARS,
+    Candidate,
+    as_json,
+    default_candidates,
+    render,
+    tune,
+)
 
 EXIT_CONFIG = 2
 
@@ -63,7 +74,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool)
                             "messages (routing.min_key_chars)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, *, require_pools: bool = True) -> Settings:
     overrides: list[tuple[str, Any]] = []
     for item in args.set:
         dotted, sep, value = item.partition("=")
@@ -79,7 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if not args.model:
             raise ConfigError("--endpoint: give the model(s) it serves with --model NAME")
         extra = (PoolSettings("default", tuple(args.model), tuple(args.endpoint)),)
-    return load(args.config, overrides=overrides, extra_pools=extra)
+    return load(args.config, overrides=overrides, extra_pools=extra, require_pools=require_pools)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -174,6 +185,33 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, require_pools=False)
+    if args.pods < 1:
+        raise ConfigError(f"--pods: {args.pods} must be >= 1")
+    if args.shared_chars < 1:
+        raise ConfigError(f"--shared-chars: {args.shared_chars} must be >= 1")
+    try:
+        records = load_trace(args.trace)
+    except TraceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read trace {args.trace}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not records:
+        print(f"error: {args.trace} holds no requests", file=sys.stderr)
+        return EXIT_CONFIG
+    current = Candidate.from_settings(settings.routing)
+    report = tune(records, default_candidates(current), current,
+                  pods=args.pods, shared_chars=args.shared_chars)
+    if args.json:
+        print(json.dumps(as_json(report), indent=2))
+    else:
+        sys.stdout.write(render(report))
+    return 0
+
+
 def _shown(key: str, head: int = 80, tail: int = 20) -> str:
     """A key for a terminal: a long one as its start and end with its length between."""
     if len(key) <= head + tail + 20:
@@ -237,6 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "use KV (0-1) (repeatable)")
     route.add_argument("--json", action="store_true", help="print JSON")
     route.set_defaults(func=cmd_route)
+
+    tuner = sub.add_parser(
+        "tune", help="measure how well each routing-key setting separates a trace's "
+                     "conversations, and recommend one")
+    tuner.add_argument("--trace", required=True, metavar="FILE",
+                       help="JSONL trace: the harness's format or OpenAI request bodies with "
+                            "an optional conversation_id (format: balancer/trace.py)")
+    tuner.add_argument("--config", "-c", metavar="FILE",
+                       help="YAML configuration file (its routing settings are the current ones)")
+    tuner.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one setting, e.g. --set routing.prefix_chars=500 "
+                            "(repeatable)")
+    tuner.add_argument("--key", help="current key mode: first-user-message or prompt-prefix")
+    tuner.add_argument("--prefix-chars", type=int, help="current routing.prefix_chars")
+    tuner.add_argument("--min-key-chars", type=int, help="current routing.min_key_chars")
+    tuner.add_argument("--pods", type=int, default=DEFAULT_PODS,
+                       help=f"pods serving the model: a key's fair share of requests is 1/pods "
+                            f"({DEFAULT_PODS})")
+    tuner.add_argument("--shared-chars", type=int, default=DEFAULT_SHARED_CHARS, metavar="N",
+                       help="leading characters that conversations' first user messages must "
+                            "share to count as one shared document, meant to stay grouped "
+                            f"({DEFAULT_SHARED_CHARS})")
+    tuner.add_argument("--json", action="store_true", help="print JSON")
+    tuner.set_defaults(func=cmd_tune, endpoint=[], model=[])
     return parser
 
 

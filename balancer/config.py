@@ -484,8 +484,11 @@ def _validate_pool_kubernetes(where: str, k8s: KubernetesPoolSettings) -> None:
                           "lowercase letters, digits and '-') or number")
 
 
-def validate(settings: Settings) -> Settings:
-    """Check ranges and cross-field rules; returns the settings for chaining."""
+def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
+    """Check ranges and cross-field rules; returns the settings for chaining.
+
+    ``require_pools=False`` accepts a configuration without pools, for tools that read only
+    other settings (``balancer tune`` reads the routing key's)."""
     s, r, lim = settings.server, settings.routing, settings.limits
     for key, port in (("server.port", s.port), ("server.admin_port", s.admin_port)):
         if not 0 <= port <= 65535:
@@ -533,7 +536,7 @@ def validate(settings: Settings) -> Settings:
     _positive_seconds("model_discovery", settings.model_discovery, "refresh_interval",
                       "timeout")
     _validate_resilience(settings)
-    if not settings.pools:
+    if not settings.pools and require_pools:
         raise ConfigError("pools: at least one pool is required")
     names: set[str] = set()
     models: dict[str, str] = {}
@@ -682,8 +685,10 @@ def load(
     overrides: list[tuple[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
     extra_pools: tuple[PoolSettings, ...] = (),
+    require_pools: bool = True,
 ) -> Settings:
-    """Read the file, apply environment then flag overrides, validate."""
+    """Read the file, apply environment then flag overrides, validate (see :func:`validate`
+    for ``require_pools``)."""
     raw: dict[str, Any] = read_file(path) if path is not None else {}
     env = os.environ if environ is None else environ
     for dotted, value in env_overrides(env):
@@ -693,7 +698,7 @@ def load(
     settings = from_mapping(raw)
     if extra_pools:
         settings = dataclasses.replace(settings, pools=settings.pools + extra_pools)
-    return validate(settings)
+    return validate(settings, require_pools=require_pools)
 
 
 def as_dict(settings: Settings) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Each user plays conversations one after another, turn by turn: it streams
 ``/chat/completions`` (or ``/completions`` for prompt bodies), appends the reply it actually got
 to the history, waits the turn's think time and sends the next turn. Conversations come from a
-trace file (``--workload trace --trace-file FILE``; format in ``loadtest/trace.py``, the file is
+trace file (``--workload trace --trace-file FILE``; format in ``balancer/trace.py``, the file is
 replayed in arrival order and from the start again when it runs out) or from one of the seeded
 generators in ``loadtest/workloads.py`` (an endless stream). Locust is closed loop: the number
 of users (``-u``) is the number of conversations in progress, and trace arrival times are not

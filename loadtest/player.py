@@ -1,7 +1,7 @@
 """Play a request trace against an OpenAI-compatible server and measure every request.
 
 :func:`play` is an open-loop asyncio client. Each conversation of the trace (format:
-:mod:`loadtest.trace`) starts at its arrival time whether or not earlier requests have
+:mod:`balancer.trace`) starts at its arrival time whether or not earlier requests have
 finished; within a conversation each turn waits for the previous reply, then for the turn's
 think time. A request is *due* at its conversation's arrival time (first turn) or when its turn
 came, and every latency counts from then, so time spent waiting in the client (for the
@@ -507,7 +507,7 @@ async def play(
 ) -> RunResult:
     """Play ``trace`` against the OpenAI-compatible ``base_url`` and return every sample.
 
-    ``trace``: records (e.g. from :func:`loadtest.trace.load_trace` or a generator in
+    ``trace``: records (e.g. from :func:`balancer.trace.load_trace` or a generator in
     :mod:`loadtest.workloads`) or conversations. ``base_url``: e.g. ``http://127.0.0.1:8080/v1``
     (``/v1`` is added if the URL has no path). ``model`` and ``max_tokens`` override the
     bodies' values when given; ``body_overrides`` sets further body fields (e.g.
@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a trace open-loop against an OpenAI-compatible base URL and write "
                     "a table, a summary and every request's sample.",
     )
-    parser.add_argument("--trace", required=True, help="JSONL trace (format: loadtest/trace.py)")
+    parser.add_argument("--trace", required=True, help="JSONL trace (format: balancer/trace.py)")
     parser.add_argument("--url", required=True, action="append",
                         help="OpenAI base URL: a balancer, a Service, a model server; give it "
                              "more than once to send each request to one of them at random "

@@ -1,4 +1,4 @@
-"""Seeded workload generators that write request traces (format: :mod:`loadtest.trace`).
+"""Seeded workload generators that write request traces (format: :mod:`balancer.trace`).
 
 Six workloads, each chosen to show one thing about prefix-aware routing:
 
@@ -944,7 +944,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.workloads",
-        description="Write a seeded workload trace (JSONL; format in loadtest/trace.py).",
+        description="Write a seeded workload trace (JSONL; format in balancer/trace.py).",
     )
     sub = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
 

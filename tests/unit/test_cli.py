@@ -444,3 +444,133 @@ def test_a_malformed_report_is_refused(capsys: pytest.CaptureFixture[str], confi
     code = main(["route", "--config", str(config_file), str(request_file), "--report", item])
     assert code == EXIT_CONFIG
     assert "--report" in capsys.readouterr().err
+
+
+# -- tune ----------------------------------------------------------------------------------
+
+TEMPLATE = "Answer the customer politely and briefly. Customer question follows: ".ljust(150, ".")
+
+
+def write_trace(tmp_path: Path, lines: list[Any], name: str = "trace.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def templated_trace(tmp_path: Path) -> Path:
+    """Bare recorded bodies: four two-turn conversations behind one 150-character template."""
+    lines = []
+    for i in range(4):
+        first = {"role": "user", "content": f"{TEMPLATE}{'WXYZ'[i]}: where is my order {i}?"}
+        lines.append({"conversation_id": f"c{i}", "model": "llama", "messages": [first]})
+        lines.append({"conversation_id": f"c{i}", "model": "llama", "messages": [
+            first, {"role": "assistant", "content": "Soon."},
+            {"role": "user", "content": "When exactly?"}]})
+    return write_trace(tmp_path, lines)
+
+
+def test_tune_prints_a_row_per_candidate_and_the_recommendation(
+    capsys: pytest.CaptureFixture[str], templated_trace: Path
+) -> None:
+    """The table marks the current setting (from the flags) and the recommended one."""
+    code, out, err = run(capsys, "tune", "--trace", str(templated_trace), "--prefix-chars", "100")
+    assert (code, err) == (0, "")
+    assert out.startswith("trace: 8 requests in 4 conversations")
+    rows = [line for line in out.splitlines() if line.startswith("first-user-message")]
+    assert len(rows) == 18
+    assert [r.split()[:3] for r in rows if "<- current" in r] == [
+        ["first-user-message", "100", "64"]]
+    assert [r.split()[:3] for r in rows if "<- recommended" in r] == [
+        ["first-user-message", "250", "64"]]
+    assert "recommended: prefix_chars 250, min_key_chars 64\n" in out
+    assert "why: prefix_chars 100, min_key_chars 64 gives 4 of 4 conversations a key" in out
+
+
+def test_tune_reads_the_current_setting_from_the_configuration(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, templated_trace: Path
+) -> None:
+    """--config and --set give the current setting; the default one is kept when it is best."""
+    config = tmp_path / "b.yaml"
+    config.write_text(yaml.safe_dump({"routing": {"prefix_chars": 250}}), encoding="utf-8")
+    result = tune_json(capsys, "--trace", str(templated_trace), "--config", str(config),
+                       "--set", "routing.min_key_chars=0")
+    current = [c for c in result["candidates"] if c["current"]]
+    assert [(c["prefix_chars"], c["min_key_chars"]) for c in current] == [(250, 0)]
+    assert result["recommendation"]["is_current"] is True
+    assert result["recommendation"]["reason"].startswith("keep the current setting")
+
+
+def tune_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "tune", "--json", *argv)
+    assert (code, err) == (0, "")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_tune_json_describes_every_candidate(
+    capsys: pytest.CaptureFixture[str], templated_trace: Path
+) -> None:
+    """--json: the trace, the pods' fair share, one object per candidate, the recommendation."""
+    result = tune_json(capsys, "--trace", str(templated_trace), "--pods", "8",
+                       "--shared-chars", "100")
+    assert result["trace"]["requests"] == 8 and result["trace"]["conversations"] == 4
+    assert result["trace"]["placeholder_replies"] is False
+    assert (result["pods"], result["fair_share"], result["shared_chars"]) == (8, 0.125, 100)
+    # With --shared-chars 100 the template itself counts as a shared opening.
+    assert result["trace"]["shared_openings"] == {"groups": 1, "conversations": 4}
+    assert len(result["candidates"]) == 19
+    at_100 = next(c for c in result["candidates"]
+                  if (c["key"], c["prefix_chars"], c["min_key_chars"])
+                  == ("first-user-message", 100, 64))
+    assert at_100["keys"] == 1 and at_100["hottest_key"] == {"requests": 8, "share": 1.0}
+    assert at_100["split_shared"] == {"groups": 0, "requests": 0}
+    at_1000 = next(c for c in result["candidates"] if c["current"])
+    assert at_1000["split_shared"] == {"groups": 1, "requests": 6}
+    assert result["recommendation"]["prefix_chars"] == 100
+
+
+@pytest.mark.parametrize(
+    ("lines", "fragment"),
+    [
+        (['{"model": "llama", "messages": [{"role": "user", "content": "hi"}]}', "{not json"],
+         "trace.jsonl:2: not valid JSON"),
+        ([{"model": "llama", "messages": []}], "trace.jsonl:1: 'messages' must be a non-empty"),
+        ([{"body": {"model": "llama", "prompt": "x"}, "turns": 1}],
+         "trace.jsonl:1: unknown field(s) 'turns'"),
+    ],
+)
+def test_tune_reports_a_malformed_trace_with_its_line_number(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, lines: list[Any], fragment: str
+) -> None:
+    """The parser's error, with the line number, exits 2 and prints nothing on stdout."""
+    code, out, err = run(capsys, "tune", "--trace", str(write_trace(tmp_path, lines)))
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith("error: ") and fragment in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--pods", "0"], "--pods"),
+        (["--shared-chars", "0"], "--shared-chars"),
+        (["--set", "routing.prefix_chars=0"], "routing.prefix_chars"),
+    ],
+)
+def test_tune_refuses_bad_settings_with_exit_2(
+    capsys: pytest.CaptureFixture[str], templated_trace: Path, argv: list[str], fragment: str
+) -> None:
+    code, out, err = run(capsys, "tune", "--trace", str(templated_trace), *argv)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith("configuration error: ") and fragment in err
+
+
+def test_tune_reports_a_missing_or_empty_trace_with_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "tune", "--trace", str(tmp_path / "none.jsonl"))
+    assert code == EXIT_CONFIG and "none.jsonl" in err
+    code, _, err = run(capsys, "tune", "--trace", str(write_trace(tmp_path, [""])))
+    assert code == EXIT_CONFIG and "holds no requests" in err
