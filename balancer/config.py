@@ -160,6 +160,12 @@ class LoadSettings:
     """Floor on the queue bound, in requests: a pod may queue this many before its keys
     overflow, whatever the pool's average. Moving a request costs its uncached prefill on
     the next pod, so a short queue is cheaper to wait out than to flee."""
+    first_turn_factor: float = 1.5
+    """CHWBL's c on queues for a conversation's first turn (a chat request with no assistant
+    message yet). Only its system prompt can be cached, and that is shared by many
+    conversations, so moving it costs little: a tighter factor than ``queue_factor`` places
+    new conversations where the queues are short while established ones stay with their
+    cache."""
     pass_reports: bool = False
     """Pass the pods' ``endpoint-load-metrics`` response header on to clients (off: it is
     removed, so clients see no more of the pods than before)."""
@@ -594,6 +600,9 @@ def _validate_load(load: LoadSettings) -> None:
         raise ConfigError(f"load.poll_path: {load.poll_path!r} must start with '/'")
     if not (math.isfinite(load.queue_factor) and load.queue_factor >= 1.0):
         raise ConfigError(f"load.queue_factor: {load.queue_factor} must be a number >= 1.0")
+    if not (math.isfinite(load.first_turn_factor) and load.first_turn_factor >= 1.0):
+        raise ConfigError(
+            f"load.first_turn_factor: {load.first_turn_factor} must be a number >= 1.0")
     if load.min_queue < 1:
         raise ConfigError(f"load.min_queue: {load.min_queue} must be >= 1")
 

@@ -96,6 +96,8 @@ class Decision(NamedTuple):
     """The routing key (None: pass-through, least-request)."""
     key_source: str = ""
     """Where the key came from: "session", or the routing key mode."""
+    first_turn: bool = False
+    """A conversation's first turn, told apart only when the pool routes on queues."""
 
     @property
     def keyed(self) -> bool:
@@ -123,11 +125,20 @@ def decide(view: RequestView, router: Router,
     key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars,
                                   routing.min_key_chars)
     key_hash = hash_key(key)
-    choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude)
+    first_turn = (pool.first_turn_strategy is not None and view.kind is Kind.CHAT
+                  and is_first_turn(view.body))
+    choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude,
+                         first_turn=first_turn)
     return Decision(pool, choice, key_hash, key,
                     # KeyMode is a StrEnum: the member is already the string, and reading
                     # ``.value`` through the enum descriptor cost a call per request.
-                    "session" if explicit is not None else routing.key)
+                    "session" if explicit is not None else routing.key, first_turn)
+
+
+def is_first_turn(body: Mapping[str, Any]) -> bool:
+    """A chat request that carries no assistant message yet: a new conversation, whose only
+    cacheable prefix (the system prompt) is shared with many others."""
+    return not any(message.get("role") == "assistant" for message in body["messages"])
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:
@@ -146,9 +157,10 @@ def redecide(decision: Decision, exclude: frozenset[str]) -> Decision:
     """The same request's next choice, never one of ``exclude`` (tried, paused or full
     endpoints); raises NoEndpointsError when none is left."""
     choice = decision.pool.choose(decision.key_hash, session=decision.session,
-                                  keyed=decision.keyed, exclude=exclude)
+                                  keyed=decision.keyed, exclude=exclude,
+                                  first_turn=decision.first_turn)
     return Decision(decision.pool, choice, decision.key_hash, decision.key,
-                    decision.key_source)
+                    decision.key_source, decision.first_turn)
 
 
 def explain(decision: Decision, walk_limit: int = 8,

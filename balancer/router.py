@@ -151,9 +151,13 @@ class Pool:
         self.load_settings = load
         self.queue_strategy: Chooser | None = None
         """CHWBL on the pods' queues (None: the pool routes on in-flight counts only)."""
+        self.first_turn_strategy: Chooser | None = None
+        """The same for conversations' first turns, with ``load.first_turn_factor``."""
         if routing.strategy is Strategy.CHWBL and load.source is not LoadSource.LOCAL:
             self.queue_strategy = BoundedLoad(self.ring, load.queue_factor, load.min_queue,
                                               signal="queue")
+            self.first_turn_strategy = BoundedLoad(self.ring, load.first_turn_factor,
+                                                   load.min_queue, signal="queue")
         self._metrics = metrics
         self.states: dict[str, EndpointState] = {}
         """Every present endpoint's state, and those of departed endpoints whose requests
@@ -247,16 +251,21 @@ class Pool:
     # -- choosing and leasing ----------------------------------------------------------------
 
     def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True,
-               exclude: frozenset[str] | None = None) -> Choice:
+               exclude: frozenset[str] | None = None, first_turn: bool = False) -> Choice:
         """Pick an endpoint, never one in ``exclude`` (the endpoints a retry already tried);
-        raises NoEndpointsError when the pool has none routable (or none left)."""
+        raises NoEndpointsError when the pool has none routable (or none left).
+        ``first_turn``: a conversation's first request (cheap to move; see
+        ``LoadSettings.first_turn_factor``)."""
         strategy = self.strategy if keyed else self.passthrough
         load: Mapping[str, float] = self.load
         total: float = self.total_load
         if keyed and self.queue_strategy is not None:
             queues = self.queues()
             if queues is not None:
-                strategy, load, total = self.queue_strategy, queues, sum(queues.values())
+                strategy = self.queue_strategy
+                if first_turn and self.first_turn_strategy is not None:
+                    strategy = self.first_turn_strategy
+                load, total = queues, sum(queues.values())
         if exclude:
             choice = strategy.choose(key_hash, self.routable, load, total,
                                      session=session, exclude=exclude)

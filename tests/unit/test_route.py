@@ -167,3 +167,16 @@ def test_explain_describes_the_decision() -> None:
         decision.pool.ring.walk(decision.key_hash))[:2]
     assert (result["bound"], result["outcome"], result["strategy"]) == (2, "primary", "chwbl")
     assert result["probes"] == [{"endpoint": decision.choice.endpoint, "in_flight": 0}]
+
+
+@pytest.mark.parametrize(("messages", "first"), [
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}], True),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+      {"role": "user", "content": "q"}], False),
+])
+def test_a_first_turn_is_a_chat_request_without_an_assistant_message(
+        messages: list[dict[str, str]], first: bool) -> None:
+    from balancer.route import is_first_turn
+
+    assert is_first_turn({"messages": messages}) is first

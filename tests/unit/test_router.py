@@ -636,3 +636,21 @@ def test_some_endpoint_is_always_within_the_queue_bound(queues: list[float], key
     choice = pool.choose(key)
     assert choice.outcome in ("primary", "overflow")
     assert choice.probes[-1].load + 1 <= choice.bound
+
+
+def test_a_first_turn_moves_at_a_tighter_bound_than_an_established_conversation() -> None:
+    """With first_turn_factor < queue_factor, a new conversation leaves a pod that queues
+    more than its share while a later turn (its history cached there) stays."""
+    pool = queue_pool(queue_factor=2.0, first_turn_factor=1.0, min_queue=1)
+    first, second = walk(pool)[:2]
+    report_all(pool, {first: 6.0}, default=2.0)  # total 12: ceil(2*13/4)=7, ceil(13/4)=4
+    later = pool.choose(hash_key("hot prefix"))
+    new = pool.choose(hash_key("hot prefix"), first_turn=True)
+    assert (later.endpoint, later.outcome, later.bound) == (first, "primary", 7)
+    assert (new.endpoint, new.outcome, new.bound) == (second, "overflow", 4)
+
+
+def test_first_turns_follow_the_in_flight_rule_under_the_local_source() -> None:
+    pool = queue_pool("local", first_turn_factor=1.0)
+    assert pool.first_turn_strategy is None
+    assert pool.choose(hash_key("hot prefix"), first_turn=True).signal == "in-flight"
