@@ -210,24 +210,30 @@ async def test_upstream_error_status_passes_through(upstreams, start_balancer):
 
 
 async def test_every_turn_of_a_conversation_reaches_one_endpoint(upstreams, start_balancer):
-    """Turns that append replies keep the first user message, hence the endpoint."""
+    """Turns that append replies keep the first user message, hence the endpoint; a
+    conversation that opens with a greeting keeps one endpoint from its second turn on."""
     ups = await upstreams(4)
     run = await start_balancer(make_settings([u.url for u in ups]))
-    seen_per_conversation = collections.defaultdict(set)
-    for conversation in range(20):
+    seen_per_conversation = collections.defaultdict(list)
+    for conversation in range(40):
+        opening = (f"conversation {conversation}: please plan a week of meals for a family "
+                   "of five on a budget" if conversation % 2 else "hello")
         messages = [{"role": "system", "content": "You are helpful."},
-                    {"role": "user", "content": f"conversation {conversation}: hello"}]
+                    {"role": "user", "content": opening}]
         for turn in range(4):
             body = {"model": MODEL, "messages": messages}
             async with run.http.post(run.url + "/v1/chat/completions", json=body) as r:
                 assert r.status == 200
                 reply = (await r.json())["choices"][0]["message"]["content"]
-                seen_per_conversation[conversation].add(r.headers["x-balancer-endpoint"])
+                seen_per_conversation[conversation].append(r.headers["x-balancer-endpoint"])
             messages = [*messages, {"role": "assistant", "content": reply},
-                        {"role": "user", "content": f"turn {turn}"}]
-    assert all(len(s) == 1 for s in seen_per_conversation.values())
-    used = set().union(*seen_per_conversation.values())
-    assert len(used) >= 3, "20 conversations should spread over the pool"
+                        {"role": "user", "content": f"conversation {conversation}, turn {turn}"}]
+    for conversation, seen in seen_per_conversation.items():
+        assert len(set(seen if conversation % 2 else seen[1:])) == 1, (conversation, seen)
+    used = set().union(*map(set, seen_per_conversation.values()))
+    assert len(used) >= 3, "40 conversations should spread over the pool"
+    greeted = {seen[1] for c, seen in seen_per_conversation.items() if not c % 2}
+    assert len(greeted) >= 3, "greeting conversations part from their second turn"
 
 
 async def test_session_header_overrides_the_prefix_key(upstreams, start_balancer):
