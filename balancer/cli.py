@@ -48,12 +48,24 @@ _SHORTCUTS = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+def _add_file_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
     parser.add_argument("--config", "-c", required=config_required, metavar="FILE",
                         help="YAML configuration file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set routing.load_factor=1.5 "
                              "(repeatable; wins over the file and BALANCER_* variables)")
+
+
+def _add_key_flags(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--key", help="first-user-message or prompt-prefix")
+    group.add_argument("--prefix-chars", type=int, help="characters of text in the key")
+    group.add_argument("--min-key-chars", type=int,
+                       help="a shorter first user message extends the key into the next two "
+                            "messages (routing.min_key_chars)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+    _add_file_flags(parser, config_required=config_required)
     parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="add a static endpoint to a pool named 'default' (repeatable)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME",
@@ -67,11 +79,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, config_required: bool)
     group.add_argument("--strategy", help="chwbl, least-request, round-robin or random")
     group.add_argument("--load-factor", type=float, help="CHWBL load factor c (>= 1.0)")
     group.add_argument("--virtual-nodes", type=int, help="ring points per endpoint")
-    group.add_argument("--key", help="first-user-message or prompt-prefix")
-    group.add_argument("--prefix-chars", type=int, help="characters of text in the key")
-    group.add_argument("--min-key-chars", type=int,
-                       help="a shorter first user message extends the key into the next two "
-                            "messages (routing.min_key_chars)")
+    _add_key_flags(group)
 
 
 def settings_from_args(args: argparse.Namespace, *, require_pools: bool = True) -> Settings:
@@ -282,14 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--trace", required=True, metavar="FILE",
                        help="JSONL trace: the harness's format or OpenAI request bodies with "
                             "an optional conversation_id (format: balancer/trace.py)")
-    tuner.add_argument("--config", "-c", metavar="FILE",
-                       help="YAML configuration file (its routing settings are the current ones)")
-    tuner.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one setting, e.g. --set routing.prefix_chars=500 "
-                            "(repeatable)")
-    tuner.add_argument("--key", help="current key mode: first-user-message or prompt-prefix")
-    tuner.add_argument("--prefix-chars", type=int, help="current routing.prefix_chars")
-    tuner.add_argument("--min-key-chars", type=int, help="current routing.min_key_chars")
+    _add_file_flags(tuner, config_required=False)
+    _add_key_flags(tuner.add_argument_group("the current key setting (else the file's)"))
     tuner.add_argument("--pods", type=int, default=DEFAULT_PODS,
                        help=f"pods serving the model: a key's fair share of requests is 1/pods "
                             f"({DEFAULT_PODS})")

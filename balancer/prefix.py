@@ -170,12 +170,12 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
         return _prompt_text(body.get("input"), "input")[:prefix_chars]
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
-        for i, message in enumerate(messages):
-            if message.get("role") == "user":
-                text = _content_text(message.get("content"), f"messages[{i}].content")
-                if len(text) >= min_key_chars or len(text) >= prefix_chars:
-                    return text[:prefix_chars]
-                return _extended(messages, i, text)[:prefix_chars]
+        found = _first_user(messages)
+        if found is not None:
+            i, text = found
+            if _keys_alone(len(text), prefix_chars, min_key_chars):
+                return text[:prefix_chars]
+            return _extended(messages, i, text)[:prefix_chars]
         # No user message (a system-only prompt): fall back to the rendered prompt.
     pieces: list[str] = []
     size = 0
@@ -192,6 +192,20 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
 EXTENDED_MESSAGES: Final = 2
 """Messages after a short first user message that its key goes on through: the first reply
 and the next user message (or tool result). Both exist from the second turn on."""
+
+
+def _first_user(messages: list[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """Index and text of the first user message, if any."""
+    for i, message in enumerate(messages):
+        if message.get("role") == "user":
+            return i, _content_text(message.get("content"), f"messages[{i}].content")
+    return None
+
+
+def _keys_alone(size: int, prefix_chars: int, min_key_chars: int) -> bool:
+    """Whether a first user message of ``size`` characters is the whole key text (long enough
+    to tell conversations apart, or filling the key), rather than extended."""
+    return size >= min_key_chars or size >= prefix_chars
 
 
 def _extended(messages: list[Mapping[str, Any]], first_user: int, text: str) -> str:
@@ -212,23 +226,23 @@ def key_source(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars:
         return f"the input's first {prefix_chars} characters"
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
-        for i, message in enumerate(messages):
-            if message.get("role") != "user":
-                continue
-            size = len(_content_text(message.get("content"), f"messages[{i}].content"))
-            if size >= prefix_chars:
-                return f"the first user message (messages[{i}]), cut to {prefix_chars} characters"
-            if size >= min_key_chars:
-                return f"the whole first user message (messages[{i}], {size} characters)"
-            after = min(EXTENDED_MESSAGES, len(messages) - i - 1)
-            if after == 0:
-                return (f"the whole first user message (messages[{i}], {size} characters, "
-                        f"under min_key_chars {min_key_chars}; from the next turn the key "
-                        f"goes on through the reply and the next message)")
-            return (f"the first user message (messages[{i}], {size} characters, under "
-                    f"min_key_chars {min_key_chars}) and the {after} message(s) after it, "
-                    f"cut to {prefix_chars} characters")
-        return f"no user message: the rendered prompt's first {prefix_chars} characters"
+        found = _first_user(messages)
+        if found is None:
+            return f"no user message: the rendered prompt's first {prefix_chars} characters"
+        i, text = found
+        size = len(text)
+        if size >= prefix_chars:
+            return f"the first user message (messages[{i}]), cut to {prefix_chars} characters"
+        if _keys_alone(size, prefix_chars, min_key_chars):
+            return f"the whole first user message (messages[{i}], {size} characters)"
+        after = min(EXTENDED_MESSAGES, len(messages) - i - 1)
+        if after == 0:
+            return (f"the whole first user message (messages[{i}], {size} characters, "
+                    f"under min_key_chars {min_key_chars}; from the next turn the key "
+                    f"goes on through the reply and the next message)")
+        return (f"the first user message (messages[{i}], {size} characters, under "
+                f"min_key_chars {min_key_chars}) and the {after} message(s) after it, "
+                f"cut to {prefix_chars} characters")
     return f"the rendered prompt's first {prefix_chars} characters (system prompt included)"
 
 

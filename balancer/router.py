@@ -152,12 +152,14 @@ class Pool:
         self.queue_strategy: Chooser | None = None
         """CHWBL on the pods' queues (None: the pool routes on in-flight counts only)."""
         self.first_turn_strategy: Chooser | None = None
-        """The same for conversations' first turns, with ``load.first_turn_factor``."""
+        """The same for conversations' first turns, with ``load.first_turn_factor``; None
+        when that equals ``queue_factor``, so requests are not told apart for nothing."""
         if routing.strategy is Strategy.CHWBL and load.source is not LoadSource.LOCAL:
             self.queue_strategy = BoundedLoad(self.ring, load.queue_factor, load.min_queue,
                                               signal="queue")
-            self.first_turn_strategy = BoundedLoad(self.ring, load.first_turn_factor,
-                                                   load.min_queue, signal="queue")
+            if load.first_turn_factor != load.queue_factor:
+                self.first_turn_strategy = BoundedLoad(self.ring, load.first_turn_factor,
+                                                       load.min_queue, signal="queue")
         self._metrics = metrics
         self.states: dict[str, EndpointState] = {}
         """Every present endpoint's state, and those of departed endpoints whose requests
