@@ -34,9 +34,10 @@ report, so routing falls back to in-flight counts; a server that has no usable m
 is logged once at info, the rest at debug.
 
 ``load.poll_interval: 0`` turns polling off (no task, no session), and so does
-``load.source: local`` (the default): then reports would not route anything, and a fleet of
-sidecars polling every pod each second would put hundreds of scrapes a second on pods that
-serve tens of kilobytes per scrape. In-band reports are still read and shown. The app starts
+``load.source: local``: then reports would not route anything. A pool that has had no keyed
+request for :data:`IDLE_AFTER` seconds is not polled until it has one again, so idle
+sidecars put no scrapes on the pods; busy ones do, one per pod each ``poll_interval`` (see
+the README on sizing it for a fleet). In-band reports are still read and shown. The app starts
 the poller with the proxy and closes it (polls cancelled, session closed) when the proxy stops, and
 tells it when endpoints change.
 """
@@ -159,6 +160,11 @@ FIRST_POLL_WITHIN: Final = 0.25
 once is not polled at once."""
 FIRST_POLL_LATEST: Final = 1.0
 """Most seconds before a new endpoint's first poll, however long the interval."""
+IDLE_AFTER: Final = 30.0
+"""Seconds without a keyed request after which a pool's endpoints are no longer polled
+(until one comes): a sidecar of an idle app has nothing to route, and a fleet of idle
+sidecars would otherwise scrape every pod each ``poll_interval``. The first requests after
+a pause route on in-flight counts (``auto``) until the next polls, within an interval."""
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 """Largest metrics page read: a vLLM page is tens of kilobytes; beyond this something is
 wrong, and reading it on the event loop would stall the proxy."""
@@ -290,6 +296,10 @@ class LoadPoller:
                 due = target.due()
                 if due > now:  # it reported in band meanwhile
                     heapq.heappush(heap, (due, next(self._order), target))
+                elif now - target.pool.keyed_at > IDLE_AFTER:
+                    # Nothing asks for this pool's queues: look again in an interval.
+                    target.not_before = now + target.pool.load_settings.poll_interval
+                    heapq.heappush(heap, (target.due(), next(self._order), target))
                 else:
                     task = target.task = asyncio.create_task(
                         self._poll(target), name=f"load-poll-{target.state.id}")

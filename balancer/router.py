@@ -160,6 +160,8 @@ class Pool:
             if load.first_turn_factor != load.queue_factor:
                 self.first_turn_strategy = BoundedLoad(self.ring, load.first_turn_factor,
                                                        load.min_queue, signal="queue")
+        self.keyed_at = time.monotonic()
+        """When a keyed request last asked for queues (the poller rests an idle pool)."""
         self._metrics = metrics
         self.states: dict[str, EndpointState] = {}
         """Every present endpoint's state, and those of departed endpoints whose requests
@@ -262,7 +264,9 @@ class Pool:
         load: Mapping[str, float] = self.load
         total: float = self.total_load
         if keyed and self.queue_strategy is not None:
-            queues = self.queues()
+            now = time.monotonic()
+            self.keyed_at = now
+            queues = self.queues(now)
             if queues is not None:
                 strategy = self.queue_strategy
                 if first_turn and self.first_turn_strategy is not None:

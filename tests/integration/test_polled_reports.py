@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from balancer.config import HealthSettings, LoadSettings, LoadSource, Settings, validate
 from balancer.discovery import QueueDiscovery
 from balancer.endpoints import static_endpoint
+from balancer.loadpoll import IDLE_AFTER
 from loadtest.simserver import SimConfig, build_app
 from tests.conftest import MODEL, RunningBalancer, Served, chat_body, make_settings
 
@@ -254,12 +255,29 @@ async def test_new_endpoints_are_polled_soon_and_departed_ones_no_more(pods, sta
     assert len(a.polls) == left
 
 
+async def test_a_pool_without_keyed_requests_rests_until_one_comes(pods, start_balancer):
+    """A pool that has had no keyed request for IDLE_AFTER seconds (a sidecar of an idle app)
+    is not polled; the next keyed request wakes the polls within an interval."""
+    pod = await pods()
+    interval = 0.05
+    run = await start_balancer(polling([pod.url], interval))
+    await until(lambda: len(pod.polls) >= 2)
+    pool = run.balancer.router.pools["llama"]
+    pool.keyed_at -= IDLE_AFTER + 1  # as if the last keyed request were that long ago
+    rested = len(pod.polls) + 1  # a poll under way may still land
+    await asyncio.sleep(10 * interval)
+    assert len(pod.polls) <= rested
+
+    async with run.http.post(run.url + "/v1/chat/completions", json=chat_body("hi")) as r:
+        assert r.status == 200
+    await until(lambda: len(pod.polls) >= rested + 2)
+
+
 @pytest.mark.parametrize("load", [{"poll_interval": 0.0},
                                   {"poll_interval": 0.05, "source": LoadSource.LOCAL}])
 async def test_polling_off_means_no_metrics_requests(pods, start_balancer, load):
-    """poll_interval 0, or load.source local (the default: reports route nothing, so a fleet
-    of sidecars does not scrape every pod each second): the pods' /metrics are never asked,
-    while their health checks run."""
+    """poll_interval 0, or load.source local (reports route nothing there): the pods'
+    /metrics are never asked, while their health checks run."""
     pod = await pods()
     settings = polling([pod.url], **load)
     settings = validate(replace(settings, health=HealthSettings(interval=0.05)))
