@@ -66,11 +66,14 @@ class Balancer:
 
     def _build_proxy_app(self) -> web.Application:
         limits = self.settings.limits
-        app = web.Application(client_max_size=limits.max_body_bytes)
         proxy = self.proxy
+        # The target check runs first, on every path (unmatched ones included).
+        app = web.Application(client_max_size=limits.max_body_bytes,
+                              middlewares=[proxy.check_target])
         for path in KEYED_PATHS:
             app.router.add_route("*", path, proxy.handle_keyed)
-        app.router.add_get("/v1/models", proxy.handle_models)
+        app.router.add_route("*", "/v1/models", proxy.handle_models)
+        # Only what server.forward_paths lists; the handler answers 404/405 for the rest.
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
         app.cleanup_ctx.append(self._connections)

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -48,6 +48,60 @@ class KeyMode(enum.StrEnum):
     PROMPT_PREFIX = "prompt-prefix"
 
 
+DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
+    "POST /v1/responses",
+    "GET /v1/responses/{id}",
+    "POST /v1/responses/{id}/cancel",
+    "POST /v1/audio/transcriptions retry",
+    "POST /v1/audio/translations retry",
+    "POST /v1/rerank retry",
+    "POST /v1/score retry",
+    "POST /v1/tokenize retry",
+    "POST /v1/detokenize retry",
+)
+"""The OpenAI-compatible paths vLLM and SGLang serve under /v1 besides the keyed ones (chat
+completions, completions, embeddings) and ``GET /v1/models`` (answered by balancer)."""
+
+
+class ForwardPath(NamedTuple):
+    """One parsed ``server.forward_paths`` entry."""
+
+    method: str
+    segments: tuple[str | None, ...]
+    """The path's segments (after its leading ``/``); None stands for a ``{param}``."""
+    retry: bool
+    """Marked ``retry``: the request only computes, so it may run again elsewhere."""
+
+
+_METHOD = re.compile(r"[A-Z]{1,20}")
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+# RFC 3986 pchar without percent-encoding: a pattern names its segments literally.
+_LITERAL_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]+")
+
+
+def parse_forward_path(entry: str) -> ForwardPath:
+    """``"POST /v1/responses/{id}/cancel"`` (optionally followed by ``retry``) as a
+    :class:`ForwardPath`; raises ValueError saying what is wrong."""
+    words = entry.split()
+    if len(words) not in (2, 3) or (len(words) == 3 and words[2] != "retry"):
+        raise ValueError("must be 'METHOD /v1/path', optionally followed by 'retry'")
+    method, path = words[0], words[1]
+    if not _METHOD.fullmatch(method) or method == "CONNECT":
+        raise ValueError(f"{method!r} is not an HTTP method in capitals (CONNECT is refused)")
+    if not path.startswith("/v1/"):
+        raise ValueError(f"{path!r} must start with /v1/ (only /v1 paths are passed through)")
+    segments: list[str | None] = []
+    for segment in path[1:].split("/"):
+        if _PARAM.fullmatch(segment):
+            segments.append(None)
+        elif segment in (".", "..") or not _LITERAL_SEGMENT.fullmatch(segment):
+            raise ValueError(f"segment {segment!r} of {path!r} is neither a plain name nor a "
+                             "{param} (no empty, dot or percent-encoded segments)")
+        else:
+            segments.append(segment)
+    return ForwardPath(method, tuple(segments), len(words) == 3)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "0.0.0.0"
@@ -65,6 +119,15 @@ class ServerSettings:
     log_format: str = "auto"
     """auto (JSON lines unless stderr is a terminal), json or text; log collectors index
     JSON fields, people read text."""
+    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS
+    """The /v1 requests passed through to a model server besides the keyed ones, each
+    ``"METHOD /v1/path"`` with ``{param}`` for one path segment, e.g. ``"GET
+    /v1/responses/{id}"``; anything else under /v1 gets 404 (405 for another method on a
+    listed path). A trailing ``retry`` marks a POST that only computes (no state kept on the
+    server), which may be retried on another endpoint; GET, HEAD, OPTIONS, PUT and DELETE are
+    retried anyway. The default is the inference API vLLM and SGLang serve; a model server's
+    admin paths (e.g. ``POST /v1/load_lora_adapter``) stay closed unless listed. Setting it
+    replaces the whole list (environment and flags: entries separated by commas)."""
 
 
 @dataclass(frozen=True)
@@ -396,6 +459,10 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: {value!r} is not a string")
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, str):  # from the environment or a flag: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return _string_list(key, value)
     raise AssertionError(f"unsupported setting type for {key}: {annotation!r}")
 
 
@@ -510,6 +577,11 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
         )
     if s.log_format not in {"auto", "json", "text"}:
         raise ConfigError(f"server.log_format: {s.log_format!r} is not one of auto, json, text")
+    for i, entry in enumerate(s.forward_paths):
+        try:
+            parse_forward_path(entry)
+        except ValueError as e:
+            raise ConfigError(f"server.forward_paths[{i}]: {entry!r} {e}") from None
     if not (math.isfinite(r.load_factor) and r.load_factor >= 1.0):
         raise ConfigError(f"routing.load_factor: {r.load_factor} must be a number >= 1.0")
     if not 1 <= r.virtual_nodes <= 4096:

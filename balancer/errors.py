@@ -31,6 +31,13 @@ class InvalidJSONError(BadRequestError):
     reason = "invalid_json"
 
 
+class BadTargetError(BadRequestError):
+    """A request target a model server could read differently from balancer (dot segments,
+    encoded slashes, absolute-form, CONNECT, ``*``)."""
+
+    reason = "bad_target"
+
+
 class UnsupportedMediaTypeError(BalancerError):
     status = 415
     type = "invalid_request_error"
@@ -53,6 +60,12 @@ class NotFoundError(BalancerError):
     status = 404
     type = "invalid_request_error"
     reason = "not_found"
+
+
+class PathNotAllowedError(NotFoundError):
+    """A /v1 path that ``server.forward_paths`` does not list."""
+
+    reason = "path_not_allowed"
 
 
 class MethodNotAllowedError(BalancerError):

@@ -303,23 +303,27 @@ class Forwarder:
         """Set by the app while it runs: opens each endpoint's connection pool."""
 
     async def attempt(self, request: web.Request, lease: Lease, body: bytes,
-                      record: RequestRecord, *, stream: bool,
-                      retry_possible: bool) -> web.StreamResponse | Retryable:
+                      record: RequestRecord, *, stream: bool, retry_possible: bool,
+                      target: str, replayable: bool = True) -> web.StreamResponse | Retryable:
         """Send the request to the leased endpoint and relay the answer, or say why another
-        endpoint may try (only when nothing reached the client)."""
+        endpoint may try (only when nothing reached the client). ``target`` is the checked
+        origin-form target (never the client's raw one); a request that is not
+        ``replayable`` is never re-sent on a fresh connection."""
         connector = self.connector
         if connector is None:
             raise ShuttingDownError("balancer is shutting down")
         choice = lease.choice
         connections = lease.state.open(connector)
-        head = self._head(request, connections.host_header, record.request_id, len(body))
+        head = self._head(request, target, connections.host_header, record.request_id,
+                          len(body))
         self.metrics.route(lease.pool.name, choice.outcome, len(choice.probes), choice.bound,
                            choice.signal)
         deadline = min(connections.loop.time() + self.first_byte_timeout, record.total_at)
         upstream: Response | None = None
         try:
             upstream = await connections.request(
-                head, body, deadline=deadline, skip_body=request.method == hdrs.METH_HEAD)
+                head, body, deadline=deadline, skip_body=request.method == hdrs.METH_HEAD,
+                replayable=replayable)
             return await self._relay(request, lease, record, upstream, deadline,
                                      stream=stream, retry_possible=retry_possible)
         except UpstreamError as exc:
@@ -332,7 +336,7 @@ class Forwarder:
             if upstream is not None:
                 upstream.release()
 
-    def _head(self, request: web.Request, host: str, request_id: str,
+    def _head(self, request: web.Request, target: str, host: str, request_id: str,
               body_length: int) -> bytes:
         headers = filter_request_headers(request.headers)
         peer = request.remote or ""
@@ -344,7 +348,7 @@ class Forwarder:
             headers.append((hdrs.X_FORWARDED_HOST, request.host))
         headers.append((HEADER_REQUEST_ID, request_id))
         headers.append((FORMAT_HEADER, "text"))
-        return serialize_head(request.method, request.raw_path, host, headers, body_length)
+        return serialize_head(request.method, target, host, headers, body_length)
 
     def _relay(self, request: web.Request, lease: Lease, record: RequestRecord,
                upstream: Response, deadline: float, *, stream: bool,

@@ -273,7 +273,8 @@ class Metrics:
             "balancer_retries_total",
             "Failed attempts that could be retried, by pool, reason (connect, reset, 429, "
             "502, 503, 504) and result (retried; budget: the retry budget was spent; "
-            "no_endpoint: no untried endpoint was left).",
+            "no_endpoint: no untried endpoint was left; not_replayable: the request must "
+            "not run twice).",
             ["pool", "reason", "result"],
             registry=registry,
         )

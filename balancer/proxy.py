@@ -1,7 +1,12 @@
-"""The request path: parse, decide, admit, forward (with retries), report.
+"""The request path: check, parse, decide, admit, forward (with retries), report.
 
 Reading top to bottom, a request goes through:
 
+0. :meth:`Proxy.check_target`, a middleware: a request target a model server could read
+   differently (dot segments, encoded slashes, absolute-form, CONNECT, ``*``) gets 400 before
+   any routing, and what passes is forwarded re-encoded (``paths.parse_target``); a /v1 path
+   outside the keyed ones and ``server.forward_paths`` gets 404, another method on a listed
+   path 405 (``paths.AllowList``);
 1. a handler here: the body is read once (within the size limit) and parsed;
 2. ``route.decide``: pool, routing key and the strategy's choice of endpoint;
 3. ``admission``: ``admission.acquire(decision)`` takes the endpoint (around 429 pauses,
@@ -13,7 +18,10 @@ Reading top to bottom, a request goes through:
 
 A failed attempt that reached nothing of the client (connect error, reset before the head,
 429/502/503/504) is retried on the next distinct endpoint of the ring walk, within
-``retries.max_attempts`` and the retry budget (:meth:`Proxy._forward`).
+``retries.max_attempts`` and the retry budget (:meth:`Proxy._forward`) -- if the request is
+replayable: a keyed request, a ``retry`` entry of ``server.forward_paths`` or an idempotent
+method. Any other request runs at most once: only a connect error (nothing was sent) is
+retried, and the upstream pool does not re-send it on a fresh connection either.
 """
 
 from __future__ import annotations
@@ -23,25 +31,29 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from balancer.admission import Admission
 from balancer.config import Settings
 from balancer.errors import (
     BadRequestError,
+    BadTargetError,
     BalancerError,
     BodyTooLargeError,
     InvalidJSONError,
     MethodNotAllowedError,
     NoEndpointsError,
     NotFoundError,
+    PathNotAllowedError,
     ShuttingDownError,
     UnsupportedMediaTypeError,
 )
 from balancer.forward import HEADER_REQUEST_ID, Forwarder, Retryable, error_response
 from balancer.metrics import Metrics
+from balancer.paths import AllowList, Target, TargetError, parse_target
 from balancer.record import Reporter, RequestRecord
 from balancer.retry import RetryBudget
 from balancer.route import (
@@ -55,6 +67,9 @@ from balancer.route import (
 from balancer.router import Router
 
 log = logging.getLogger(__name__)
+
+TARGET: Final = web.RequestKey("balancer_target", Target)
+"""The request's checked target, set by :meth:`Proxy.check_target` for the handlers."""
 
 
 class Proxy:
@@ -75,6 +90,7 @@ class Proxy:
         """Set whenever nothing is in flight (what a drain waits for)."""
         self.idle.set()
         self._session_header = settings.routing.session_header
+        self.allowed = AllowList(settings.server.forward_paths)
         self._total_timeout = settings.limits.total_timeout
         retries = settings.retries
         self._max_attempts = retries.max_attempts
@@ -83,13 +99,28 @@ class Proxy:
 
     # -- public handlers -------------------------------------------------------------------
 
+    @web.middleware
+    async def check_target(self, request: web.Request,
+                           handler: Handler) -> web.StreamResponse:
+        """Refuse a request target a model server could read differently from balancer,
+        on every path and before any handler; keep the checked one for the handlers."""
+        try:
+            request[TARGET] = parse_target(request.method, request.raw_path)
+        except TargetError as exc:
+            raw = request.raw_path
+            shown = raw if len(raw) <= 200 else raw[:200] + "..."
+            response = self._reject(request, BadTargetError(f"request target {shown!r}: {exc}"),
+                                    request.headers.get(HEADER_REQUEST_ID))
+            response.force_close()  # after CONNECT or a garbled target, the stream is suspect
+            return response
+        return await handler(request)
+
     async def handle_keyed(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings: routed by key."""
         request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
+        if request.method != hdrs.METH_POST:
+            return self._method_not_allowed(request, (hdrs.METH_POST,), request_id)
         try:
-            if request.method != hdrs.METH_POST:
-                raise MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; "
-                                            "use POST")
             kind = KEYED_PATHS[request.path]
             self._check_content_type(request)
             body = await self._read_body(request)
@@ -98,11 +129,13 @@ class Proxy:
             decision = decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, decision, body, request_id, model=data["model"],
-                                   stream=data.get("stream") is True)
+        return await self._forward(request, decision, body, request_id, request[TARGET].forward,
+                                   model=data["model"], stream=data.get("stream") is True)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
+        if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+            return self._method_not_allowed(request, (hdrs.METH_GET, hdrs.METH_HEAD), None)
         data = [
             {"id": model, "object": "model", "created": 0, "owned_by": f"balancer/{pool.name}"}
             for pool in self.router.pools.values()
@@ -111,15 +144,24 @@ class Proxy:
         return web.json_response({"object": "list", "data": data})
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Any other /v1/* request: to the model's pool (or the only pool), least-request."""
+        """Any other /v1/* request that ``server.forward_paths`` lists: to the model's pool
+        (or the only pool), least-request; 404 or 405 for the rest."""
         request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
+        target = request[TARGET]
+        verdict = self.allowed.match(request.method, target.path)
+        if verdict.rule is None:
+            if verdict.allowed:
+                return self._method_not_allowed(request, verdict.allowed, request_id)
+            return self._reject(request, PathNotAllowedError(
+                f"{request.path} is not an API path that balancer forwards"), request_id)
         try:
             body = await self._read_body(request)
             view = passthrough_view(self._passthrough_model(request, body), request.path)
             decision = decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, decision, body, request_id)
+        return await self._forward(request, decision, body, request_id, target.forward,
+                                   replayable=verdict.replayable)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         return self._reject(
@@ -191,14 +233,25 @@ class Proxy:
                 exc.status, exc.message, request_id)
         return error_response(exc, request_id)
 
+    def _method_not_allowed(self, request: web.Request, allowed: tuple[str, ...],
+                            request_id: str | None) -> web.Response:
+        """405 naming the methods the path takes, in the message and in ``Allow``."""
+        exc = MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; "
+                                    f"use {' or '.join(allowed)}")
+        response = self._reject(request, exc, request_id)
+        response.headers[hdrs.ALLOW] = ", ".join(allowed)
+        return response
+
     # -- forwarding ------------------------------------------------------------------------
 
     async def _forward(self, request: web.Request, decision: Decision, body: bytes,
-                       request_id: str, *, model: str = "",
-                       stream: bool = False) -> web.StreamResponse:
-        """Forward with retries: an attempt that fails before anything reached the client
-        (connect error, reset before the head, 429/502/503/504) goes to the next distinct
-        endpoint on the ring walk, within ``retries.max_attempts`` and the retry budget."""
+                       request_id: str, target: str, *, model: str = "",
+                       stream: bool = False, replayable: bool = True) -> web.StreamResponse:
+        """Forward to ``target`` (the checked origin-form target) with retries: an attempt
+        that fails before anything reached the client (connect error, reset before the head,
+        429/502/503/504) goes to the next distinct endpoint on the ring walk, within
+        ``retries.max_attempts`` and the retry budget. A request that is not ``replayable``
+        is retried only after a connect error, which sent nothing."""
         if self.forwarder.connector is None:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
@@ -212,7 +265,8 @@ class Proxy:
         self.in_flight += 1
         self.idle.clear()
         try:
-            return await self._attempts(request, decision, body, record, stream)
+            return await self._attempts(request, decision, body, record, stream, target,
+                                        replayable)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         finally:
@@ -221,7 +275,8 @@ class Proxy:
                 self.idle.set()
 
     async def _attempts(self, request: web.Request, decision: Decision, body: bytes,
-                        record: RequestRecord, stream: bool) -> web.StreamResponse:
+                        record: RequestRecord, stream: bool, target: str,
+                        replayable: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         tried: frozenset[str] = frozenset()
         while True:
@@ -236,7 +291,8 @@ class Proxy:
                 record.status = -1
                 result = await self.forwarder.attempt(
                     request, lease, body, record, stream=stream,
-                    retry_possible=record.attempts < self._max_attempts)
+                    retry_possible=record.attempts < self._max_attempts, target=target,
+                    replayable=replayable)
             finally:
                 # While the lease holds the endpoint's state (it may be retired after).
                 if record.status >= 0:
@@ -246,21 +302,25 @@ class Proxy:
                 return result
             endpoint = lease.state.id
             tried = tried | {endpoint}
-            following = self._retry(request, decision, result, endpoint, tried, record)
+            following = self._retry(request, decision, result, endpoint, tried, record,
+                                    replayable)
             if not isinstance(following, Decision):
                 return following
             decision = following
 
     def _retry(self, request: web.Request, decision: Decision, result: Retryable,
-               endpoint: str, tried: frozenset[str],
-               record: RequestRecord) -> Decision | web.Response:
-        """The next attempt's decision, or the answer when there is none (no endpoint left,
-        or the retry budget is spent). Raises RateLimitedError when every endpoint left
-        asked for a pause."""
+               endpoint: str, tried: frozenset[str], record: RequestRecord,
+               replayable: bool) -> Decision | web.Response:
+        """The next attempt's decision, or the answer when there is none (a request that
+        must not run twice, no endpoint left, or the retry budget is spent). Raises
+        RateLimitedError when every endpoint left asked for a pause."""
         pool = decision.pool
         now = asyncio.get_running_loop().time()
         if result.retry_after:
             pool.pause(endpoint, now + result.retry_after)
+        if not replayable and result.reason != "connect":
+            # The endpoint may have acted on it (an answer, or a reset after it was sent).
+            return self._give_up(result, "not_replayable", record, now)
         excluded = tried | pool.paused(now)
         try:
             following = redecide(decision, excluded)

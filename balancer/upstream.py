@@ -455,18 +455,20 @@ class ConnectionPool:
         return None
 
     async def request(self, head: bytes, body: bytes, *, deadline: float = math.inf,
-                      skip_body: bool = False) -> Response:
+                      skip_body: bool = False, replayable: bool = True) -> Response:
         """Send a serialized request head and body; returns once the response head is in.
 
         ``deadline`` (loop clock) bounds connecting and the wait for the head; the returned
-        response keeps it as the default for nothing else (each read takes its own).
+        response keeps it as the default for nothing else (each read takes its own). A
+        request that is not ``replayable`` is never sent twice: a reset of a reused
+        connection fails it rather than re-sending it on a fresh one.
         """
         connection = self._take_idle()
         if connection is not None:
             try:
                 return await self._send(connection, head, body, skip_body, deadline)
             except UpstreamResetError:
-                if connection.received_any:
+                if connection.received_any or not replayable:
                     raise
                 # The keep-alive race: the server closed this idle connection as we sent on
                 # it, so it processed nothing. Send once more on a fresh connection.

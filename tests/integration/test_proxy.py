@@ -297,15 +297,20 @@ async def test_models_are_listed_from_the_pools(upstreams, start_balancer):
 
 
 async def test_other_v1_paths_pass_through(upstreams, start_balancer):
-    """Unkeyed /v1 paths go to an endpoint of the pool (by least-request)."""
+    """Unkeyed /v1 paths that server.forward_paths lists go to an endpoint of the pool (by
+    least-request); other /v1 paths get 404 without reaching one."""
     ups = await upstreams(2)
     run = await start_balancer(make_settings([u.url for u in ups]))
-    async with run.http.get(run.url + "/v1/some/thing?x=1") as r:
+    async with run.http.get(run.url + "/v1/responses/resp_1?x=1") as r:
         assert r.status == 200
-        assert (await r.json())["path"] == "/v1/some/thing"
+        assert (await r.json())["path"] == "/v1/responses/resp_1"
     async with run.http.post(run.url + "/v1/tokenize", json={"model": MODEL, "prompt": "a"}
                              ) as r:
         assert r.status == 200
+    async with run.http.get(run.url + "/v1/some/thing?x=1") as r:
+        assert r.status == 404
+        assert "/v1/some/thing" in (await r.json())["error"]["message"]
+    assert sum(len(u.requests) for u in ups) == 2
 
 
 async def test_embeddings_are_routed(upstreams, start_balancer):
