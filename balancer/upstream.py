@@ -139,6 +139,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         """Bytes received while the head was awaited (the head, and any interim heads)."""
+        self._interim_size = 0
+        """Bytes of the interim heads received before the final one (at least)."""
         self._in_flight = False
         """A request was sent and its final response has not ended: bytes are expected."""
         self.unsent = False
@@ -244,6 +246,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:
             if status >= 100 and status != 101:
                 # An interim response (100 Continue, 103 Early Hints): wait for the final one.
+                self._interim_size += _head_bytes(self._headers)
                 self._headers = []
                 return
             raise UpstreamProtocolError(
@@ -253,12 +256,11 @@ class _Connection(asyncio.Protocol):
         if len(headers) > MAX_HEADER_LINES:
             raise UpstreamTooLargeError(
                 f"response head has {len(headers)} header lines, over {MAX_HEADER_LINES}")
-        if self._head_size > MAX_HEAD_SIZE:
-            # The reads that carried the head were long; they may hold body bytes too, so
-            # count the head itself (4 bytes a line for ": " and CRLF).
-            size = sum(len(name) + len(value) + 4 for name, value in headers)
-            if size > MAX_HEAD_SIZE:
-                raise UpstreamTooLargeError(f"response head over {MAX_HEAD_SIZE} bytes")
+        if self._head_size > MAX_HEAD_SIZE \
+                and self._interim_size + _head_bytes(headers) > MAX_HEAD_SIZE:
+            # The reads that carried the head were long, and they may hold body bytes too:
+            # the head itself (and the interim heads before it) is what counts.
+            raise UpstreamTooLargeError(f"response head over {MAX_HEAD_SIZE} bytes")
         self._headers = self._trailers  # trailers, if any, after the body
         response._set_head(status, headers, self._parser.should_keep_alive())
         self._head_waiter = None
@@ -286,7 +288,7 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         self._response = response
         self._headers = []
-        self._head_size = 0
+        self._head_size = self._interim_size = 0
         self._in_flight = True
         self._parser = httptools.HttpResponseParser(self)
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -507,8 +509,9 @@ class Response:
 
         A longer body raises UpstreamTooLargeError (at once when its Content-Length says so);
         with ``truncate`` its first ``limit`` bytes are returned instead, for an error answer
-        that is only relayed, whose start says what went wrong. Either way the rest is left
-        unread, so the connection closes when the response is released.
+        that is only relayed, whose start says what went wrong. Either way, unless the whole
+        body had arrived already, the rest is left unread and the connection closes when the
+        response is released.
         """
         if self.complete and not self._paused:
             # All of it came with the head, as most small answers do: nothing to wait for.
@@ -674,6 +677,12 @@ class ConnectionPool:
         for connection in list(self._all):
             connection.close()
         self._idle.clear()
+
+
+def _head_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """The size of a response head with these header lines, at least: the shortest status
+    line and the blank line (17 bytes), and 4 bytes a line for ": " and CRLF."""
+    return 17 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def serialize_head(method: str, target: str, host: str,

@@ -7,6 +7,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balancer.upstream import (
     KEEPALIVE_IDLE,
@@ -772,6 +775,35 @@ async def test_a_keepalive_early_answer_does_not_reuse_a_half_sent_connection(ra
         upstream.close()
 
 
+async def test_a_close_delimited_early_answer_ends_at_the_fin_despite_unsent_bytes(
+        raw_server):
+    """An early answer without a length ends when the server half-closes, even though the
+    server stopped reading and request bytes are still waiting to be sent (they are
+    dropped, not flushed first)."""
+    body = b"x" * (32 * 1024 * 1024)
+    stop = asyncio.Event()
+
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n\r\ntoo large")
+        await writer.drain()
+        writer.write_eof()
+        await stop.wait()  # reads nothing more
+
+    url, _ = await raw_server(handler)
+    upstream = Connector(connect_timeout=2).open(url)
+    try:
+        response = await asyncio.wait_for(
+            upstream.request(head_for(upstream, body), body), 5)
+        assert response.status == 413
+        assert await asyncio.wait_for(response.read_all(), 2) == b"too large"
+        response.release()
+        assert upstream.open_count == 0
+    finally:
+        stop.set()
+        upstream.close()
+
+
 @pytest.mark.parametrize("replayable", [True, False])
 async def test_a_request_the_server_may_have_read_is_resent_only_if_replayable(
         raw_server, replayable):
@@ -828,8 +860,11 @@ async def test_a_request_that_never_left_is_resent_even_if_not_replayable(raw_se
         pooled = upstream._idle[-1]
         assert pooled.transport is not None
         pooled.transport.close()  # closing; connection_lost is only scheduled
-        response = await asyncio.wait_for(
-            upstream.request(head_for(upstream), b"{}", replayable=False), 2)
+        # Awaited in this task (wait_for would start a task after connection_lost ran), so
+        # the request meets the closing transport.
+        async with asyncio.timeout(2):
+            response = await upstream.request(head_for(upstream), b"{}", replayable=False)
+        assert pooled.unsent
         assert await response.read_all() == b"ok"
         response.release()
         assert len(seen) == 2 and len(connections) == 2
@@ -859,3 +894,79 @@ async def test_a_connection_the_server_closed_while_idle_is_never_used(raw_serve
         assert len(seen) == 3 and len(connections) == 3
     finally:
         upstream.close()
+
+
+NAMES = st.sampled_from([b"X-Request-Id", b"Server", b"Date", b"X-A", b"Cache-Control"])
+VALUES = st.from_regex(rb"[a-z0-9][a-z0-9;=/-]{0,15}", fullmatch=True)
+INTERIM = st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n",
+                           b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"])
+
+
+@st.composite
+def exchanges(draw: st.DrawFn) -> tuple[bytes, list[tuple[bytes, bytes]], bytes, list[int]]:
+    """An answer on the wire (interim heads, the head, a Content-Length or chunked body with
+    trailers), the head's headers and body the client must see, and where to cut the wire
+    into separate writes."""
+    headers = draw(st.lists(st.tuples(NAMES, VALUES), max_size=5))
+    body = draw(st.binary(max_size=300))
+    if draw(st.booleans()):
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(body) - 1)), max_size=3)))
+        parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        trailers = draw(st.lists(st.tuples(NAMES, VALUES), max_size=2))
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n" \
+            + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n"
+    else:
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        framed = body
+    wire = b"".join(draw(st.lists(INTERIM, max_size=2))) + b"HTTP/1.1 200 OK\r\n" \
+        + b"".join(b"%s: %s\r\n" % h for h in headers) + b"\r\n" + framed
+    splits = sorted(draw(st.sets(st.integers(1, len(wire) - 1), max_size=6)))
+    return wire, headers, body, splits
+
+
+async def _exchange_twice(wire: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                          splits: list[int]) -> None:
+    connections: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            for _ in range(2):
+                await read_request(reader)
+                for a, b in zip([0, *splits], [*splits, len(wire)], strict=True):
+                    writer.write(wire[a:b])
+                    await writer.drain()
+                    await asyncio.sleep(0)  # let the client read this piece on its own
+            await reader.read()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    upstream = Connector(connect_timeout=2).open(
+        f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        for _ in range(2):
+            response = await asyncio.wait_for(upstream.request(head_for(upstream), b"{}"), 5)
+            assert (response.status, response.headers) == (200, headers)
+            assert await asyncio.wait_for(response.read_all(), 5) == body
+            response.release()
+        assert len(connections) == 1
+    finally:
+        upstream.close()
+        server.close()
+        await server.wait_closed()
+
+
+@settings(max_examples=60, deadline=None)
+@given(exchange=exchanges())
+def test_any_split_of_an_answer_reads_the_same(
+        exchange: tuple[bytes, list[tuple[bytes, bytes]], bytes, list[int]]) -> None:
+    """However the answer is cut into reads (interim heads, head, body and trailers split
+    anywhere), the client sees the same head (no interim or trailer fields in it), the same
+    body, and reuses the connection."""
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(_exchange_twice(*exchange))
+    finally:
+        loop.close()
