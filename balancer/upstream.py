@@ -116,9 +116,10 @@ class UpstreamTooLargeError(UpstreamProtocolError):
 
 
 class _Discard(list[tuple[bytes, bytes]]):
-    """Where trailer fields go once the head is built: nowhere. The client's head is already
-    decided by then, and an HTTP/1.1 server sends trailers only to a client that asked with
-    ``TE: trailers``, a hop-by-hop header the proxy does not forward."""
+    """Where trailer fields go once the head is built: nowhere. The client's head is decided
+    by then (they must never be sent as headers after it), the proxy does not forward
+    ``TE: trailers`` (hop-by-hop), and RFC 9110 (section 6.5.1) lets a recipient discard
+    trailer fields. Nothing is kept, so endless trailers cost no memory."""
 
     def append(self, item: tuple[bytes, bytes]) -> None:
         pass
