@@ -393,7 +393,7 @@ class Forwarder:
                          headers: CIMultiDict[str], deadline: float) -> Retryable:
         """A 429 or 502-504 another endpoint may answer instead (read whole, as the answer
         if no retry happens)."""
-        payload = await upstream.read_all(deadline)
+        payload = await upstream.read_all(deadline, truncate=True)
         self._first_byte(lease, record, asyncio.get_running_loop().time())
         code = upstream.status
         retry_after = 0.0

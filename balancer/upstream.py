@@ -17,8 +17,18 @@ Content-Length, keep-alive semantics. What it adds:
   and SGLang run on, so we rarely race a server closing an idle connection) or when the
   server closes them; the endpoint's state owns its pool and closes it when the endpoint
   leaves (:class:`Connector` opens them);
-- the keep-alive race handled the standard way: a request on a *reused* connection that dies
-  before any response byte is sent again once on a fresh connection;
+- the keep-alive race handled the way Go's ``net/http`` does: a request on a *reused*
+  connection that dies before any response byte is sent again once on a fresh connection if
+  it is replayable (``replayable=True``, the default), or else only when none of it reached
+  the socket (the transport was already closing), since a server that read it may have acted
+  on it;
+- strictness where a proxy needs it: bytes with no request waiting for them (on an idle
+  connection, or after a complete response) close the connection instead of being swallowed;
+  interim 1xx answers are skipped, a protocol switch (101) is refused; a response head over
+  :data:`MAX_HEAD_SIZE` or :data:`MAX_HEADER_LINES` is refused; trailers are dropped, never
+  merged into the head; :meth:`Response.read_all` reads at most a byte limit; a connection is
+  reused only once its whole request went out (a server may answer, say 413, before reading
+  the whole body);
 - flow control: reading from the model server pauses while the client is slower than it;
 - deadlines on the waits for the model server (the response head, each body read), so a
   timeout is always time the model server kept us waiting and never time spent elsewhere
@@ -27,7 +37,8 @@ Content-Length, keep-alive semantics. What it adds:
 - errors that say what happened: :class:`UpstreamConnectError` (nothing reached the server),
   :class:`UpstreamResetError` (the connection died before the response head),
   :class:`UpstreamBodyError` (it died mid-body), :class:`UpstreamTimeoutError` (a deadline
-  passed while waiting for the server).
+  passed while waiting for the server), :class:`UpstreamProtocolError` (the answer is not one
+  a proxy can relay).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import ssl
 import time
@@ -51,6 +63,24 @@ MAX_IDLE_PER_ENDPOINT: Final = 256
 _HIGH_WATER: Final = 256 * 1024
 """Buffered response bytes above which reading from the model server pauses."""
 _LOW_WATER: Final = 64 * 1024
+MAX_HEAD_SIZE: Final = 64 * 1024
+"""Bytes of response head accepted from a model server (status lines and header lines,
+interim 1xx heads included); more is a bad gateway. Model servers send a few hundred bytes;
+the bound keeps a broken or hostile one from growing the proxy's memory without end, since
+llhttp sets no limit and httptools joins the pieces of a header in memory until it ends.
+nginx's proxy answers 502 ("upstream sent too big header") past 4-8 KiB by default; 64 KiB
+leaves room for long tracing or cookie headers an API gateway in front of a server may add."""
+MAX_HEADER_LINES: Final = 256
+"""Header lines accepted in a response head; more is a bad gateway. vLLM and SGLang send under
+ten; hyper's client refuses more than 100 by default. Lines are bounded separately because
+many tiny lines (``a:b``) fit in :data:`MAX_HEAD_SIZE` and each costs a tuple and a filter
+pass on the way to the client."""
+READ_ALL_LIMIT: Final = 1 << 20
+"""Default cap, in bytes, of :meth:`Response.read_all`, which holds a body in memory: the
+forwarder reads whole only answers up to 1 MiB long and error answers (429, 502-504) that it
+may retry elsewhere, whose length a chunked answer does not announce."""
+
+log = logging.getLogger("balancer.upstream")
 
 
 class UpstreamError(Exception):
@@ -74,6 +104,27 @@ class UpstreamTimeoutError(UpstreamError):
     head, or for more of the body)."""
 
 
+class UpstreamProtocolError(UpstreamError):
+    """The model server answered with something a proxy of this API cannot relay: bytes that
+    are not an HTTP/1.1 response, or a protocol switch (101). The connection is closed; for
+    the client it is a bad gateway (502), like a reset."""
+
+
+class UpstreamTooLargeError(UpstreamProtocolError):
+    """A response head over :data:`MAX_HEAD_SIZE` or :data:`MAX_HEADER_LINES`, or a body over
+    the limit of :meth:`Response.read_all`."""
+
+
+class _Discard(list[tuple[bytes, bytes]]):
+    """Where trailer fields go once the head is built: nowhere. The client's head is decided
+    by then (they must never be sent as headers after it), the proxy does not forward
+    ``TE: trailers`` (hop-by-hop), and RFC 9110 (section 6.5.1) lets a recipient discard
+    trailer fields. Nothing is kept, so endless trailers cost no memory."""
+
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        pass
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request at a time."""
 
@@ -86,32 +137,76 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._response: Response | None = None
         self._head_waiter: asyncio.Future[None] | None = None
-        self._header_name = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self.received_any = False
-        self._writable: asyncio.Future[None] | None = None
+        self._head_size = 0
+        """Bytes received while the head was awaited (the head, and any interim heads)."""
+        self._interim_size = 0
+        """Bytes of the interim heads received before the final one (at least)."""
+        self._in_flight = False
+        """A request was sent and its final response has not ended: bytes are expected."""
+        self.unsent = False
+        """The current request's write was dropped or failed at once: none of it was sent."""
+        self._write_pending = False
+        """Request bytes are still buffered in the transport, not yet handed to the kernel."""
+        self._trailers = _Discard()
+
+    @property
+    def received_any(self) -> bool:
+        """Some of the answer to the current request arrived."""
+        return self._head_size > 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        # With no high-water mark, pause_writing says that some request bytes wait in the
+        # transport, and resume_writing that they all went out: a connection is reused only
+        # once its whole request did (a server may answer before reading all of the body).
+        self.transport.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
-        self.received_any = True
+        if self._head_waiter is None:
+            if self._in_flight:  # the body
+                try:
+                    self._parser.feed_data(data)
+                except httptools.HttpParserError as exc:
+                    self._broken(exc)
+            else:
+                self._unsolicited("on an idle connection" if self._response is None
+                                  else "after the end of the response")
+                self.close()
+            return
+        # The head is awaited: these bytes count against MAX_HEAD_SIZE.
+        self._head_size += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBodyError(f"invalid HTTP response: {exc}")
-                       if self._head_waiter is None else
-                       UpstreamResetError(f"invalid HTTP response: {exc}"))
+            self._broken(exc)
+            return
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at a 101 with Upgrade headers (on_headers_complete refuses a 101
+            # first; this is the parser's own word for the same thing).
+            self._fail(UpstreamProtocolError("the model server switched protocols"))
+            self.close()
+            return
+        if self._head_waiter is not None and self._head_size > MAX_HEAD_SIZE:
+            # All of these bytes were head, and it is not over yet.
+            self._fail(UpstreamTooLargeError(
+                f"response head over {MAX_HEAD_SIZE} bytes and not finished"))
             self.close()
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport
+        # The server closed its side: nothing more comes, so a close-delimited body ends now
+        # (in connection_lost), and an idle connection leaves the pool at once. Request bytes
+        # still buffered are dropped (abort): a server that closed cannot answer them.
+        self.close(abort=True)
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._in_flight = False
+        self._write_pending = False
         self._pool._forget(self)
         response = self._response
         if response is not None and not response.complete and self._head_waiter is None \
@@ -124,18 +219,21 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamResetError(f"connection closed before the response{reason}"))
         else:
             self._fail(UpstreamBodyError(f"connection closed mid-response{reason}"))
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
 
     def pause_writing(self) -> None:
-        self._writable = self._loop.create_future()
+        self._write_pending = True
 
     def resume_writing(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
-        self._writable = None
+        self._write_pending = False
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self._in_flight:
+            # A second response in the same read as the first (the next read is refused in
+            # data_received): never parse it as the answer to anything.
+            self._unsolicited("after the end of the response")
+            raise UpstreamProtocolError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes | None) -> None:
         self._headers.append((name, value or b""))
@@ -146,11 +244,26 @@ class _Connection(asyncio.Protocol):
         if response is None or waiter is None:
             return
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
-            # An interim response (100 Continue, 103 Early Hints): wait for the final one.
-            self._headers = []
-            return
-        response._set_head(status, self._headers, self._parser.should_keep_alive())
+        if status < 200:
+            if status >= 100 and status != 101:
+                # An interim response (100 Continue, 103 Early Hints): wait for the final one.
+                self._interim_size += _head_bytes(self._headers)
+                self._headers = []
+                return
+            raise UpstreamProtocolError(
+                "the model server switched protocols (101); a proxy of this API cannot "
+                "relay that" if status == 101 else f"invalid response status {status}")
+        headers = self._headers
+        if len(headers) > MAX_HEADER_LINES:
+            raise UpstreamTooLargeError(
+                f"response head has {len(headers)} header lines, over {MAX_HEADER_LINES}")
+        if self._head_size > MAX_HEAD_SIZE \
+                and self._interim_size + _head_bytes(headers) > MAX_HEAD_SIZE:
+            # The reads that carried the head were long, and they may hold body bytes too:
+            # the head itself (and the interim heads before it) is what counts.
+            raise UpstreamTooLargeError(f"response head over {MAX_HEAD_SIZE} bytes")
+        self._headers = self._trailers  # trailers, if any, after the body
+        response._set_head(status, headers, self._parser.should_keep_alive())
         self._head_waiter = None
         if not waiter.done():
             waiter.set_result(None)
@@ -161,26 +274,35 @@ class _Connection(asyncio.Protocol):
             response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._head_waiter is not None:
+            return  # an interim response ended; the final one follows
+        self._in_flight = False
         response = self._response
-        if response is not None and response.status >= 200:
+        if response is not None:
             response._finish(keep_alive=self._parser.should_keep_alive())
 
     # -- used by the pool and the response ---------------------------------------------------
 
     def send(self, head: bytes, body: bytes, response: Response) -> asyncio.Future[None]:
         """Write the request; returns the future the response head resolves."""
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self._response = response
         self._headers = []
-        self.received_any = False
+        self._head_size = self._interim_size = 0
+        self._in_flight = True
         self._parser = httptools.HttpResponseParser(self)
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._head_waiter = waiter
         response._connection = self
         if body:
-            self.transport.writelines((head, body))
+            transport.writelines((head, body))
         else:
-            self.transport.write(head)
+            transport.write(head)
+        # Both uvloop and asyncio try the socket at once: a transport closing now either
+        # dropped the write (it was closing already) or failed its first send, so none of
+        # the request reached the server.
+        self.unsent = transport.is_closing()
         return waiter
 
     def _fail(self, exc: UpstreamError) -> None:
@@ -192,6 +314,23 @@ class _Connection(asyncio.Protocol):
         elif self._response is not None:
             self._response._error(exc)
 
+    def _broken(self, exc: Exception) -> None:
+        """The parser refused the bytes, or a callback refused the response (its error is
+        the context of httptools' error): fail the wait or the body, and close."""
+        cause = exc.__context__
+        if isinstance(cause, UpstreamError):
+            error = cause
+        elif self._head_waiter is not None:
+            error = UpstreamProtocolError(f"invalid HTTP response: {exc}")
+        else:
+            error = UpstreamBodyError(f"invalid HTTP response: {exc}")
+        self._fail(error)
+        self.close()
+
+    def _unsolicited(self, where: str) -> None:
+        log.warning("model server %s sent bytes %s; closing the connection", self._pool.url,
+                    where)
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -200,16 +339,22 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """Close now. Request bytes still unsent are dropped (``abort``) rather than flushed
+        first: nothing will read an answer to them, and a server that stopped reading would
+        keep the transport open for ever."""
         if not self.closed:
             self.closed = True
             self._pool._forget(self)
             if self.transport is not None:
-                self.transport.close()
+                if abort or self._write_pending:
+                    self.transport.abort()
+                else:
+                    self.transport.close()
 
     def release(self, reusable: bool) -> None:
         self._response = None
-        if reusable and not self.closed:
+        if reusable and not self.closed and not self._write_pending:
             self._pool._put_idle(self)
         else:
             self.close()
@@ -359,18 +504,39 @@ class Response:
             self._connection.resume_reading()
         return data
 
-    async def read_all(self, deadline: float = math.inf) -> bytes:
-        """The whole body, by ``deadline``."""
+    async def read_all(self, deadline: float = math.inf, limit: int = READ_ALL_LIMIT, *,
+                       truncate: bool = False) -> bytes:
+        """The whole body, by ``deadline``, if it is at most ``limit`` bytes long.
+
+        A longer body raises UpstreamTooLargeError (at once when its Content-Length says so);
+        with ``truncate`` its first ``limit`` bytes are returned instead, for an error answer
+        that is only relayed, whose start says what went wrong. Either way, unless the whole
+        body had arrived already, the rest is left unread and the connection closes when the
+        response is released.
+        """
         if self.complete and not self._paused:
             # All of it came with the head, as most small answers do: nothing to wait for.
             data = b"".join(self._chunks)
             self._chunks.clear()
             self._buffered = 0
-            return data
+            return data if len(data) <= limit else self._over_limit(data, limit, truncate)
+        if self.content_length is not None and self.content_length > limit and not truncate:
+            raise UpstreamTooLargeError(
+                f"response body of {self.content_length} bytes, over the limit of {limit}")
         parts = []
+        size = 0
         while chunk := await self.read(deadline):
             parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return self._over_limit(b"".join(parts), limit, truncate)
         return b"".join(parts)
+
+    @staticmethod
+    def _over_limit(data: bytes, limit: int, truncate: bool) -> bytes:
+        if truncate:
+            return data[:limit]
+        raise UpstreamTooLargeError(f"response body over the limit of {limit} bytes")
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -459,19 +625,29 @@ class ConnectionPool:
         """Send a serialized request head and body; returns once the response head is in.
 
         ``deadline`` (loop clock) bounds connecting and the wait for the head; the returned
-        response keeps it as the default for nothing else (each read takes its own). A
-        request that is not ``replayable`` is never sent twice: a reset of a reused
-        connection fails it rather than re-sending it on a fresh one.
+        response keeps it as the default for nothing else (each read takes its own).
+
+        A request on a reused connection that dies before any byte of the answer (the
+        keep-alive race: the server closed the idle connection as we sent on it) is sent once
+        more on a fresh connection when it is ``replayable``. One that is not (a
+        non-idempotent request: running it twice could do twice what it asks) is sent again
+        only when none of it reached the socket; otherwise UpstreamResetError, since the
+        server may have read it and acted on it. Go's ``net/http`` draws the same line
+        (``nothingWrittenError`` against ``Request.isReplayable``).
         """
         connection = self._take_idle()
         if connection is not None:
             try:
                 return await self._send(connection, head, body, skip_body, deadline)
-            except UpstreamResetError:
-                if connection.received_any or not replayable:
+            except UpstreamResetError as exc:
+                if connection.received_any:
                     raise
+                if not replayable and not connection.unsent:
+                    raise UpstreamResetError(
+                        f"{exc} (on a reused connection; not sent again: the request is not "
+                        f"replayable)") from None
                 # The keep-alive race: the server closed this idle connection as we sent on
-                # it, so it processed nothing. Send once more on a fresh connection.
+                # it, and sent nothing back. Send once more on a fresh connection.
         connection = await self._connect(deadline)
         return await self._send(connection, head, body, skip_body, deadline)
 
@@ -502,6 +678,12 @@ class ConnectionPool:
         for connection in list(self._all):
             connection.close()
         self._idle.clear()
+
+
+def _head_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """The size of a response head with these header lines, at least: the shortest status
+    line and the blank line (17 bytes), and 4 bytes a line for ": " and CRLF."""
+    return 17 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def serialize_head(method: str, target: str, host: str,
