@@ -150,3 +150,21 @@ async def test_a_client_that_goes_away_never_counts_against_its_endpoint(
     assert await run.metric("balancer_requests_total", code="499") == 2
     assert await run.metric("balancer_upstream_errors_total") == 0
     await assert_nothing_counted(run)
+
+
+async def test_a_long_generation_cut_by_the_total_timeout_is_not_the_endpoints_failure(
+        upstreams, start_balancer):
+    """A stream still flowing when the request's total_timeout runs out is broken for the
+    client (504, no clean end) but the model server was never idle: no upstream error, no
+    ejection."""
+    (up,) = await upstreams(1)
+    up.chunks, up.chunk_delay = 20, 0.05
+    run = await start_balancer(strict([up.url], limits=LimitsSettings(total_timeout=0.3)))
+    async with run.http.post(run.url + CHAT, json=chat_body("long", stream=True)) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    await run.wait_idle()
+    assert await run.metric("balancer_requests_total", code="504") == 1
+    assert await run.metric("balancer_upstream_errors_total") == 0
+    await assert_nothing_counted(run)
