@@ -302,6 +302,17 @@ class HealthSettings:
     """Fraction of a pool's serving endpoints that may be out; above it (panic mode)
     balancer routes across the whole pool, since the checks are likelier wrong than most
     of the pool dead. 0.5: more than half out means panic."""
+    max_ejection_percent: float = 10.0
+    """Passive: percent of a pool's serving endpoints that passive ejection may hold out at
+    once (Envoy's ``max_ejection_percent``, same default), rounded down but never below one
+    endpoint. A due ejection beyond it is not performed (metric
+    ``balancer_pool_ejections_skipped_total``). Failures that hit many endpoints at once
+    (overload timing out every pod, the network between balancer and pods) would otherwise
+    eject healthy pods and push their load onto the rest; one dead pod is the common case,
+    so one ejection is always allowed: in pools of 2-19 endpoints that is exactly one, at
+    20 or more 10%. (Envoy itself ejects nothing below 10 hosts at 10% unless
+    ``always_eject_one_host`` is set.) Active checks are not capped: they ask the pod
+    itself, and panic mode bounds what all of health may take out. 100: no cap."""
 
 
 @dataclass(frozen=True)
@@ -695,6 +706,9 @@ def _validate_resilience(settings: Settings) -> None:
             raise ConfigError(f"health.{key}: {getattr(h, key)} must be >= 1")
     if not 0.0 <= h.panic_threshold <= 1.0:
         raise ConfigError(f"health.panic_threshold: {h.panic_threshold} must be in 0..1")
+    if not (math.isfinite(h.max_ejection_percent) and 0.0 < h.max_ejection_percent <= 100.0):
+        raise ConfigError(f"health.max_ejection_percent: {h.max_ejection_percent} must be a "
+                          "percentage above 0 and at most 100")
     if not 1 <= r.max_attempts <= 10:
         raise ConfigError(f"retries.max_attempts: {r.max_attempts} must be in 1..10")
     if not 0.0 <= r.budget_ratio <= 1.0:

@@ -515,11 +515,17 @@ class Forwarder:
     async def _stream_failed(self, request: web.Request, response: web.StreamResponse,
                              lease: Lease, record: RequestRecord, exc: UpstreamError) -> None:
         if isinstance(exc, UpstreamTimeoutError):
-            total = asyncio.get_running_loop().time() >= record.total_at
-            await self._break_stream(
-                request, response, lease, record,
-                f"upstream {'total' if total else 'idle'} timeout after the response started",
-                "timeout", Failure.TIMEOUT)
+            if asyncio.get_running_loop().time() >= record.total_at:
+                # The request's budget ran out while the stream still flowed (the endpoint
+                # was never idle for idle_timeout): a long generation, not the endpoint's
+                # fault, as when the budget runs out during a write.
+                await self._break_stream(request, response, lease, record,
+                                         f"request exceeded the total timeout of "
+                                         f"{self.total_timeout:g} s", None, None)
+                return
+            await self._break_stream(request, response, lease, record,
+                                     "upstream idle timeout after the response started",
+                                     "timeout", Failure.TIMEOUT)
         else:
             await self._break_stream(request, response, lease, record,
                                      f"upstream failed mid-response: {exc}", "mid_stream",

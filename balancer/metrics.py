@@ -285,6 +285,14 @@ class Metrics:
             ["pool", "endpoint", "cause"],
             registry=registry,
         )
+        self.ejections_skipped = Counter(
+            "balancer_pool_ejections_skipped_total",
+            "Passive ejections that were due but not performed, by pool, reason "
+            "(max_ejection_percent: as many of the pool's serving endpoints were ejected as "
+            "health.max_ejection_percent allows) and cause (connect, reset, status, timeout).",
+            ["pool", "reason", "cause"],
+            registry=registry,
+        )
         self.returns = Counter(
             "balancer_endpoint_returns_total",
             "Ejected endpoints whose ejection ended (back on a half-open trial), by pool and "
@@ -368,6 +376,9 @@ class Metrics:
 
     def retry(self, pool: str, reason: str, result: str) -> None:
         self._child(self.retries, pool, reason, result).inc()
+
+    def ejection_skipped(self, pool: str, reason: str, cause: str) -> None:
+        self._child(self.ejections_skipped, pool, reason, cause).inc()
 
     def health_state(self, pool: str, out: int, panic: bool) -> None:
         self.endpoints_out.labels(pool).set(out)

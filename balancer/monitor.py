@@ -5,7 +5,9 @@
 active checks from one probe task per serving endpoint, and a timer per pool that ends
 ejections. After every change it publishes the pool's out-set (``Pool.update_out``), which
 only changes ring membership, so no other key moves; more than ``panic_threshold`` out puts
-the pool in panic mode (route to all).
+the pool in panic mode (route to all). Passive ejections beyond ``max_ejection_percent`` of
+a pool are not performed: counted, and logged at most once per :data:`SKIP_LOG_INTERVAL`
+per pool with the number held back, since every failed request may bring one.
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ import logging
 import math
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
 from balancer.config import HealthSettings
+from balancer.health import Capped, Failure, Throttle, ejection_cap
 from balancer.metrics import Metrics
 from balancer.router import Lease, Pool
 from balancer.state import EndpointState
 
 log = logging.getLogger("balancer.health")
+
+SKIP_LOG_INTERVAL: Final = 10.0
+"""Seconds between two log lines about ejections the cap held back in one pool: a pool
+whose endpoints keep failing would otherwise write one per failed request."""
 
 
 class HealthMonitor:
@@ -38,6 +45,7 @@ class HealthMonitor:
         self.metrics = metrics
         self._rng = rng or random.Random()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._skip_logs = {name: Throttle(SKIP_LOG_INTERVAL) for name in pools}
         self._session: aiohttp.ClientSession | None = None
 
     def events(self, pool: str, endpoint: str) -> list[dict[str, Any]]:
@@ -56,10 +64,17 @@ class HealthMonitor:
             return
         if not state.present:
             return  # the endpoint left: its health no longer matters
-        ejection = state.health.failed(failure, asyncio.get_running_loop().time(),
-                                       self.settings)
-        if ejection is None:
+        health, now = state.health, asyncio.get_running_loop().time()
+        if not health.due(failure, now, self.settings):
             return
+        states = pool.states
+        capped = ejection_cap((states[i].health for i in pool.serving), health,
+                              self.settings.max_ejection_percent)
+        if capped is not None:
+            health.spare()
+            self._skipped(pool, state, failure, capped, now)
+            return
+        ejection = health.eject(failure, now, self.settings)
         log.warning("pool %s: ejecting %s for %g s (%s failure%s)", pool.name, state.id,
                     ejection.seconds, failure.value, " on trial" if ejection.trial else "")
         state.metrics.ejection(failure.value)
@@ -67,6 +82,20 @@ class HealthMonitor:
                      trial=ejection.trial)
         self._publish(pool)
         self._schedule(pool)
+
+    def _skipped(self, pool: Pool, state: EndpointState, failure: Failure, capped: Capped,
+                 now: float) -> None:
+        """A due ejection the cap held back: counted always, logged when the throttle lets
+        it (with how many it held back since)."""
+        if self.metrics is not None:
+            self.metrics.ejection_skipped(pool.name, capped.reason, failure.value)
+        held = self._skip_logs[pool.name].allow(now)
+        if held is not None:
+            log.warning("pool %s: not ejecting %s (%s failure): %d of %d serving endpoints are "
+                        "ejected already, health.max_ejection_percent %g allows %d%s",
+                        pool.name, state.id, failure.value, capped.ejected, capped.serving,
+                        self.settings.max_ejection_percent, capped.limit,
+                        f"; {held} more not ejected since the last such line" if held else "")
 
     def _schedule(self, pool: Pool) -> None:
         due = min((s.health.ejected_until for s in pool.states.values()
