@@ -106,6 +106,9 @@ class Proxy:
         """Refuse a request target a model server could read differently from balancer,
         on every path and before any handler; keep the checked one for the handlers."""
         try:
+            if request.version < (1, 0):
+                # HTTP/0.9 has no headers to frame a body or name a host: nothing to proxy.
+                raise TargetError("HTTP/0.9 requests are not served; use HTTP/1.0 or later")
             request[TARGET] = parse_target(request.method, request.raw_path)
         except TargetError as exc:
             raw = request.raw_path
@@ -236,7 +239,13 @@ class Proxy:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         log.log(level, "rejected %s %s: %d %s (request %s)", request.method, request.path,
                 exc.status, exc.message, request_id)
-        return error_response(exc, request_id)
+        response = error_response(exc, request_id)
+        if request.body_exists and not request.content.is_eof():
+            # Refused before its body was read (413 on the declared length, a path or method
+            # refused): close rather than read up to max_body_bytes of it to keep the
+            # connection, which would hand a client's unwanted upload our time.
+            response.force_close()
+        return response
 
     def _method_not_allowed(self, request: web.Request, allowed: tuple[str, ...],
                             request_id: str | None) -> web.Response:
