@@ -23,7 +23,7 @@ from balancer import discovery, httpserver
 from balancer.admission import Admission
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
-from balancer.errors import BalancerError, error_body
+from balancer.errors import BalancerError, StartupError, error_body
 from balancer.forward import Forwarder
 from balancer.loadpoll import LoadPoller
 from balancer.metrics import Metrics
@@ -52,6 +52,10 @@ class Balancer:
     poller: LoadPoller
     app: web.Application = field(init=False)
     admin: web.Application = field(init=False)
+    front: httpserver.FrontDoor = field(init=False)
+    """The proxy port's front door: its cap on requests in progress and client timeouts."""
+    admin_front: httpserver.FrontDoor = field(init=False)
+    """The admin port's: client timeouts only (probes and scrapes are never capped)."""
     synced: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the first endpoint snapshot has been applied."""
     failed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -61,6 +65,16 @@ class Balancer:
     def __post_init__(self) -> None:
         self.app = self._build_proxy_app()
         self.admin = self._build_admin_app()
+        limits, metrics = self.settings.limits, self.metrics
+        trusted = httpserver.parse_networks(self.settings.server.trusted_proxies)
+        self.front = httpserver.FrontDoor(
+            "proxy", max_concurrent=limits.max_concurrent_requests,
+            body_timeout=limits.client_body_timeout, trusted=trusted,
+            on_reject=metrics.reject, on_timeout=metrics.client_timeout)
+        self.admin_front = httpserver.FrontDoor("admin", trusted=trusted,
+                                                on_timeout=metrics.client_timeout)
+        front = self.front
+        metrics.track_front_requests(lambda: front.active)
 
     # -- proxy app -------------------------------------------------------------------------
 
@@ -295,30 +309,54 @@ class Running:
 
 async def start(balancer: Balancer, *, host: str | None = None, port: int | None = None,
                 admin_port: int | None = None) -> Running:
-    """Start both listeners (port 0 picks a free port; the bound ports are returned)."""
-    server = balancer.settings.server
+    """Start both listeners (port 0 picks a free port; the bound ports are returned).
+
+    Both ports are bound before either app starts, so a port in use raises
+    :class:`~balancer.errors.StartupError` before any background work (discovery, health
+    checks) has begun or logged anything."""
+    server, limits = balancer.settings.server, balancer.settings.limits
     host = server.host if host is None else host
+    header, keepalive = limits.client_header_timeout, limits.client_keepalive_timeout
+    proxy_runner = httpserver.make_runner(
+        balancer.app, proxy=True, max_header_bytes=limits.max_header_bytes,
+        on_client_error=balancer.metrics.reject, front=balancer.front,
+        header_timeout=header, keepalive_timeout=keepalive)
+    admin_runner = httpserver.make_runner(balancer.admin, proxy=False,
+                                          front=balancer.admin_front,
+                                          header_timeout=header, keepalive_timeout=keepalive)
+    bound: list[asyncio.Server] = []
     runners: list[web.AppRunner] = []
     try:
-        proxy_runner = httpserver.make_runner(
-            balancer.app, proxy=True, max_header_bytes=balancer.settings.limits.max_header_bytes,
-            on_client_error=balancer.metrics.reject)
-        await proxy_runner.setup()
-        runners.append(proxy_runner)
-        await web.TCPSite(proxy_runner, host, server.port if port is None else port,
-                          reuse_address=True).start()
-        admin_runner = httpserver.make_runner(balancer.admin, proxy=False)
-        await admin_runner.setup()
-        runners.append(admin_runner)
-        await web.TCPSite(admin_runner, host,
-                          server.admin_port if admin_port is None else admin_port,
-                          reuse_address=True).start()
+        bound.append(await httpserver.listen(
+            proxy_runner, host, server.port if port is None else port, "server.port"))
+        bound.append(await httpserver.listen(
+            admin_runner, host, server.admin_port if admin_port is None else admin_port,
+            "server.admin_port"))
+        for runner, sockets in zip((proxy_runner, admin_runner), bound, strict=True):
+            await runner.setup()
+            runners.append(runner)
+            await httpserver.serve_on(runner, sockets)
     except BaseException:
+        for sockets in bound:
+            sockets.close()
         for runner in reversed(runners):
             await runner.cleanup()
         raise
     return Running(balancer, runners, httpserver.bound_port(proxy_runner),
                    httpserver.bound_port(admin_runner))
+
+
+async def check_kubernetes(settings: Settings) -> None:
+    """Load the Kubernetes configuration once before starting, when a pool names a
+    Service, so a kubeconfig that cannot be loaded stops ``serve`` with one line naming
+    it (:class:`~balancer.errors.StartupError`) instead of a started balancer that exits."""
+    if all(pool.kubernetes is None for pool in settings.pools):
+        return
+    try:
+        api_client, _ = await discovery.connect(settings.kubernetes)
+    except discovery.DiscoveryError as exc:
+        raise StartupError(str(exc)) from None
+    await api_client.close()
 
 
 async def serve(settings: Settings) -> int:
@@ -329,9 +367,11 @@ async def serve(settings: Settings) -> int:
     requests get up to ``drain.timeout`` seconds to finish. A second signal exits at once.
 
     Returns the exit status: 0 after a signal, 1 when endpoint discovery failed for good
-    (e.g. no Kubernetes configuration), so the failure shows as a crashed container, and 1
-    when a second signal cut the drain short.
+    after the start, so the failure shows as a crashed container, and 1 when a second signal
+    cut the drain short. Raises :class:`~balancer.errors.StartupError` when it cannot start
+    (a port in use, a Kubernetes configuration that cannot be loaded).
     """
+    await check_kubernetes(settings)
     balancer = build(settings)
     running = await start(balancer)
     log.info("balancer listening on %s:%d (admin %d), %d pool(s), strategy %s",

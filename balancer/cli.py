@@ -14,7 +14,7 @@ import yaml
 from balancer import __version__
 from balancer.config import ConfigError, PoolSettings, Settings, as_dict, load
 from balancer.discovery import StaticDiscovery
-from balancer.errors import BalancerError
+from balancer.errors import BalancerError, StartupError
 from balancer.load import LoadReport, report_from
 from balancer.logs import configure_logging
 from balancer.route import KEYED_PATHS, decide, explain, keyed_view, kind_for
@@ -31,6 +31,8 @@ from balancer.tune import (
 )
 
 EXIT_CONFIG = 2
+"""Exit status when the configuration is invalid or balancer cannot start with it (a port
+in use, a kubeconfig that cannot be loaded): one line on stderr says what is wrong."""
 
 # Shortcut flags: flag name → dotted setting.
 _SHORTCUTS = {
@@ -88,7 +90,12 @@ def settings_from_args(args: argparse.Namespace, *, require_pools: bool = True) 
         dotted, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        overrides.append((dotted.strip(), yaml.safe_load(value) if value else value))
+        try:
+            parsed = yaml.safe_load(value) if value else value
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from None
+        overrides.append((dotted.strip(), parsed))
     for flag, dotted in _SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -312,5 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
+        print(f"configuration error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_CONFIG
+    except StartupError as e:
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _one_line(message: str) -> str:
+    """A message as one line on stderr (a YAML parser's spans several)."""
+    return " ".join(message.split())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -112,8 +113,10 @@ class ServerSettings:
     """Port of /healthz, /readyz, /metrics and /debug; kept apart so probes and scrapes never
     queue behind inference traffic and the admin surface can stay off the Service."""
     route_headers: bool = True
-    """Add ``x-balancer-endpoint`` and ``x-balancer-route`` to responses (useful for debugging
-    affinity; turn off to hide topology from clients)."""
+    """Add ``x-balancer-endpoint`` and ``x-balancer-route`` to responses. On by default:
+    operators read affinity from them (which pod took a conversation, and whether it
+    overflowed). They name pods, so a gateway that faces clients outside the cluster may
+    turn them off to hide its topology."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
     log_format: str = "auto"
@@ -128,6 +131,14 @@ class ServerSettings:
     retried anyway. The default is the inference API vLLM and SGLang serve; a model server's
     admin paths (e.g. ``POST /v1/load_lora_adapter``) stay closed unless listed. Setting it
     replaces the whole list (environment and flags: entries separated by commas)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks (CIDRs, or single addresses) of the proxies in front of balancer whose
+    ``X-Forwarded-For`` entries are believed. The client address balancer logs is the first
+    hop from the right of peer + ``X-Forwarded-For`` that is not in these networks, and a
+    trusted peer's ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are passed on. Empty by
+    default: nothing a client sends is believed (the logged address is the TCP peer; the
+    peer is still appended to ``X-Forwarded-For`` for the model server). From the
+    environment or ``--set``: comma-separated."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,30 @@ class LimitsSettings:
     balancer answers 503 with ``Retry-After`` at once instead of piling up."""
     queue_timeout: float = 30.0
     """Seconds a request may wait in that queue before a 503 with ``Retry-After``."""
+    max_concurrent_requests: int = 1024
+    """Requests the proxy port reads or answers at once, over all clients; beyond it balancer
+    answers 503 with ``Retry-After`` before reading the body, so however many clients
+    connect, at most this many bodies (each up to ``max_body_bytes``) are held. 0 turns the
+    cap off. 1024 is above what one balancer process forwards at once (one core: a few
+    thousand short requests a second, or hundreds of concurrent streams); with bodies of a
+    typical 100 KB it holds ~100 MB of them. The hard worst case is this times
+    ``max_body_bytes`` (10 GiB at the defaults), so lower one of them on small pods. The
+    admin port is never capped: probes and scrapes answer under any load."""
+    client_header_timeout: float = 10.0
+    """Seconds a client may take to send a request head once its first byte arrived; then
+    408 and the connection closes (a slowloris client holds no connection for long). A head
+    normally arrives in one packet; 10 s leaves room for a congested mobile link."""
+    client_body_timeout: float = 60.0
+    """Seconds from the request head until its whole body has arrived; then 408 and the
+    connection closes, freeing the request's slot under ``max_concurrent_requests``. 60 s
+    carries a 10 MiB body (the default ``max_body_bytes``) over a 2 Mbit/s link; raise it
+    for larger bodies on slower links."""
+    client_keepalive_timeout: float = 75.0
+    """Seconds an idle client connection (no request in progress, or none yet) stays open;
+    then it is closed quietly, so idle connections cannot pile up. 75 s as nginx; behind a
+    load balancer that reuses connections, set it above that load balancer's idle timeout
+    (AWS ALB: 60 s; Google Cloud load balancers: 600 s, so 620), or it may send a request on
+    a connection balancer is closing."""
 
 
 @dataclass(frozen=True)
@@ -614,7 +649,17 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
                           f"{lim.max_in_flight_per_endpoint} must be >= 0 (0 = no limit)")
     if lim.queue_size < 0:
         raise ConfigError(f"limits.queue_size: {lim.queue_size} must be >= 0")
-    _positive_seconds("limits", lim, "queue_timeout")
+    _positive_seconds("limits", lim, "queue_timeout", "client_header_timeout",
+                      "client_body_timeout", "client_keepalive_timeout")
+    if lim.max_concurrent_requests < 0:
+        raise ConfigError(f"limits.max_concurrent_requests: {lim.max_concurrent_requests} "
+                          "must be >= 0 (0 = no limit)")
+    for i, cidr in enumerate(s.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as e:
+            raise ConfigError(f"server.trusted_proxies[{i}]: {cidr!r} is not a network "
+                              f"(CIDR such as 10.0.0.0/8, or an address): {e}") from None
     if not (math.isfinite(lim.total_timeout) and lim.total_timeout >= 0):
         raise ConfigError(f"limits.total_timeout: {lim.total_timeout} must be >= 0 (0 = off)")
     k8s = settings.kubernetes
@@ -737,6 +782,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -1,4 +1,5 @@
-"""Errors that reach the client, each with its HTTP status and OpenAI error type."""
+"""Errors that reach the client, each with its HTTP status and OpenAI error type, and the
+one that stops balancer at start (:class:`StartupError`)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,24 @@ class OverloadedError(BalancerError):
     retry_after = 1
 
 
+class ConcurrencyLimitError(BalancerError):
+    """The proxy port already reads or answers ``limits.max_concurrent_requests`` requests."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "concurrency_limit"
+    retry_after = 1
+
+
+class RequestTimeoutError(BalancerError):
+    """The client took longer than ``limits.client_body_timeout`` to send its body (or
+    ``client_header_timeout`` for its head)."""
+
+    status = 408
+    type = "invalid_request_error"
+    reason = "client_timeout"
+
+
 class ShuttingDownError(BalancerError):
     status = 503
     type = "service_unavailable"
@@ -129,3 +148,9 @@ def error_body(message: str, type_: str, code: int | str | None, param: str | No
                ) -> dict[str, object]:
     """The OpenAI error envelope, which OpenAI clients parse into their exceptions."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class StartupError(Exception):
+    """balancer cannot start: a port in use, a Kubernetes configuration that cannot be
+    loaded. The message names the problem and the setting; the command line prints it as one
+    line and exits with status 2, as for an invalid configuration."""

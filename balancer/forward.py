@@ -56,6 +56,7 @@ from balancer.errors import (
     error_body,
 )
 from balancer.health import Failure
+from balancer.httpserver import client_address, forwarded_for, parse_networks, peer_trusted
 from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
 from balancer.record import RequestRecord
@@ -83,9 +84,11 @@ HOP_BY_HOP: Final = frozenset(
 )
 # Set for the upstream hop by balancer itself: Host from the endpoint URL, the length of the
 # body we send, and the forwarding headers (X-Forwarded-For is extended, not replaced).
+# Expect is the client's hop only: aiohttp answered its 100-continue before the body was
+# read, and balancer sends the upstream the whole body at once.
 _NOT_FORWARDED_REQUEST: Final = HOP_BY_HOP | {
     "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-    "x-request-id", FORMAT_HEADER,
+    "x-request-id", "expect", FORMAT_HEADER,
 }
 # Set by the server for the client hop.
 _NOT_FORWARDED_RESPONSE: Final = frozenset(
@@ -397,6 +400,7 @@ class Forwarder:
         self.idle_timeout = limits.idle_timeout
         self.total_timeout = limits.total_timeout
         self.route_headers = settings.server.route_headers
+        self.trusted_proxies = parse_networks(settings.server.trusted_proxies)
         self.retry_after_default = settings.retries.retry_after_default
         self.retry_after_max = settings.retries.retry_after_max
         self.pass_reports = settings.load.pass_reports
@@ -442,12 +446,18 @@ class Forwarder:
               body_length: int) -> bytes:
         headers = filter_request_headers(request.headers)
         peer = request.remote or ""
-        forwarded_for = request.headers.get(hdrs.X_FORWARDED_FOR)
-        headers.append((hdrs.X_FORWARDED_FOR, f"{forwarded_for}, {peer}" if forwarded_for
-                        else peer))
-        headers.append((hdrs.X_FORWARDED_PROTO, request.scheme))
-        if request.host:
-            headers.append((hdrs.X_FORWARDED_HOST, request.host))
+        chain = forwarded_for(request)
+        # The peer is always appended; what the client sent stays in the chain for the model
+        # server to judge, and balancer decides nothing on it.
+        headers.append((hdrs.X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer))
+        proto, host_header = request.scheme, request.host
+        if self.trusted_proxies and peer_trusted(peer, self.trusted_proxies):
+            # A trusted proxy in front (TLS ended there) knows the original scheme and host.
+            proto = request.headers.get(hdrs.X_FORWARDED_PROTO) or proto
+            host_header = request.headers.get(hdrs.X_FORWARDED_HOST) or host_header
+        headers.append((hdrs.X_FORWARDED_PROTO, proto))
+        if host_header:
+            headers.append((hdrs.X_FORWARDED_HOST, host_header))
         headers.append((HEADER_REQUEST_ID, request_id))
         headers.append((FORMAT_HEADER, "text"))
         return serialize_head(request.method, target, host, headers, body_length)
@@ -581,38 +591,55 @@ class Forwarder:
 
     def _failed(self, request: web.Request, lease: Lease, record: RequestRecord,
                 exc: UpstreamError, *, retry: bool) -> web.Response | Retryable:
-        """The attempt failed before anything reached the client."""
-        endpoint = lease.state.id
-        error: BalancerError
+        """The attempt failed before anything reached the client.
+
+        The client's answer says what happened in general terms and gives the request id;
+        which endpoint (an internal address) failed, and how, goes to the log and the
+        metrics only."""
+        rid = record.request_id
         if isinstance(exc, UpstreamTimeoutError):
             lease.failure = Failure.TIMEOUT
             record.status = 504
             if asyncio.get_running_loop().time() >= record.total_at:
-                detail = f"request exceeded the total timeout of {self.total_timeout:g} s"
+                said = f"request exceeded the total timeout of {self.total_timeout:g} s"
+                detail = said
             else:
-                detail = f"no response from {endpoint} within {self.first_byte_timeout:g} s"
-            return self._answer_failure(request, lease, record, GatewayTimeoutError(detail),
-                                        "timeout")
+                said = (f"the model server sent no response within "
+                        f"{self.first_byte_timeout:g} s")
+                detail = f"no response within {self.first_byte_timeout:g} s: {exc}"
+            return self._answer_failure(request, lease, record,
+                                        GatewayTimeoutError(f"{said} (request {rid})"),
+                                        "timeout", detail)
         connect = isinstance(exc, UpstreamConnectError)
         lease.failure = Failure.CONNECT if connect else Failure.RESET
         reason = "connect" if connect else "reset"
-        error = BadGatewayError(f"cannot connect to {endpoint}: {exc}" if connect
-                                else f"{endpoint} failed before responding: {exc}")
+        detail = f"cannot connect: {exc}" if connect else f"failed before responding: {exc}"
+        error = BadGatewayError(
+            f"cannot connect to the model server (request {rid})" if connect
+            else f"the model server failed before responding (request {rid})")
         if retry:
             # Nothing came back before the connection failed: retry elsewhere. (A body that
             # broke after the head is not retried.)
             lease.state.metrics.upstream_error(reason)
+            self._log_failure(logging.INFO, request, lease, detail, rid)
             record.status = -1
-            return Retryable(reason, error_response(error, record.request_id))
+            return Retryable(reason, error_response(error, rid))
         record.status = 502
-        return self._answer_failure(request, lease, record, error, reason)
+        return self._answer_failure(request, lease, record, error, reason, detail)
 
     def _answer_failure(self, request: web.Request, lease: Lease, record: RequestRecord,
-                        exc: BalancerError, reason: str) -> web.Response:
+                        exc: BalancerError, reason: str, detail: str) -> web.Response:
         lease.state.metrics.upstream_error(reason)
-        log.warning("upstream %s failed for %s %s: %s (request %s)", lease.state.id,
-                    request.method, request.path, exc.message, record.request_id)
+        self._log_failure(logging.WARNING, request, lease, detail, record.request_id)
         return error_response(exc, record.request_id)
+
+    def _log_failure(self, level: int, request: web.Request, lease: Lease, detail: str,
+                     request_id: str) -> None:
+        """The endpoint and what went wrong, which the client's answer leaves out."""
+        log.log(level, "upstream %s %s, for %s %s from %s (request %s)", lease.state.id,
+                detail, request.method, request.path,
+                client_address(request.remote or "", forwarded_for(request),
+                               self.trusted_proxies), request_id)
 
     async def _stream_failed(self, request: web.Request, response: web.StreamResponse,
                              lease: Lease, record: RequestRecord, exc: UpstreamError) -> None:

@@ -318,6 +318,19 @@ class Metrics:
             "1 from SIGTERM until exit: readiness fails and in-flight requests are finishing.",
             registry=registry,
         )
+        self.front_requests = Gauge(
+            "balancer_front_requests",
+            "Requests the proxy port is reading or answering right now (capped by "
+            "limits.max_concurrent_requests).",
+            registry=registry,
+        )
+        self.client_timeouts = Counter(
+            "balancer_client_timeouts_total",
+            "Client connections cut off with 408 for sending too slowly, by phase: header "
+            "(limits.client_header_timeout) or body (limits.client_body_timeout).",
+            ["phase"],
+            registry=registry,
+        )
         if state is not None:
             self.collect_state(state)
         if process:
@@ -370,6 +383,13 @@ class Metrics:
 
     def reject(self, reason: str) -> None:
         self._child(self.rejected, reason).inc()
+
+    def client_timeout(self, phase: str) -> None:
+        self._child(self.client_timeouts, phase).inc()
+
+    def track_front_requests(self, active: Callable[[], float]) -> None:
+        """Read the proxy port's requests in progress from ``active()`` at each scrape."""
+        self.front_requests.set_function(active)
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()

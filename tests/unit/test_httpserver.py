@@ -14,7 +14,10 @@ from balancer import httpserver
 # aiohttp 3.14.5. JsonErrorRunner overrides AppRunner._make_server (called by
 # BaseRunner.setup), builds a web.Server from the base server's public attributes and
 # replaces Server.__call__ to create its RequestHandler subclass, which overrides
-# handle_error.
+# handle_error, and data_received and connection_lost to time a request head (reading the
+# ``_waiter`` future that RequestHandler.start awaits between requests). The ports are
+# bound before the apps start and served by a BaseSite subclass (start, stop, and the
+# runner's addresses read its ``_server``).
 FINGERPRINTS = {
     "AppRunner._make_server": (web.AppRunner._make_server,
                                "2d5358865abd00e34faa0ba952f8be77a51dfbb05c4175e6aabdb8c296228308"),
@@ -27,6 +30,22 @@ FINGERPRINTS = {
     "RequestHandler.handle_error": (
         web.RequestHandler.handle_error,
         "94962ffef500c17222910ffeb4dc46ab273ed0bce8622472138f316d4a5cb1f6"),
+    "RequestHandler.data_received": (
+        web.RequestHandler.data_received,
+        "1ee57ebe052e6c80ced26c96e4ccb1223172e1d55afba460353c5e414914d3f6"),
+    "RequestHandler.start": (
+        web.RequestHandler.start,
+        "2e565fd40c8e04fb3afb481d5ba52691a61d28396573b4b8a4cf3b168782288e"),
+    "RequestHandler.connection_lost": (
+        web.RequestHandler.connection_lost,
+        "df2fe6e95fd04c7caf0611ecabbe58f85ee08e38b9a6ce24ef85e0c8dba5b86d"),
+    "BaseSite.start": (web.BaseSite.start,
+                       "8dcebeed1ae05654e72f71da7e208bc0814512276a72f995e601d72772da5dfe"),
+    "BaseSite.stop": (web.BaseSite.stop,
+                      "c92f18307773ff035a579fb9854a7577e0dbdf20f5f138424e7c27de29345be2"),
+    "BaseRunner.addresses": (
+        web.BaseRunner.addresses.fget,
+        "3ed54ce3769cb77e2347e7c6ad835b3884a74526852f68400437f18d6d7a3222"),
 }
 
 
