@@ -37,6 +37,12 @@ SESSION_HEADER = "x-session-id"
 IDLE_TIMEOUT_S = 1.5
 """``limits.idle_timeout`` of the balancer under attack: how long a client that reads nothing
 is waited for."""
+HEADER_TIMEOUT_S = 1.0
+"""``limits.client_header_timeout``: how long a request head may take to arrive."""
+BODY_TIMEOUT_S = 2.0
+"""``limits.client_body_timeout``: how long a body may take after its head."""
+MAX_CONCURRENT = 64
+"""``limits.max_concurrent_requests``: requests being read or forwarded at once."""
 RSS_BOUND_MIB = 192
 """Resident memory the balancer must be back under after every case (it starts near 60 MiB;
 a case may hold up to ``max_concurrent_requests`` bodies while it runs, but not after)."""
@@ -53,6 +59,9 @@ pools:
     endpoints: [{endpoints}]
 limits:
   idle_timeout: {idle}
+  client_header_timeout: {header_timeout}
+  client_body_timeout: {body_timeout}
+  max_concurrent_requests: {max_concurrent}
 health:
   interval: 1.0
 drain:
@@ -215,7 +224,10 @@ def target() -> Iterator[Target]:
         port, admin_port = free_port(), free_port()
         config = Path(tmp) / "balancer.yaml"
         config.write_text(CONFIG.format(port=port, admin_port=admin_port, model=MODEL,
-                                        endpoints=", ".join(urls), idle=IDLE_TIMEOUT_S))
+                                        endpoints=", ".join(urls), idle=IDLE_TIMEOUT_S,
+                                        header_timeout=HEADER_TIMEOUT_S,
+                                        body_timeout=BODY_TIMEOUT_S,
+                                        max_concurrent=MAX_CONCURRENT))
         service = services.start("balancer", [
             sys.executable, "-m", "balancer", "serve", "--config", str(config)])
         asyncio.run(wait_service_ready(service, f"http://{HOST}:{admin_port}/readyz"))
