@@ -70,7 +70,8 @@ class Balancer:
         self.front = httpserver.FrontDoor(
             "proxy", max_concurrent=limits.max_concurrent_requests,
             body_timeout=limits.client_body_timeout, trusted=trusted,
-            on_reject=metrics.reject, on_timeout=metrics.client_timeout)
+            on_reject=metrics.reject, on_timeout=metrics.client_timeout,
+            screen=self.proxy.screen_target)
         self.admin_front = httpserver.FrontDoor("admin", trusted=trusted,
                                                 on_timeout=metrics.client_timeout)
         front = self.front
@@ -81,9 +82,8 @@ class Balancer:
     def _build_proxy_app(self) -> web.Application:
         limits = self.settings.limits
         proxy = self.proxy
-        # The target check runs first, on every path (unmatched ones included).
-        app = web.Application(client_max_size=limits.max_body_bytes,
-                              middlewares=[proxy.check_target])
+        # Every handler checks the request target first (Proxy._check_target).
+        app = web.Application(client_max_size=limits.max_body_bytes)
         for path in KEYED_PATHS:
             app.router.add_route("*", path, proxy.handle_keyed)
         app.router.add_route("*", "/v1/models", proxy.handle_models)

@@ -56,7 +56,13 @@ from balancer.errors import (
     error_body,
 )
 from balancer.health import Failure
-from balancer.httpserver import client_address, forwarded_for, parse_networks, peer_trusted
+from balancer.httpserver import (
+    SERVER_NAME,
+    client_address,
+    forwarded_for,
+    parse_networks,
+    peer_trusted,
+)
 from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
 from balancer.record import RequestRecord
@@ -126,6 +132,7 @@ def filter_response_headers(headers: list[tuple[bytes, bytes]], *,
         if name.lower() == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",")}
     out: CIMultiDict[str] = CIMultiDict()
+    out.add(hdrs.SERVER, SERVER_NAME)  # the model server's own is dropped with the hop's
     report = None
     for name, value in headers:
         lower = name.lower()
@@ -296,7 +303,7 @@ def stream_usage(tail: bytes) -> tuple[int, int] | None:
 def error_response(exc: BalancerError, request_id: str | None = None) -> web.Response:
     """The OpenAI-style error answer for ``exc`` (with ``Retry-After`` when it has one)."""
     body = error_body(exc.message, exc.type, exc.status, exc.param)
-    response = web.json_response(body, status=exc.status)
+    response = web.json_response(body, status=exc.status, headers={hdrs.SERVER: SERVER_NAME})
     if request_id:
         response.headers[HEADER_REQUEST_ID] = request_id
     if exc.retry_after is not None:

@@ -65,6 +65,8 @@ LOG_INTERVAL: Final = 10.0
 slowloris flood is one line per interval with a count, never one line per request."""
 
 OnClientError = Callable[[str], None]
+Screen = Callable[[web.BaseRequest], "web.StreamResponse | None"]
+"""Looks at a request before the app does; returns the answer that refuses it, or None."""
 """Told the reason ("malformed_http") of each HTTP-level request error."""
 OnEvent = Callable[[str], None]
 """Told a label: the rejection reason, or the phase of a client timeout."""
@@ -235,8 +237,12 @@ class FrontDoor:
 
     def __init__(self, name: str, *, max_concurrent: int = 0, body_timeout: float = 0.0,
                  trusted: Sequence[Network] = (), on_reject: OnEvent | None = None,
-                 on_timeout: OnEvent | None = None) -> None:
+                 on_timeout: OnEvent | None = None, screen: Screen | None = None) -> None:
         self.name = name
+        self.screen = screen
+        """Answers a request whose target is not a path (absolute-form, ``CONNECT``, ``*``)
+        or whose version is HTTP/0.9, if it refuses it: such requests match no route, and
+        checking here costs the rest nothing (no middleware on every request)."""
         """The port, for log lines ("proxy", "admin")."""
         self.max_concurrent = max_concurrent
         """Requests in progress at most (0: no cap)."""
@@ -255,6 +261,11 @@ class FrontDoor:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.handler
         assert handler is not None, "the runner sets the handler before serving"
+        if self.screen is not None and (request.raw_path[:1] != "/"
+                                        or request.version < (1, 0)):
+            refused = self.screen(request)
+            if refused is not None:
+                return refused
         if self.max_concurrent and self.active >= self.max_concurrent:
             return self._refuse(request)
         self.active += 1
@@ -448,7 +459,9 @@ def make_runner(app: web.Application, *, proxy: bool, max_header_bytes: int = 81
                       max_line_size=max_header_bytes)
     if keepalive_timeout:
         kwargs["keepalive_timeout"] = keepalive_timeout
-    if _server_header not in app.on_response_prepare:
+    if not proxy and _server_header not in app.on_response_prepare:
+        # The proxy port's answers set the header where they are built (forward.py,
+        # errors, /v1/models): a signal is a coroutine per response on the hot path.
         app.on_response_prepare.append(_server_header)
     return JsonErrorRunner(app, on_client_error=on_client_error, front=front,
                            header_timeout=header_timeout, **kwargs)

@@ -2,11 +2,11 @@
 
 Reading top to bottom, a request goes through:
 
-0. :meth:`Proxy.check_target`, a middleware: a request target a model server could read
-   differently (dot segments, encoded slashes, absolute-form, CONNECT, ``*``) gets 400 before
-   any routing, and what passes is forwarded re-encoded (``paths.parse_target``); a /v1 path
-   outside the keyed ones and ``server.forward_paths`` gets 404, another method on a listed
-   path 405 (``paths.AllowList``);
+0. :meth:`Proxy._check_target`, first in every handler: a request target a model server
+   could read differently (dot segments, encoded slashes, absolute-form, CONNECT, ``*``)
+   gets 400 before any routing, and what passes is forwarded re-encoded
+   (``paths.parse_target``); a /v1 path outside the keyed ones and ``server.forward_paths``
+   gets 404, another method on a listed path 405 (``paths.AllowList``);
 1. a handler here: the body is read once (within the size limit) and parsed;
 2. ``route.decide``: pool, routing key and the strategy's choice of endpoint;
 3. ``admission``: ``admission.acquire(decision)`` takes the endpoint (around 429 pauses,
@@ -32,10 +32,9 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler
 
 from balancer.admission import Admission
 from balancer.config import Settings
@@ -53,6 +52,7 @@ from balancer.errors import (
     UnsupportedMediaTypeError,
 )
 from balancer.forward import HEADER_REQUEST_ID, Forwarder, Retryable, error_response
+from balancer.httpserver import SERVER_NAME
 from balancer.metrics import Metrics
 from balancer.paths import AllowList, Target, TargetError, parse_target
 from balancer.record import Reporter, RequestRecord
@@ -68,9 +68,6 @@ from balancer.route import (
 from balancer.router import Router
 
 log = logging.getLogger(__name__)
-
-TARGET: Final = web.RequestKey("balancer_target", Target)
-"""The request's checked target, set by :meth:`Proxy.check_target` for the handlers."""
 
 
 class Proxy:
@@ -100,16 +97,21 @@ class Proxy:
 
     # -- public handlers -------------------------------------------------------------------
 
-    @web.middleware
-    async def check_target(self, request: web.Request,
-                           handler: Handler) -> web.StreamResponse:
-        """Refuse a request target a model server could read differently from balancer,
-        on every path and before any handler; keep the checked one for the handlers."""
+    def screen_target(self, request: web.BaseRequest) -> web.Response | None:
+        """For the front door: the 400 for a target that is not a path (absolute-form,
+        ``CONNECT``, ``*``) or an HTTP/0.9 request, which match no route."""
+        checked = self._check_target(request)
+        return checked if isinstance(checked, web.Response) else None
+
+    def _check_target(self, request: web.BaseRequest) -> Target | web.Response:
+        """The request's target, checked (a model server must read it as balancer does), or
+        the 400 that refuses it. Every handler starts here, keyed ones included: aiohttp
+        matches routes on the decoded path, so ``/v1/chat%2Fcompletions`` reaches them."""
         try:
             if request.version < (1, 0):
                 # HTTP/0.9 has no headers to frame a body or name a host: nothing to proxy.
                 raise TargetError("HTTP/0.9 requests are not served; use HTTP/1.0 or later")
-            request[TARGET] = parse_target(request.method, request.raw_path)
+            return parse_target(request.method, request.raw_path)
         except TargetError as exc:
             raw = request.raw_path
             shown = raw if len(raw) <= 200 else raw[:200] + "..."
@@ -117,10 +119,17 @@ class Proxy:
                                     request.headers.get(HEADER_REQUEST_ID))
             response.force_close()  # after CONNECT or a garbled target, the stream is suspect
             return response
-        return await handler(request)
 
     async def handle_keyed(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions, /v1/embeddings: routed by key."""
+        raw = request.raw_path
+        if raw in KEYED_PATHS and request.version >= (1, 0):
+            forward = raw  # exactly a keyed path: nothing to decode, nothing to refuse
+        else:
+            target = self._check_target(request)
+            if isinstance(target, web.Response):
+                return target
+            forward = target.forward
         request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
         if request.method != hdrs.METH_POST:
             return self._method_not_allowed(request, (hdrs.METH_POST,), request_id)
@@ -133,11 +142,14 @@ class Proxy:
             decision = decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
-        return await self._forward(request, decision, body, request_id, request[TARGET].forward,
+        return await self._forward(request, decision, body, request_id, forward,
                                    model=data["model"], stream=data.get("stream") is True)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
+        target = self._check_target(request)
+        if isinstance(target, web.Response):
+            return target
         if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
             return self._method_not_allowed(request, (hdrs.METH_GET, hdrs.METH_HEAD), None)
         data = [
@@ -145,13 +157,16 @@ class Proxy:
             for pool in self.router.pools.values()
             for model in pool.models
         ]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response({"object": "list", "data": data},
+                                 headers={hdrs.SERVER: SERVER_NAME})
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
         """Any other /v1/* request that ``server.forward_paths`` lists: to the model's pool
         (or the only pool), least-request; 404 or 405 for the rest."""
+        target = self._check_target(request)
+        if isinstance(target, web.Response):
+            return target
         request_id = request.headers.get(HEADER_REQUEST_ID) or os.urandom(12).hex()
-        target = request[TARGET]
         verdict = self.allowed.match(request.method, target.path)
         if verdict.rule is None:
             if verdict.allowed:
@@ -168,6 +183,9 @@ class Proxy:
                                    replayable=verdict.replayable)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
+        target = self._check_target(request)
+        if isinstance(target, web.Response):
+            return target
         return self._reject(
             request, NotFoundError(f"{request.path} is not an OpenAI API path (try /v1/...)"),
             None,
@@ -233,7 +251,7 @@ class Proxy:
         return request.query.get("model") or None
 
     def _reject(
-        self, request: web.Request, exc: BalancerError, request_id: str | None
+        self, request: web.BaseRequest, exc: BalancerError, request_id: str | None
     ) -> web.Response:
         self.metrics.reject(exc.reason)
         level = logging.WARNING if exc.status >= 500 else logging.INFO

@@ -34,19 +34,32 @@ def stream_request(session: str, max_tokens: int) -> bytes:
 
 async def test_clients_that_never_read_cannot_eject_their_pod(target: Target):
     """Five streams pinned to one pod by the session header, each on a socket with a tiny
-    receive buffer whose client reads nothing: each is cut after ``idle_timeout``, as a
-    client that went away, and the pod stays in."""
-
-    async def never_read() -> bytes:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_connect(sock, ("127.0.0.1", target.port))
-            await loop.sock_sendall(sock, stream_request("one-pod", 30_000))
-            # Hold the connection without reading until well past the idle timeout.
-            await asyncio.sleep(IDLE_TIMEOUT_S * 3)
+    receive buffer whose client reads nothing: each is cut once its writes have waited
+    ``idle_timeout``, as a client that went away, and the pod stays in."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            before = await target.metrics(session)
+            for _ in range(5):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                sock.setblocking(False)
+                socks.append(sock)
+                await loop.sock_connect(sock, ("127.0.0.1", target.port))
+                await loop.sock_sendall(sock, stream_request("one-pod", 30_000))
+            # Read nothing until the balancer has given up on all five (the buffers fill
+            # first, then a write waits IDLE_TIMEOUT_S): bounded, however busy the host.
+            async with asyncio.timeout(30 + 3 * IDLE_TIMEOUT_S):
+                while True:
+                    after = await target.metrics(session)
+                    cut = (target.total(after, "balancer_client_disconnects_total")
+                           - target.total(before, "balancer_client_disconnects_total"))
+                    if cut >= 5:
+                        break
+                    await asyncio.sleep(0.2)
+        results = []
+        for sock in socks:
             data = bytearray()
             while True:
                 try:
@@ -56,28 +69,16 @@ async def test_clients_that_never_read_cannot_eject_their_pod(target: Target):
                 if not chunk:
                     break
                 data += chunk
-            return bytes(data)
-        finally:
+            results.append(bytes(data))
+    finally:
+        for sock in socks:
             sock.close()
-
-    async with aiohttp.ClientSession() as session:
-        before = await target.metrics(session)
-        results = await asyncio.gather(*(never_read() for _ in range(5)))
-        # Each cut is counted when the balancer gives up on its write: wait for all five.
-        async with asyncio.timeout(15):
-            while True:
-                after = await target.metrics(session)
-                disconnects = (target.total(after, "balancer_client_disconnects_total")
-                               - target.total(before, "balancer_client_disconnects_total"))
-                if disconnects >= 5:
-                    break
-                await asyncio.sleep(0.1)
     for data in results:
         assert data.startswith(b"HTTP/1.1 200"), data[:200]
         assert not data.rstrip().endswith(b"data: [DONE]"), "the stream was not cut"
-    timeouts = {k: after[k] - before.get(k, 0) for k in after
-                if k.startswith("balancer_upstream_errors_total{")}
-    assert not any(timeouts.values()), timeouts
+    errors = {k: after[k] - before.get(k, 0) for k in after
+              if k.startswith("balancer_upstream_errors_total{")}
+    assert not any(errors.values()), errors
     await target.intact()
 
 
