@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
 from balancer.errors import BadRequestError
-from balancer.prefix import Kind, key_source, model_of, routing_key, session_key, validate
+from balancer.prefix import (
+    CHECKED_ITEMS,
+    Kind,
+    key_source,
+    model_of,
+    routing_key,
+    session_key,
+    validate,
+)
 from balancer.ring import hash_key
 from balancer.router import Pool, Router
 from balancer.strategy import Choice, chwbl_bound
@@ -140,12 +148,16 @@ def is_first_turn(body: Mapping[str, Any]) -> bool:
     cacheable prefix (the system prompt) is shared with many others.
 
     Validation inspects only the first messages of a long list, so an item further on may be
-    no object; it is skipped (the model server rejects the request)."""
-    for message in body["messages"]:
+    no object; it is skipped (the model server rejects the request). Only the first
+    :data:`~balancer.prefix.CHECKED_ITEMS` messages are looked at, so that a body of a
+    hundred thousand user messages costs no more than a short one; a conversation that long
+    is not new."""
+    messages = body["messages"]
+    for message in messages[:CHECKED_ITEMS]:
         if ((type(message) is dict or isinstance(message, Mapping))
                 and message.get("role") == "assistant"):
             return False
-    return True
+    return len(messages) <= CHECKED_ITEMS
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:

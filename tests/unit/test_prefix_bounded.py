@@ -285,12 +285,15 @@ def test_a_ten_mebibyte_message_keys_on_its_start() -> None:
 
 def test_a_message_past_the_checked_ones_may_be_anything() -> None:
     """A malformed message past CHECKED_ITEMS is left to the model server; is_first_turn
-    skips it rather than failing."""
+    never reads it (nor any message past CHECKED_ITEMS): a conversation that long is not
+    new, whatever its tail holds."""
     messages: list[Any] = [{"role": "user", "content": "q"}] * CHECKED_ITEMS + ["junk", 5]
     body = {"model": "m", "messages": messages}
     validate(Kind.CHAT, body)
-    assert is_first_turn(body)
-    assert not is_first_turn({"messages": [*messages, {"role": "assistant", "content": "a"}]})
+    assert not is_first_turn(body)
+    assert is_first_turn({"messages": messages[:CHECKED_ITEMS]})
+    assert not is_first_turn({"messages": [{"role": "assistant", "content": "a"}]
+                              + messages[:CHECKED_ITEMS - 1]})
 
 
 # -- validation: a clear 400 ---------------------------------------------------------------
