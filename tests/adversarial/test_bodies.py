@@ -8,13 +8,14 @@ answer — forwarded, or a 400 that says what is wrong — and leaves the balanc
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
 import aiohttp
 import pytest
 
-from tests.adversarial.conftest import MAX_BODY_BYTES, MODEL, SESSION_HEADER, Target
+from tests.adversarial.conftest import MAX_BODY_BYTES, MODEL, SESSION_HEADER, Target, rss_mib
 
 LIMIT = MAX_BODY_BYTES - 4096
 """A body just under the limit, leaving room for the JSON around the big part."""
@@ -105,4 +106,36 @@ async def test_a_body_at_the_limit_gets_a_precise_answer(target: Target, name: s
     assert response.status < 500, payload[:300]
     if "x-balancer-endpoint" not in response.headers:  # answered by balancer itself
         assert response.status >= 400 and "error" in json.loads(payload), payload[:300]
+    await target.intact()
+
+
+async def test_many_bodies_at_the_limit_at_once_give_their_memory_back(target: Target):
+    """Sixteen 10 MiB bodies in flight together: each is read, parsed and forwarded (the
+    simulated pod refuses embeddings with a 404 of its own); resident memory peaks at a
+    small multiple of what they carry and is back under the bound once they are answered."""
+    text = "embed this text " * (LIMIT // 17)
+    data = json.dumps({"model": MODEL, "input": [text]}).encode()
+    peak = rss_mib(target.service.pid)
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mib(target.service.pid))
+            await asyncio.sleep(0.005)
+
+    async with aiohttp.ClientSession() as session:
+
+        async def send(i: int) -> int:
+            async with session.post(target.url + "/v1/embeddings", data=data, headers={
+                    "Content-Type": "application/json", SESSION_HEADER: f"s{i}"}) as response:
+                await response.read()
+                return response.status
+
+        sampler = asyncio.create_task(sample())
+        statuses = await asyncio.gather(*(send(i) for i in range(16)))
+        done.set()
+        await sampler
+    assert all(status < 500 for status in statuses), statuses
+    print(f"resident memory with 16 bodies of 10 MiB in flight: peak {peak:.0f} MiB")
     await target.intact()
