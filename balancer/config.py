@@ -400,7 +400,16 @@ class KubernetesSettings:
     connection that died silently is replaced within minutes."""
     request_timeout: float = 30.0
     """Seconds a LIST may take, and how long a watch may outlive ``watch_timeout`` before the
-    client gives up on it (a connection that died without a word)."""
+    client gives up on it (a last resort: ``watch_idle_timeout`` notices a dead watch
+    sooner)."""
+    watch_idle_timeout: float = 75.0
+    """Seconds a watch may bring neither an event nor a bookmark before it is taken for dead,
+    closed and resumed from its resourceVersion (a 410 then leads to a LIST as usual). The
+    API server sends a BOOKMARK about every 60 s on an otherwise quiet watch, so a live watch
+    is never silent much longer than that; 75 s leaves 15 s for a busy server. Shorter
+    would restart every healthy quiet watch; without it a dead watch is noticed only at
+    ``watch_timeout + request_timeout`` (270 s). A server that sends no bookmarks at all
+    costs one cheap resumed watch per this interval."""
     relist_interval: float = 300.0
     """Seconds between full re-LISTs, a safety net under the watch: any drift between the
     watched view and the API server is repaired within this time."""
@@ -665,8 +674,8 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
     k8s = settings.kubernetes
     if k8s.watch_timeout < 1:
         raise ConfigError(f"kubernetes.watch_timeout: {k8s.watch_timeout} must be >= 1 second")
-    _positive_seconds("kubernetes", k8s, "request_timeout", "relist_interval",
-                      "backoff_initial", "backoff_max")
+    _positive_seconds("kubernetes", k8s, "request_timeout", "watch_idle_timeout",
+                      "relist_interval", "backoff_initial", "backoff_max")
     if k8s.backoff_max < k8s.backoff_initial:
         raise ConfigError(f"kubernetes.backoff_max: {k8s.backoff_max} must be >= "
                           f"kubernetes.backoff_initial ({k8s.backoff_initial})")

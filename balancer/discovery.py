@@ -16,20 +16,26 @@ view of one Service's EndpointSlices the way client-go's reflector does:
 - ``410 Gone`` (the resourceVersion was compacted away) and any other watch failure lead to a
   new LIST; failures back off exponentially with jitter;
 - a full LIST every ``relist_interval`` repairs any drift;
+- a watch that brings neither an event nor a bookmark for ``watch_idle_timeout`` is taken
+  for dead (a connection that hung without closing) and resumed from its resourceVersion;
+- ``429`` (and a 5xx carrying ``Retry-After``) waits as long as the server asks, within the
+  back-off cap and with jitter, then resumes the watch, or LISTs again if the LIST failed;
 - while the API server cannot be reached the last view stays in place: an API error never
-  removes an endpoint, only a successful LIST or an event does. ``staleness()`` says how old
-  the view may be.
+  removes an endpoint, only a successful LIST or an event does. ``staleness()`` says how long
+  the API server has given no sign of life (LIST, event or bookmark).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import math
 import os
 import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -48,6 +54,9 @@ SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/servicea
 _QUICK_WATCH: Final = 1.0
 """Seconds: a watch that ends sooner without a single event is treated as a failure to back
 off from, so a server that closes every watch at once is not asked again in a tight loop."""
+_RETRY_AFTER_JITTER: Final = 0.2
+"""Up to this share of a ``Retry-After`` is added at random, so replicas told the same
+moment do not all come back in the same millisecond."""
 _ERROR_TEXT_MAX: Final = 300
 """Characters of an API error body kept in messages: a Status is short, an HTML error page
 from a proxy in between is not, and a log line should stay a line."""
@@ -106,26 +115,81 @@ class DiscoveryError(Exception):
 class ApiError(Exception):
     """A request the API server answered with an error (HTTP status, or an ERROR event)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+        self.retry_after = retry_after
+        """Seconds the server asked to wait (``Retry-After``), when it did."""
 
     @classmethod
-    def from_body(cls, status: int, body: bytes) -> ApiError:
-        """From a ``Status`` object when the body is one, else from the raw text."""
+    def from_body(cls, status: int, body: bytes,
+                  headers: Mapping[str, str] | None = None) -> ApiError:
+        """From a ``Status`` object when the body is one, else from the raw text; with the
+        ``Retry-After`` header's delay when there is one."""
+        retry_after = parse_retry_after((headers or {}).get("Retry-After"))
         try:
             data = json.loads(body)
             message = str(data.get("message") or data.get("reason") or "")
             status = int(data.get("code") or status)
         except (ValueError, AttributeError, TypeError):
             message = body.decode("utf-8", "replace")
-        return cls(status, message[:_ERROR_TEXT_MAX])
+        return cls(status, message[:_ERROR_TEXT_MAX], retry_after)
+
+    @property
+    def throttled(self) -> bool:
+        """The server asked to come back later: a 429, or a 5xx with ``Retry-After`` (an API
+        server shutting down or shedding load)."""
+        return self.status == 429 or (self.status >= 500 and self.retry_after is not None)
+
+
+class SilentWatchError(Exception):
+    """A watch brought neither an event nor a bookmark for ``watch_idle_timeout`` seconds: the
+    connection is open but nothing comes through it (a half-dead TCP path, a hung server)."""
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds (what the API server
+    sends) or an HTTP date (RFC 9110); None when absent or unreadable (then the ordinary
+    back-off applies)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # RFC 9110 dates are GMT; one without a zone is not one
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def retry_delay(backoff_delay: float, retry_after: float | None, maximum: float,
+                rng: random.Random) -> float:
+    """How long to wait before the next request after a failure.
+
+    Without ``Retry-After``, the back-off's delay. With it, at least what the server asked
+    (never sooner: asking again early is what it told us not to do), plus up to 20 % jitter;
+    but the request is capped at ``maximum`` (``backoff_max``), so a server asking for an hour
+    does not leave the view unrefreshed for an hour. Never less than the back-off either: a
+    server that keeps answering ``Retry-After: 1`` is still asked less and less often.
+    The result is at most ``1.2 * maximum``.
+    """
+    if retry_after is None:
+        return backoff_delay
+    base = min(max(retry_after, 0.0), maximum)
+    return max(backoff_delay, base + rng.uniform(0, base * _RETRY_AFTER_JITTER))
 
 
 def failure_reason(exc: BaseException) -> str:
     """A short label for a failed API request, for metrics and logs."""
     if isinstance(exc, ApiError):
-        return "expired" if exc.status == 410 else "http"
+        if exc.status == 410:
+            return "expired"
+        return "throttled" if exc.throttled else "http"
+    if isinstance(exc, SilentWatchError):
+        return "silent"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientError | OSError):
@@ -204,22 +268,24 @@ class EndpointSliceWatch:
         self._publish = publish
         self._metrics = metrics
         self._selector = f"{SERVICE_NAME_LABEL}={target.service}"
-        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng)
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self._rng)
         self._loop = asyncio.get_running_loop()
         self.resource_version = ""
         self.endpoints: frozenset[Endpoint] | None = None
         """The last published endpoints; None until the first LIST succeeds."""
         self._slices: dict[str, list[Endpoint]] = {}
         """Endpoints per EndpointSlice name: an event re-reads only its own slice."""
-        self._watching = False
-        self._synced_at = self._loop.time()
+        self._alive_at = self._loop.time()
+        """When the API server last showed the view current: a LIST, an event or a bookmark.
+        An open watch alone proves nothing: a dead one looks open too."""
 
     def staleness(self) -> float:
-        """Seconds since the view was last known to be current: 0 while a watch is open,
-        since the start while no LIST has succeeded yet."""
-        if self._watching:
-            return 0.0
-        return max(0.0, self._loop.time() - self._synced_at)
+        """Seconds since the API server last gave a sign of life (a successful LIST, a watch
+        event or a bookmark); since the start while no LIST has succeeded yet. On a quiet
+        healthy watch it saw-tooths up to the bookmark interval (about 60 s); it keeps rising
+        while a watch is silent, dead or failing."""
+        return max(0.0, self._loop.time() - self._alive_at)
 
     async def run(self) -> None:
         """LIST and WATCH until cancelled; never raises otherwise."""
@@ -230,8 +296,17 @@ class EndpointSliceWatch:
                 relist_at = self._loop.time() + self._settings.relist_interval
                 while (remaining := relist_at - self._loop.time()) > 0:
                     started = self._loop.time()
-                    events = await self._watch(
-                        min(self._settings.watch_timeout, math.ceil(remaining)))
+                    try:
+                        events = await self._watch(
+                            min(self._settings.watch_timeout, math.ceil(remaining)))
+                    except (SilentWatchError, ApiError) as exc:
+                        if isinstance(exc, ApiError) and not exc.throttled:
+                            raise
+                        # Nothing suggests the resourceVersion is wrong: resume the watch
+                        # (a LIST would cost a throttling server far more). If the version
+                        # has expired meanwhile, the 410 leads to a LIST as usual.
+                        await asyncio.sleep(self._failed(exc))
+                        continue
                     if events or self._loop.time() - started >= _QUICK_WATCH:
                         self._backoff.reset()
                     else:
@@ -249,7 +324,9 @@ class EndpointSliceWatch:
         if self._metrics is not None:
             self._metrics.discovery_error(self.pool, why)
         healthy = self._backoff.attempts == 0
-        delay = self._backoff.next()
+        delay = retry_delay(self._backoff.next(),
+                            exc.retry_after if isinstance(exc, ApiError) else None,
+                            self._settings.backoff_max, self._rng)
         if why == "expired" and healthy:
             # The normal way a watch ends after the API server compacted its history.
             log.info("pool %s: resourceVersion %s expired; listing again", self.pool,
@@ -271,37 +348,50 @@ class EndpointSliceWatch:
         async with response:
             body = await response.read()
         if response.status != 200:
-            raise ApiError.from_body(response.status, body)
+            raise ApiError.from_body(response.status, body, response.headers)
         data = json.loads(body)
         slices = {item["metadata"]["name"]: slice_endpoints(item, self._port)
                   for item in data.get("items") or ()}
         self.resource_version = data["metadata"]["resourceVersion"]
         self._slices = slices
-        self._synced_at = self._loop.time()
+        self._alive_at = self._loop.time()
         self._update()
 
     async def _watch(self, seconds: int) -> int:
         """One watch request, from the current resourceVersion until the server ends it;
-        returns how many events it brought."""
-        response = await self._api.list_namespaced_endpoint_slice_without_preload_content(
-            self.namespace, label_selector=self._selector, watch=True,
-            allow_watch_bookmarks=True, resource_version=self.resource_version,
-            timeout_seconds=seconds,
-            _request_timeout=float(seconds + self._settings.request_timeout),
-        )
-        async with response:
-            if response.status != 200:
-                raise ApiError.from_body(response.status, await response.read())
-            self._watching = True
-            events = 0
-            try:
-                async for line in response.content:
-                    if line.strip():
-                        self._on_event(json.loads(line))
-                        events += 1
-            finally:
-                self._watching = False
-                self._synced_at = self._loop.time()
+        returns how many events it brought.
+
+        Raises :class:`SilentWatchError` when ``watch_idle_timeout`` passes without an event
+        or a bookmark, from the request on: the client's own timeout covers the whole watch
+        (``timeoutSeconds`` plus ``request_timeout``), so alone it would notice a hung
+        connection only after minutes. The idle timer runs here rather than as the socket's
+        read timeout so that only whole events count as life, whatever the transport.
+        """
+        idle = self._settings.watch_idle_timeout
+        try:
+            async with asyncio.timeout(idle) as timer:
+                response = await (
+                    self._api.list_namespaced_endpoint_slice_without_preload_content(
+                        self.namespace, label_selector=self._selector, watch=True,
+                        allow_watch_bookmarks=True, resource_version=self.resource_version,
+                        timeout_seconds=seconds,
+                        _request_timeout=float(seconds + self._settings.request_timeout),
+                    ))
+                async with response:
+                    if response.status != 200:
+                        raise ApiError.from_body(response.status, await response.read(),
+                                                 response.headers)
+                    events = 0
+                    async for line in response.content:
+                        if line.strip():
+                            self._on_event(json.loads(line))
+                            timer.reschedule(self._loop.time() + idle)
+                            events += 1
+        except TimeoutError:
+            if timer.expired():
+                raise SilentWatchError(
+                    f"no event or bookmark for {idle:g} s on an open watch") from None
+            raise
         return events
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
@@ -320,6 +410,7 @@ class EndpointSliceWatch:
         elif kind != "BOOKMARK":
             self._slices[metadata["name"]] = slice_endpoints(obj, self._port)
         self.resource_version = resource_version
+        self._alive_at = self._loop.time()
         self._backoff.reset()
         if self._metrics is not None:
             self._metrics.discovery_event(self.pool, kind.lower())

@@ -251,7 +251,7 @@ class Metrics:
         self.discovery_errors = Counter(
             "balancer_discovery_errors_total",
             "Failed requests to the Kubernetes API or to /v1/models, by pool and reason "
-            "(expired, http, connection, timeout, invalid, models).",
+            "(expired, throttled, http, silent, connection, timeout, invalid, models).",
             ["pool", "reason"],
             registry=registry,
         )
@@ -264,8 +264,9 @@ class Metrics:
         )
         self.discovery_staleness = Gauge(
             "balancer_discovery_staleness_seconds",
-            "Seconds since the pool's endpoint view was last known current (0 while a watch "
-            "is open); grows while the API server cannot be reached.",
+            "Seconds since the API server last gave a sign of life for the pool (a LIST, a "
+            "watch event or a bookmark); up to the bookmark interval (~60 s) on a quiet "
+            "healthy watch, rising while a watch is silent or the API server unreachable.",
             ["pool"],
             registry=registry,
         )

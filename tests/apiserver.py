@@ -13,6 +13,9 @@ the semantics the real client meets:
 - a server-side cap on a watch's life (``max_watch_seconds``), :meth:`close_watches`, an
   outage mode answering every request with one status, and :meth:`stop`/:meth:`start` on the
   same port (connection refused in between);
+- :meth:`stall`: open watches go silent, the connection held open, as a hung API server or
+  a half-dead TCP path looks to the client; :meth:`refuse`: the next requests answered with
+  ``429`` (or another status) and ``Retry-After``, as API Priority and Fairness does;
 - booleans parsed the way Go does (the client sends ``watch=True``), and a bearer token.
 
 Every event records when it happened (``events``), so tests can measure how long discovery
@@ -98,6 +101,7 @@ class _Watcher:
     namespace: str
     selector: str
     queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
+    stalled: bool = False
 
     def wants(self, obj: dict[str, Any]) -> bool:
         metadata = obj["metadata"]
@@ -118,6 +122,9 @@ class ApiServer:
         """Answer every request with this status (an outage), when set."""
         self.requests: list[dict[str, str]] = []
         """Query parameters of every request, in order."""
+        self.request_times: list[float] = []
+        """``time.perf_counter()`` of every request, in the order of ``requests``."""
+        self._refusals: list[tuple[str, int, str | None]] = []
         self._watchers: set[_Watcher] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -141,6 +148,23 @@ class ApiServer:
         resourceVersion gets 410 Gone."""
         self.compacted = self.rv
         self.events.clear()
+
+    @property
+    def open_watches(self) -> int:
+        """Watches being served now (a test waits for one before breaking it)."""
+        return len(self._watchers)
+
+    def stall(self) -> None:
+        """Open watches send nothing more, neither events nor bookmarks, and stay open until
+        the client closes them (or :meth:`close_watches`). Later watches work normally."""
+        for watcher in self._watchers:
+            watcher.stalled = True
+
+    def refuse(self, kind: str = "list", status: int = 429, retry_after: str | None = "1",
+               count: int = 1) -> None:
+        """Answer the next ``count`` requests of ``kind`` (``list``, ``watch`` or ``any``)
+        with ``status`` and a ``Retry-After`` header (none when None)."""
+        self._refusals.extend([(kind, status, retry_after)] * count)
 
     def close_watches(self) -> None:
         for watcher in self._watchers:
@@ -211,8 +235,18 @@ class ApiServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = request.query
         self.requests.append(dict(query))
+        self.request_times.append(time.perf_counter())
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
+        kind = "watch" if go_bool(query.get("watch")) else "list"
+        for i, (wanted, code, retry_after) in enumerate(self._refusals):
+            if wanted in (kind, "any"):
+                del self._refusals[i]
+                headers = {"Retry-After": retry_after} if retry_after is not None else {}
+                return web.json_response(
+                    status(code, "TooManyRequests" if code == 429 else "InternalError",
+                           "too many requests, please try again later"),
+                    status=code, headers=headers)
         if self.fail_status is not None:
             return web.json_response(status(self.fail_status, "InternalError", "outage"),
                                      status=self.fail_status)
@@ -259,6 +293,9 @@ class ApiServer:
                     async with asyncio.timeout(wait):
                         event = await watcher.queue.get()
                 except TimeoutError:
+                    if watcher.stalled:
+                        await self._hang(request, watcher)
+                        break
                     # A bookmark promises every event up to its resourceVersion was sent: an
                     # event queued while the wait timed out goes first, or a watch that ends
                     # right after the bookmark would lose it.
@@ -271,12 +308,27 @@ class ApiServer:
                     continue
                 if event is None:
                     break
+                if watcher.stalled:
+                    await self._hang(request, watcher)
+                    break
                 await send(event.type, event.obj)
         except ConnectionResetError:
             pass  # the client went away
         finally:
             self._watchers.discard(watcher)
         return response
+
+    @staticmethod
+    async def _hang(request: web.Request, watcher: _Watcher) -> None:
+        """Send nothing until the client goes away or :meth:`close_watches`; events that
+        arrive meanwhile are dropped, as they would be on a dead connection."""
+        while request.transport is not None and not request.transport.is_closing():
+            try:
+                async with asyncio.timeout(0.05):
+                    if await watcher.queue.get() is None:
+                        return
+            except TimeoutError:
+                pass
 
 
 # -- EndpointSlice objects --------------------------------------------------------------------

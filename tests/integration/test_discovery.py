@@ -8,6 +8,7 @@ scale-ups, rollouts and pod deaths, or breaks the API server, and checks what th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +19,8 @@ from balancer.ring import hash_key
 from tests.apiserver import ApiServer, discovery_settings, endpoint, endpoint_slice, eventually
 
 KEYS = [hash_key(f"conversation-{i}") for i in range(2000)]
+FRESH = 0.5
+"""Seconds of staleness that count as current: the double sends a bookmark every 0.1 s."""
 
 
 @pytest.fixture
@@ -163,7 +166,7 @@ async def test_410_gone_relists_with_no_lost_or_stale_endpoint(api, start_balanc
     api.apply(endpoint_slice("vllm-a", [endpoint("vllm-0", "10.0.0.1"),
                                         endpoint("vllm-1", "10.0.0.2")]))
     run = await start_balancer(discovery_settings(api, tmp_path))
-    await eventually(lambda: watch(run).staleness() == 0)
+    await eventually(lambda: watch(run).staleness() < FRESH)
     # The watch ends; before the client comes back, the Service changes and etcd compacts.
     api.close_watches()
     api.apply(endpoint_slice("vllm-a", [endpoint("vllm-1", "10.0.0.2"),
@@ -236,8 +239,85 @@ async def test_api_server_down_keeps_routing_then_recovers(api, start_balancer, 
                                         endpoint("vllm-2", "10.0.0.3")]))
     await api.start()
     await eventually(lambda: routable(run) == {"vllm-1", "vllm-2"})
-    await eventually(lambda: watch(run).staleness() == 0)
+    await eventually(lambda: watch(run).staleness() < FRESH)
     assert await run.metric("balancer_discovery_relists_total", reason="error") >= 1
+
+
+async def test_a_silent_watch_is_noticed_resumed_and_shows_in_staleness(
+        api, start_balancer, tmp_path):
+    """The API server stops sending mid-watch but keeps the connection open: within
+    watch_idle_timeout discovery gives the watch up and resumes it from its resourceVersion
+    (no LIST), so the change made meanwhile arrives; the staleness metric rises while the
+    watch is silent and drops once the new watch speaks."""
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-0", "10.0.0.1")]))
+    run = await start_balancer(discovery_settings(api, tmp_path, watch_idle_timeout=0.5))
+    await eventually(lambda: api.open_watches == 1)
+    watches_before = sum(1 for r in api.requests if r.get("watch"))
+    version = watch(run).resource_version
+    api.stall()
+    stalled_at = time.perf_counter()
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-0", "10.0.0.1"),
+                                        endpoint("vllm-1", "10.0.0.2")]))
+    peak = 0.0
+    async with asyncio.timeout(10):
+        while routable(run) != {"vllm-0", "vllm-1"}:
+            peak = max(peak, await run.metric("balancer_discovery_staleness_seconds",
+                                              pool="llama"))
+            await asyncio.sleep(0.02)
+    assert peak >= 0.3  # silent for ~0.5 s; polled every 20 ms
+    resumed = [(t, r) for t, r in zip(api.request_times, api.requests, strict=True)
+               if r.get("watch")][watches_before:]
+    first_at, first = resumed[0]
+    # Noticed after 0.5 s of silence (the last bookmark came up to 0.1 s before the stall,
+    # then one short back-off);
+    # the upper bound is generous for a loaded machine.
+    assert 0.3 <= first_at - stalled_at < 3
+    assert first["resourceVersion"] == version
+    assert sum(1 for r in api.requests if not r.get("watch")) == 1
+    assert await run.metric("balancer_discovery_errors_total", reason="silent") == 1
+    await eventually(lambda: watch(run).staleness() < FRESH)
+    assert await run.metric("balancer_discovery_staleness_seconds", pool="llama") < FRESH
+
+
+async def test_a_throttled_list_waits_for_retry_after_then_recovers(
+        api, start_balancer, tmp_path):
+    """A 429 with Retry-After: 1 on the LIST after a 410 is honoured: the next LIST comes no
+    sooner than 1 s later (back-off alone would have waited 0.05-0.1 s), is counted as
+    throttled, and brings the view up to date."""
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-0", "10.0.0.1")]))
+    run = await start_balancer(discovery_settings(api, tmp_path, backoff_max=5))
+    await eventually(lambda: api.open_watches == 1)
+    api.refuse("list", 429, retry_after="1")
+    api.close_watches()
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-1", "10.0.0.2")]))
+    api.compact()
+    await eventually(lambda: routable(run) == {"vllm-1"}, timeout=10)
+    lists = [t for t, r in zip(api.request_times, api.requests, strict=True)
+             if not r.get("watch")]
+    assert len(lists) == 3  # initial, refused, retried
+    assert 0.95 <= lists[2] - lists[1] < 4  # 1-1.2 s asked; generous above
+    assert await run.metric("balancer_discovery_errors_total", reason="throttled") == 1
+    assert await run.metric("balancer_discovery_relists_total", reason="error") == 1
+
+
+async def test_a_watch_refused_with_503_and_retry_after_resumes_without_a_list(
+        api, start_balancer, tmp_path):
+    """An API server shedding load (503 with Retry-After) on the watch is asked again after
+    the delay, from the same resourceVersion, without a LIST."""
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-0", "10.0.0.1")]))
+    run = await start_balancer(discovery_settings(api, tmp_path, backoff_max=5))
+    await eventually(lambda: api.open_watches == 1)
+    api.refuse("watch", 503, retry_after="1")
+    api.close_watches()
+    api.apply(endpoint_slice("vllm-a", [endpoint("vllm-2", "10.0.0.3")]))
+    await eventually(lambda: routable(run) == {"vllm-2"}, timeout=10)
+    watches = [(t, r) for t, r in zip(api.request_times, api.requests, strict=True)
+               if r.get("watch")]
+    (refused_at, refused), (retried_at, retried) = watches[-2:]
+    assert 0.95 <= retried_at - refused_at < 4
+    assert retried["resourceVersion"] == refused["resourceVersion"]
+    assert sum(1 for r in api.requests if not r.get("watch")) == 1
+    assert await run.metric("balancer_discovery_errors_total", reason="throttled") == 1
 
 
 async def test_api_errors_back_off_and_keep_the_endpoints(api, start_balancer, tmp_path):

@@ -102,6 +102,7 @@ def test_a_bad_service_reference_is_rejected_naming_the_key(kubernetes: Any,
     [
         ({"kubernetes": {"watch_timeout": 0}}, ["kubernetes.watch_timeout", "0"]),
         ({"kubernetes": {"relist_interval": -1}}, ["kubernetes.relist_interval", "-1"]),
+        ({"kubernetes": {"watch_idle_timeout": 0}}, ["kubernetes.watch_idle_timeout", "0"]),
         ({"kubernetes": {"backoff_initial": 5, "backoff_max": 1}},
          ["kubernetes.backoff_max", "1"]),
         ({"kubernetes": {"request_timeout": "soon"}}, ["kubernetes.request_timeout", "'soon'"]),

@@ -13,15 +13,26 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balancer import discovery
 from balancer.config import KubernetesPoolSettings, KubernetesSettings
-from balancer.discovery import ApiError, Backoff, EndpointSliceWatch, failure_reason
+from balancer.discovery import (
+    ApiError,
+    Backoff,
+    EndpointSliceWatch,
+    SilentWatchError,
+    failure_reason,
+    parse_retry_after,
+    retry_delay,
+)
 from balancer.endpoints import Endpoint
 from tests.apiserver import endpoint, endpoint_slice
 
@@ -58,12 +69,21 @@ V0 = Endpoint("vllm-0", "http://10.0.0.1:8000", "zone-a", True, "node-1")
 V1 = Endpoint("vllm-1", "http://10.0.0.2:8000", "zone-a", True, "node-1")
 
 
+THROTTLED = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+             "reason": "TooManyRequests", "message": "too many requests", "code": 429}
+
+
 class Response:
-    def __init__(self, status: int = 200, body: Any = None,
-                 lines: Iterable[bytes] = ()) -> None:
+    """One scripted answer; ``hang`` keeps the stream open without a further byte after its
+    lines, as a dead connection does."""
+
+    def __init__(self, status: int = 200, body: Any = None, lines: Iterable[bytes] = (),
+                 headers: dict[str, str] | None = None, hang: bool = False) -> None:
         self.status = status
+        self.headers = headers or {}
         self._body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self._lines = list(lines)
+        self._hang = hang
 
     async def read(self) -> bytes:
         return self._body
@@ -73,6 +93,8 @@ class Response:
         async def lines() -> AsyncIterator[bytes]:
             for line in self._lines:
                 yield line
+            if self._hang:
+                await asyncio.Event().wait()
 
         return lines()
 
@@ -231,16 +253,90 @@ async def test_a_list_that_shows_no_slices_empties_the_pool():
     assert run.published == [frozenset({V0}), frozenset()]
 
 
-async def test_staleness_is_zero_while_watching_and_grows_otherwise():
+async def test_staleness_counts_from_the_last_sign_of_life():
+    """A LIST resets staleness; a watch that brings nothing does not, even while open."""
     run = Run(FakeApi(Response(body=LIST_A)))
     assert run.watch.staleness() >= 0
     task = asyncio.create_task(run.watch.run())
     await asyncio.wait_for(run.api.exhausted.wait(), 5)
-    # The fake's endless watch never answers, so the stream is not established.
+    assert run.watch.staleness() < 0.5  # the LIST just succeeded
+    # The fake's endless watch never answers.
     await asyncio.sleep(0.05)
     assert run.watch.staleness() >= 0.04
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_silent_watch_is_resumed_from_its_resource_version():
+    """A watch that goes quiet without closing (no event, no bookmark) is given up after
+    watch_idle_timeout and resumed from the last resourceVersion seen, without a LIST;
+    staleness kept rising meanwhile."""
+    api = FakeApi(Response(body=LIST_A), Response(lines=[event("BOOKMARK", BOOKMARK)], hang=True))
+    run = Run(api, watch_idle_timeout=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run.until_script_used()
+    assert loop.time() - started >= 0.2
+    assert run.watch.staleness() >= 0.15
+    assert len(run.lists) == 1
+    assert [w["resource_version"] for w in run.watches] == ["10", "20"]
+
+
+async def test_a_watch_request_that_never_answers_counts_as_silent(caplog):
+    """The idle bound covers the request itself: a server that takes the connection but never
+    answers the watch is given up on as soon as a silent stream would be."""
+    api = FakeApi(Response(body=LIST_A))
+    run = Run(api, watch_idle_timeout=0.1)
+    task = asyncio.create_task(run.watch.run())
+    with caplog.at_level(logging.WARNING, "balancer.discovery"):
+        async with asyncio.timeout(5):
+            while len(run.watches) < 3:
+                await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(run.lists) == 1
+    assert "(silent: no event or bookmark for 0.1 s" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})],
+    ids=["429", "503-retry-after"],
+)
+async def test_a_throttled_watch_waits_as_asked_and_resumes_without_a_list(status, headers):
+    """Retry-After on a watch is honoured (here capped by backoff_max = 0.3 s) and the watch
+    resumes from its resourceVersion: a LIST would cost a throttling server far more."""
+    api = FakeApi(Response(body=LIST_A), Response(status, THROTTLED, headers=headers),
+                  Response(lines=STREAM_WITH_MODIFIED_AND_BOOKMARK))
+    run = Run(api, backoff_max=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run.until_script_used()
+    assert loop.time() - started >= 0.3
+    assert run.published == [frozenset({V0}), frozenset({V0, V1})]
+    assert len(run.lists) == 1
+    assert [w["resource_version"] for w in run.watches] == ["10", "10", "20"]
+
+
+async def test_a_throttled_list_is_retried_no_sooner_than_asked():
+    """A 429 with Retry-After on the LIST waits at least that long (within backoff_max)
+    before the next LIST."""
+    api = FakeApi(Response(429, THROTTLED, headers={"Retry-After": "1"}), Response(body=LIST_A))
+    run = Run(api, backoff_max=5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run.until_script_used()
+    assert 1.0 <= loop.time() - started < 3  # 1-1.2 s; the upper bound is generous
+    assert run.published == [frozenset({V0})]
+
+
+async def test_a_5xx_without_retry_after_still_relists():
+    """Only a server that asked to be asked later gets its watch resumed; a plain 500 on the
+    watch request leads to a LIST as before."""
+    api = FakeApi(Response(body=LIST_A), Response(500, b"oops"), Response(body=LIST_A))
+    run = Run(api)
+    await run.until_script_used()
+    assert len(run.lists) == 2
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -267,6 +363,12 @@ def test_backoff_survives_very_many_failures():
     [
         (ApiError(410, "gone"), "expired"),
         (ApiError(403, "forbidden"), "http"),
+        (ApiError(429, "slow down"), "throttled"),
+        (ApiError(429, "slow down", retry_after=1), "throttled"),
+        (ApiError(503, "shutting down", retry_after=1), "throttled"),
+        (ApiError(503, "unavailable"), "http"),
+        (ApiError(400, "bad", retry_after=1), "http"),
+        (SilentWatchError("quiet"), "silent"),
         (TimeoutError(), "timeout"),
         (aiohttp.ServerDisconnectedError(), "connection"),
         (ConnectionRefusedError(), "connection"),
@@ -284,6 +386,57 @@ def test_api_errors_read_a_status_body_or_cut_a_raw_one():
     assert status.status == 410 and "too old resource version" in str(status)
     raw = ApiError.from_body(502, b"x" * 10_000)
     assert raw.status == 502 and len(str(raw)) < 400
+    assert raw.retry_after is None
+    throttled = ApiError.from_body(429, json.dumps(THROTTLED).encode(), {"Retry-After": "3"})
+    assert throttled.status == 429 and throttled.retry_after == 3.0
+
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("1", 1.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("Thu, 01 Jan 2026 12:00:30 GMT", 30.0),
+        ("Thu, 01 Jan 2026 11:59:00 GMT", 0.0),  # in the past: at once
+        ("Thu, 01 Jan 2026 12:00:30", None),  # no zone: not an HTTP date
+        ("-1", None),
+        ("1.5", None),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
+    assert parse_retry_after(value, NOW) == seconds
+
+
+@given(
+    backoff=st.floats(0, 30),
+    retry_after=st.none() | st.floats(0, 1e6),
+    maximum=st.floats(0.01, 300),
+    seed=st.integers(0, 2**32),
+)
+def test_retry_delay_honours_retry_after_within_the_cap(backoff, retry_after, maximum, seed):
+    """Never sooner than the back-off nor than Retry-After (up to the cap); never more than
+    the back-off or 1.2 times the cap."""
+    backoff = min(backoff, maximum)
+    delay = retry_delay(backoff, retry_after, maximum, random.Random(seed))
+    assert delay >= backoff
+    if retry_after is None:
+        assert delay == backoff
+    else:
+        assert delay >= min(retry_after, maximum)
+        assert delay <= max(backoff, 1.2 * maximum) + 1e-9
+
+
+def test_retry_delay_is_jittered():
+    rng = random.Random(3)
+    delays = {retry_delay(0.1, 1.0, 30, rng) for _ in range(20)}
+    assert len(delays) > 1 and all(1.0 <= d <= 1.2 for d in delays)
 
 
 async def test_no_kubeconfig_outside_a_cluster_is_a_clear_error(monkeypatch):
