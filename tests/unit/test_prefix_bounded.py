@@ -292,8 +292,8 @@ def test_a_message_past_the_checked_ones_may_be_anything() -> None:
     validate(Kind.CHAT, body)
     assert not is_first_turn(body)
     assert is_first_turn({"messages": messages[:CHECKED_ITEMS]})
-    assert not is_first_turn({"messages": [{"role": "assistant", "content": "a"}]
-                              + messages[:CHECKED_ITEMS - 1]})
+    assert not is_first_turn({"messages": [{"role": "assistant", "content": "a"},
+                                           *messages[:CHECKED_ITEMS - 1]]})
 
 
 # -- validation: a clear 400 ---------------------------------------------------------------
