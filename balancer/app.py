@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -23,7 +24,7 @@ from balancer import discovery, httpserver
 from balancer.admission import Admission
 from balancer.config import Settings, as_dict
 from balancer.discovery import EndpointSource
-from balancer.errors import BalancerError, StartupError, error_body
+from balancer.errors import BalancerError, DebugForbiddenError, StartupError, error_body
 from balancer.forward import Forwarder
 from balancer.loadpoll import LoadPoller
 from balancer.metrics import Metrics
@@ -164,7 +165,9 @@ class Balancer:
     # -- admin app -------------------------------------------------------------------------
 
     def _build_admin_app(self) -> web.Application:
-        app = web.Application()
+        middlewares = [] if self.settings.server.debug_from_anywhere else [
+            web.middleware(DebugFromLoopback(self.metrics))]
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -248,6 +251,61 @@ class Balancer:
                                  dumps=lambda o: json.dumps(o, indent=2))
 
 
+DEBUG_PREFIX = "/debug"
+
+
+def is_loopback(peer: str | None) -> bool:
+    """Whether a TCP peer address is this host's loopback (127.0.0.0/8, ::1, or 127.x as an
+    IPv4-mapped IPv6 address, which a socket bound to ``::`` reports). Anything else,
+    including no address or one that does not parse, is not."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def is_debug_path(path: str) -> bool:
+    """``/debug`` and everything under it, known routes or not (so a refused peer cannot
+    tell which exist)."""
+    return path == DEBUG_PREFIX or path.startswith(DEBUG_PREFIX + "/")
+
+
+class DebugFromLoopback:
+    """Admin-app middleware: ``/debug/*`` only for loopback peers (while
+    ``server.debug_from_anywhere`` is off). The admin port listens on the pod's address so
+    the kubelet can probe and Prometheus scrape it; ``/debug`` shows the configuration and
+    every model server's address, which other pods have no business reading. The TCP peer
+    decides, never a forwarded header: ``kubectl port-forward`` and ``kubectl exec`` arrive
+    from loopback."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def __call__(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not is_debug_path(request.path):
+            response: web.StreamResponse = await handler(request)
+            return response
+        transport = request.transport
+        peername = transport.get_extra_info("peername") if transport is not None else None
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else None
+        if is_loopback(peer):
+            response = await handler(request)
+            return response
+        exc = DebugForbiddenError(
+            f"{request.path} is served only to loopback peers (kubectl port-forward or "
+            "exec); set server.debug_from_anywhere to serve it to every peer")
+        self._metrics.reject(exc.reason)
+        log.warning("refused %s %s from %s: debug endpoints are for loopback peers only",
+                    request.method, request.path, peer or "an unknown peer")
+        return web.json_response(error_body(exc.message, exc.type, exc.status),
+                                 status=exc.status)
+
+
 def _listed(prefix: str, ids: list[str], limit: int = 5) -> str:
     """``" +a, b, c"`` for a log line, cut after ``limit`` ids (a pool may have hundreds)."""
     if not ids:
@@ -311,11 +369,15 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
                 admin_port: int | None = None) -> Running:
     """Start both listeners (port 0 picks a free port; the bound ports are returned).
 
+    The proxy listens on ``host`` (default ``server.host``); the admin port on
+    ``server.admin_host``, or on the proxy's address when that is empty.
+
     Both ports are bound before either app starts, so a port in use raises
     :class:`~balancer.errors.StartupError` before any background work (discovery, health
     checks) has begun or logged anything."""
     server, limits = balancer.settings.server, balancer.settings.limits
     host = server.host if host is None else host
+    admin_host = server.admin_host or host
     header, keepalive = limits.client_header_timeout, limits.client_keepalive_timeout
     proxy_runner = httpserver.make_runner(
         balancer.app, proxy=True, max_header_bytes=limits.max_header_bytes,
@@ -330,8 +392,9 @@ async def start(balancer: Balancer, *, host: str | None = None, port: int | None
         bound.append(await httpserver.listen(
             proxy_runner, host, server.port if port is None else port, "server.port"))
         bound.append(await httpserver.listen(
-            admin_runner, host, server.admin_port if admin_port is None else admin_port,
-            "server.admin_port"))
+            admin_runner, admin_host,
+            server.admin_port if admin_port is None else admin_port,
+            "server.admin_host/admin_port" if server.admin_host else "server.admin_port"))
         for runner, sockets in zip((proxy_runner, admin_runner), bound, strict=True):
             await runner.setup()
             runners.append(runner)
@@ -374,9 +437,10 @@ async def serve(settings: Settings) -> int:
     await check_kubernetes(settings)
     balancer = build(settings)
     running = await start(balancer)
-    log.info("balancer listening on %s:%d (admin %d), %d pool(s), strategy %s",
-             settings.server.host, running.port, running.admin_port, len(settings.pools),
-             settings.routing.strategy.value)
+    server = settings.server
+    log.info("balancer listening on %s:%d (admin %s:%d), %d pool(s), strategy %s",
+             server.host, running.port, server.admin_host or server.host, running.admin_port,
+             len(settings.pools), settings.routing.strategy.value)
     stop = asyncio.Event()
     force = asyncio.Event()
 

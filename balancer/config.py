@@ -106,7 +106,9 @@ def parse_forward_path(entry: str) -> ForwardPath:
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "0.0.0.0"
-    """Address the proxy listens on."""
+    """Address the proxy listens on (and the admin port, unless ``admin_host`` is set). A
+    sidecar sets 127.0.0.1: its only client is the app in the same pod, and on every
+    interface any pod in the cluster could use it as an LLM proxy."""
     port: int = 8080
     """Port of the OpenAI-compatible proxy."""
     admin_port: int = 9090
@@ -139,6 +141,17 @@ class ServerSettings:
     default: nothing a client sends is believed (the logged address is the TCP peer; the
     peer is still appended to ``X-Forwarded-For`` for the model server). From the
     environment or ``--set``: comma-separated."""
+    admin_host: str = ""
+    """Address the admin port listens on; empty means ``host``. Set apart from ``host`` when
+    the proxy listens on loopback only (a sidecar): the kubelet's probes and Prometheus
+    reach the admin port on the pod's address, so it listens on 0.0.0.0 there."""
+    debug_from_anywhere: bool = False
+    """Serve ``/debug/*`` on the admin port to any peer. Off by default: only loopback peers
+    (``kubectl port-forward``, ``kubectl exec``, a process in the same pod) get it, others a
+    403, because ``/debug/config`` and ``/debug/endpoints`` show the configuration and every
+    model server's address to whoever reaches the admin port, which stays open on the pod's
+    address for probes and scrapes. ``/healthz``, ``/readyz`` and ``/metrics`` are never
+    restricted."""
 
 
 @dataclass(frozen=True)
@@ -626,6 +639,8 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
             raise ConfigError(f"{key}: {port} is not a port number (0-65535)")
     if s.port == s.admin_port and s.port != 0:
         raise ConfigError(f"server.admin_port: {s.admin_port} is the same as server.port")
+    for key, host in (("server.host", s.host), ("server.admin_host", s.admin_host)):
+        _validate_host(key, host)
     if s.log_level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(
             f"server.log_level: {s.log_level!r} is not one of debug, info, warning, error"
@@ -721,6 +736,22 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
                     f"pools[{i}].endpoints[{j}]: {url!r} must be a base URL without a path"
                 )
     return settings
+
+
+def _validate_host(key: str, host: str) -> None:
+    """A listen address is an IP address or a host name, without a port or a scheme (a
+    common slip is ``0.0.0.0:8080``, which would otherwise fail only at bind time with a
+    resolver error)."""
+    if not host:
+        return
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        raise ConfigError(f"{key}: {host!r} is not an IP address or host name (no port, "
+                          "no scheme: the port is server.port or server.admin_port)")
 
 
 def _positive_seconds(section: str, values: Any, *keys: str) -> None:

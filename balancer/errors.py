@@ -138,6 +138,15 @@ class RequestTimeoutError(BalancerError):
     reason = "client_timeout"
 
 
+class DebugForbiddenError(BalancerError):
+    """A ``/debug`` request from a peer that is not loopback while
+    ``server.debug_from_anywhere`` is off."""
+
+    status = 403
+    type = "permission_error"
+    reason = "debug_forbidden"
+
+
 class ShuttingDownError(BalancerError):
     status = 503
     type = "service_unavailable"

@@ -143,8 +143,8 @@ def test_the_token_is_mounted_only_by_the_pod_that_needs_it() -> None:
                          ids=["defaults", "other ports"])
 def test_probes_hit_healthz_and_readyz_on_the_configured_admin_port(args: tuple[str, ...],
                                                                     admin: int) -> None:
-    """Readiness on /readyz and liveness on /healthz, through the named port `admin`, which
-    is config.server.admin_port; `http` is config.server.port."""
+    """Startup and liveness on /healthz, readiness on /readyz, through the named port
+    `admin`, which is config.server.admin_port; `http` is config.server.port."""
     docs = render(*args)
     container = balancer_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -153,6 +153,11 @@ def test_probes_hit_healthz_and_readyz_on_the_configured_admin_port(args: tuple[
     assert ports["admin"] == admin
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["startupProbe"]["periodSeconds"] == 1
+    assert "env" not in container or not any(
+        e["name"].startswith("BALANCER_SERVER_") and e["name"].endswith("HOST")
+        for e in container["env"])  # the gateway listens where config.server.host says
     assert container["args"] == ["serve", "--config", "/etc/balancer/balancer.yaml"]
 
 
@@ -288,3 +293,14 @@ def test_everything_enabled_renders_every_optional_object() -> None:
     assert len(pod["topologySpreadConstraints"]) == 2
     assert balancer_container(docs)["env"] == [{"name": "BALANCER_SERVER_LOG_LEVEL",
                                                 "value": "debug"}]
+
+
+@pytest.mark.parametrize("policy", [None, "IfHealthyBudget"])
+def test_the_disruption_budget_lets_unready_pods_be_evicted(policy: str | None) -> None:
+    """`unhealthyPodEvictionPolicy: AlwaysAllow` by default: a replica that is not ready
+    serves nothing, and must not hold up a node drain while the budget is used up."""
+    args = () if policy is None else ("--set",
+                                      f"podDisruptionBudget.unhealthyPodEvictionPolicy={policy}")
+    budget = one(render(*args), "PodDisruptionBudget")
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == (policy or "AlwaysAllow")
+    kubernetes_validate.validate(budget, KUBERNETES_VERSION, strict=True)

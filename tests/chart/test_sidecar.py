@@ -12,12 +12,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from balancer.config import DrainSettings
+from balancer.config import DrainSettings, load
 from tests.chart.helm import (
     CHART,
     KUBERNETES_VERSION,
     NAMESPACE,
     by_kind,
+    config_of,
     one,
     render,
     run_helm,
@@ -105,7 +106,9 @@ def test_the_notes_snippet_makes_a_valid_pod_with_a_native_sidecar() -> None:
     pod = snippet(notes(*SIDECAR))
     (sidecar,) = pod["initContainers"]
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "balancer-admin"}
+    # The app starts once the startup probe passes, i.e. once balancer listens.
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "balancer-admin"}
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     assert sidecar["securityContext"]["runAsNonRoot"] is True
     assert "lifecycle" not in sidecar  # a native sidecar stops after the app; no sleep needed
@@ -162,3 +165,60 @@ def test_a_parent_chart_adds_the_sidecar_with_the_named_templates(parent_chart: 
     config_map = one(docs, "ConfigMap")["metadata"]["name"]
     assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} == {config_map}
     assert by_kind(docs, "RoleBinding")[0]["subjects"][0]["name"] == pod["serviceAccountName"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    names = [e["name"] for e in container.get("env", ())]
+    assert len(names) == len(set(names)), names  # no variable set twice
+    return {e["name"]: e["value"] for e in container.get("env", ())}
+
+
+def test_the_sidecar_proxy_listens_on_loopback_and_the_admin_port_on_the_pod(
+        tmp_path: Path) -> None:
+    """With the chart's ConfigMap and the snippet's variables, balancer's proxy listens on
+    127.0.0.1 (no other pod can use it), the admin port on 0.0.0.0 (the kubelet probes it,
+    Prometheus scrapes it) and /debug answers loopback peers only."""
+    (sidecar,) = snippet(notes(*SIDECAR))["initContainers"]
+    path = tmp_path / "balancer.yaml"
+    path.write_text(one(render(*SIDECAR), "ConfigMap")["data"]["balancer.yaml"])
+    server = load(path, environ=_env(sidecar)).server
+    assert (server.host, server.admin_host) == ("127.0.0.1", "0.0.0.0")
+    assert server.debug_from_anywhere is False
+    assert server.log_level == "warning"  # the rest of the file still applies
+
+
+def test_the_sidecar_host_can_be_opened_and_the_users_env_wins() -> None:
+    """sidecar.host empty keeps config.server.host; a BALANCER_SERVER_HOST or
+    BALANCER_SERVER_ADMIN_HOST in `env` replaces the chart's, never doubles it."""
+    (opened,) = snippet(notes(*SIDECAR, "--set", "sidecar.host="))["initContainers"]
+    assert "BALANCER_SERVER_HOST" not in _env(opened)
+    (own,) = snippet(notes(*SIDECAR, "--set", "env[0].name=BALANCER_SERVER_HOST",
+                           "--set", "env[0].value=::1",
+                           "--set", "env[1].name=BALANCER_SERVER_ADMIN_HOST",
+                           "--set", "env[1].value=::"))["initContainers"]
+    assert _env(own) == {"BALANCER_SERVER_HOST": "::1", "BALANCER_SERVER_ADMIN_HOST": "::"}
+    (admin,) = snippet(notes(*SIDECAR, "--set", "config.server.admin_host=10.0.0.1"))[
+        "initContainers"]
+    assert _env(admin)["BALANCER_SERVER_ADMIN_HOST"] == "10.0.0.1"
+
+
+def test_an_app_service_with_target_port_http_reaches_the_app_not_balancer() -> None:
+    """Kubernetes resolves a Service's named targetPort over every container of the pod,
+    sidecars included; balancer's ports are named so that `http` and `admin` stay the
+    app's."""
+    deployment = with_app(snippet(notes(*SIDECAR)))
+    pod = deployment["spec"]["template"]["spec"]
+    pod["containers"][-1] = {**APP, "ports": [{"name": "http", "containerPort": 3000}]}
+    named = [(c["name"], p["name"]) for c in [*pod["initContainers"], *pod["containers"]]
+             for p in c.get("ports", ())]
+    assert [c for c, port in named if port == "http"] == ["app"]
+    assert {port for c, port in named if c == "balancer"} == {"balancer-http",
+                                                              "balancer-admin"}
+    assert all(len(port) <= 15 for _, port in named)  # IANA_SVC_NAME
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_configuration_map_is_the_config_value_in_sidecar_mode() -> None:
+    """The listen addresses come from the container's variables; the ConfigMap stays the
+    `config` value as written."""
+    assert config_of(render(*SIDECAR))["server"]["host"] == "0.0.0.0"

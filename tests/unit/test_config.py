@@ -73,6 +73,8 @@ def lookup(settings: Settings, dotted: str) -> Any:
         ("server.host", "0.0.0.0"),
         ("server.port", 8080),
         ("server.admin_port", 9090),
+        ("server.admin_host", ""),
+        ("server.debug_from_anywhere", False),
         ("server.route_headers", True),
         ("server.log_level", "info"),
         ("routing.strategy", Strategy.CHWBL),
@@ -278,6 +280,12 @@ BAD_VALUES = [
      ["server.admin_port", "9000", "server.port"]),
     ("log-level", {"server": {"log_level": "verbose"}}, ["server.log_level", "'verbose'"]),
     ("host-number", {"server": {"host": 123}}, ["server.host", "123", "not a string"]),
+    ("host-with-port", {"server": {"host": "0.0.0.0:8080"}},
+     ["server.host", "'0.0.0.0:8080'", "no port"]),
+    ("admin-host-url", {"server": {"admin_host": "http://0.0.0.0"}},
+     ["server.admin_host", "'http://0.0.0.0'", "no scheme"]),
+    ("debug-from-anywhere-word", {"server": {"debug_from_anywhere": "yes please"}},
+     ["server.debug_from_anywhere", "boolean"]),
     ("route-headers-word", {"server": {"route_headers": "maybe"}},
      ["server.route_headers", "'maybe'", "boolean"]),
     ("max-body-small", {"limits": {"max_body_bytes": 100}}, ["limits.max_body_bytes", "100"]),
@@ -408,6 +416,9 @@ def test_balancer_variables_become_dotted_overrides(
         ({"BALANCER_SERVER_ROUTE_HEADERS": "false"}, "server.route_headers", False),
         ({"BALANCER_SERVER_ROUTE_HEADERS": "ON"}, "server.route_headers", True),
         ({"BALANCER_SERVER_PORT": "8000"}, "server.port", 8000),
+        ({"BALANCER_SERVER_HOST": "127.0.0.1"}, "server.host", "127.0.0.1"),
+        ({"BALANCER_SERVER_ADMIN_HOST": "0.0.0.0"}, "server.admin_host", "0.0.0.0"),
+        ({"BALANCER_SERVER_DEBUG_FROM_ANYWHERE": "true"}, "server.debug_from_anywhere", True),
         ({"BALANCER_LIMITS_TOTAL_TIMEOUT": "90"}, "limits.total_timeout", 90.0),
     ],
 )
@@ -555,3 +566,13 @@ def test_a_bad_flag_is_rejected_naming_the_flag_or_key(
         from_flags("--config", str(write(tmp_path, MINIMAL)), *flags)
     for fragment in fragments:
         assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("host", ["", "0.0.0.0", "127.0.0.1", "::", "::1", "fd00::1",
+                                  "localhost", "balancer.llm.svc.cluster.local"])
+def test_listen_addresses_and_host_names_are_accepted(host: str) -> None:
+    """Both listen addresses take an IP address (v4 or v6) or a host name; an empty
+    admin_host means the proxy's."""
+    settings = from_mapping({"server": {"host": host or "0.0.0.0", "admin_host": host},
+                             "pools": [POOL]})
+    assert settings.server.admin_host == host

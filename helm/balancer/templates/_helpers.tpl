@@ -135,37 +135,79 @@ plus 10 s. Call with (dict "root" $ "preStop" seconds).
 {{- end }}
 
 {{/*
+The sidecar's listen addresses, as BALANCER_* variables (they override the file): the proxy on
+sidecar.host (loopback by default: the app beside it is its only client), the admin port on
+config.server.admin_host, else config.server.host, else 0.0.0.0, so the kubelet's probes and
+Prometheus still reach it on the pod's address. A variable the user sets in `env` wins.
+*/}}
+{{- define "balancer.sidecar.env" -}}
+{{- $server := .Values.config.server | default dict }}
+{{- $named := list }}
+{{- range .Values.env }}{{ $named = append $named .name }}{{ end }}
+{{- $env := list }}
+{{- if and .Values.sidecar.host (not (has "BALANCER_SERVER_HOST" $named)) }}
+{{- $env = append $env (dict "name" "BALANCER_SERVER_HOST" "value" .Values.sidecar.host) }}
+{{- end }}
+{{- if not (has "BALANCER_SERVER_ADMIN_HOST" $named) }}
+{{- $admin := $server.admin_host | default $server.host | default "0.0.0.0" }}
+{{- $env = append $env (dict "name" "BALANCER_SERVER_ADMIN_HOST" "value" $admin) }}
+{{- end }}
+{{- toYaml (concat $env (.Values.env | default list)) }}
+{{- end }}
+
+{{/*
 The balancer container, shared by the gateway Deployment and the sidecar snippet.
-Call with (dict "root" $ "resources" ... "preStop" bool).
+Call with (dict "root" $ "resources" ... "preStop" bool "sidecar" bool).
+
+In a sidecar the container ports are named balancer-http and balancer-admin: a Service of the
+app with `targetPort: http` resolves the name over every container of the pod, and must find
+the app's port, not balancer's. The gateway's pods are balancer's alone and keep http/admin.
 */}}
 {{- define "balancer.containerSpec" -}}
 {{- $root := .root -}}
+{{- $http := ternary "balancer-http" "http" (.sidecar | default false) -}}
+{{- $admin := ternary "balancer-admin" "admin" (.sidecar | default false) -}}
 name: balancer
 image: {{ include "balancer.image" $root }}
 imagePullPolicy: {{ $root.Values.image.pullPolicy }}
 command: ["balancer"]
 args: ["serve", "--config", "/etc/balancer/balancer.yaml"]
+{{- if .sidecar }}
+env:
+  {{- include "balancer.sidecar.env" $root | nindent 2 }}
+{{- else }}
 {{- with $root.Values.env }}
 env:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
 ports:
-  - name: http
+  - name: {{ $http }}
     containerPort: {{ include "balancer.port" $root }}
     protocol: TCP
-  - name: admin
+  - name: {{ $admin }}
     containerPort: {{ include "balancer.adminPort" $root }}
     protocol: TCP
+{{- /* Both ports are bound before either serves, and the proxy starts serving first: once
+/healthz answers, the proxy accepts, and only then does the app beside a native sidecar start.
+/healthz, not /readyz: model servers that are down must not hold the app back, nor have
+balancer restarted. */}}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: {{ $admin }}
+  periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
+  failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
 readinessProbe:
   httpGet:
     path: /readyz
-    port: admin
+    port: {{ $admin }}
   periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
   failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
 livenessProbe:
   httpGet:
     path: /healthz
-    port: admin
+    port: {{ $admin }}
   periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
   failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
 {{- if and .preStop (gt (int $root.Values.preStopSleepSeconds) 0) }}
@@ -209,10 +251,11 @@ Sidecar mode, for a parent chart that depends on this one:
     {{- include "balancer.sidecar.volumes" .Subcharts.balancer | nindent 4 }}
 
 The pod also needs `serviceAccountName` (the one the RoleBinding names),
-`enableServiceLinks: false` and terminationGracePeriodSeconds of at least 35.
+`enableServiceLinks: false` and terminationGracePeriodSeconds of at least
+config.drain.delay + config.drain.timeout (NOTES.txt prints the value with a margin).
 */}}
 {{- define "balancer.sidecar.container" -}}
-- {{ include "balancer.containerSpec" (dict "root" . "resources" .Values.sidecar.resources "preStop" false) | indent 2 | trim }}
+- {{ include "balancer.containerSpec" (dict "root" . "resources" .Values.sidecar.resources "preStop" false "sidecar" true) | indent 2 | trim }}
 {{- if .Values.sidecar.native }}
   restartPolicy: Always
 {{- end }}
