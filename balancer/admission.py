@@ -14,6 +14,12 @@ the lease and wakes the next waiter. Acquiring raises instead of admitting:
 - :class:`~balancer.errors.OverloadedError` when every endpoint is full and the queue is
   full or the wait timed out;
 - :class:`~balancer.errors.NoEndpointsError` when nothing is left at all.
+
+Before all that, :meth:`Admission.decide` holds a request whose pool has no routable
+endpoint (scaled to zero, pods loading weights), or whose model is unknown while a pool has
+not learned its models yet, for up to ``limits.empty_pool_wait`` seconds: the router wakes it
+the moment a pool gets its first endpoint or learns models, else it gets 503 with
+``Retry-After``. Only the request waits; readiness does not depend on the model servers.
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ from collections.abc import Callable
 from types import TracebackType
 
 from balancer.config import LimitsSettings, RetrySettings
-from balancer.errors import NoEndpointsError, OverloadedError, RateLimitedError
-from balancer.route import Decision, redecide
-from balancer.router import Lease, Pool
+from balancer.errors import (
+    ModelNotFoundError,
+    NoEndpointsError,
+    OverloadedError,
+    RateLimitedError,
+)
+from balancer.metrics import Metrics
+from balancer.route import Decision, RequestView, decide, redecide
+from balancer.router import Lease, Pool, Router
 
 Observer = Callable[[Lease], None]
 """Hears how each attempt went, as its lease ends (passive health)."""
@@ -35,13 +47,90 @@ Observer = Callable[[Lease], None]
 
 class Admission:
     def __init__(self, limits: LimitsSettings, retries: RetrySettings,
-                 observe: Observer | None = None) -> None:
+                 observe: Observer | None = None, metrics: Metrics | None = None) -> None:
         self.limit = limits.max_in_flight_per_endpoint
         """Most requests per endpoint at once (0: no limit)."""
         self.queue_size = limits.queue_size
         self.queue_timeout = limits.queue_timeout
         self.retry_after_default = retries.retry_after_default
         self.observe = observe
+        self.empty_pool_wait = limits.empty_pool_wait
+        self.metrics = metrics
+        self._closing = False
+
+    async def decide(self, view: RequestView, router: Router) -> Decision:
+        """``route.decide``, waiting up to ``limits.empty_pool_wait`` when the request's pool
+        has no routable endpoint, or its model is unknown while a pool is still learning its
+        models (it may be one of that pool's). Woken by the router's change notice, not by
+        polling; then raises NoEndpointsError with ``Retry-After``. A model unknown with every
+        pool's models learned is ModelNotFoundError at once."""
+        try:
+            return decide(view, router)
+        except NoEndpointsError:
+            why = "no_endpoints"
+        except ModelNotFoundError:
+            if not router.learning():
+                raise
+            why = "model_unknown"
+        if self.empty_pool_wait <= 0 or self.closing():
+            raise self._unavailable(why, view)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.empty_pool_wait
+        metrics = self.metrics
+        result = "gone"
+        if metrics is not None:
+            metrics.empty_pool_waiting.inc()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await router.changed()
+                except TimeoutError:
+                    result = "timeout"
+                    raise self._unavailable(why, view) from None
+                if self.closing():
+                    result = "shutdown"
+                    raise self._unavailable(why, view)
+                try:
+                    decision = decide(view, router)
+                except NoEndpointsError:
+                    why = "no_endpoints"
+                    continue
+                except ModelNotFoundError:
+                    if not router.learning():
+                        result = "model_not_found"
+                        raise
+                    why = "model_unknown"
+                    continue
+                result = "served"
+                return decision
+        finally:
+            if metrics is not None:
+                metrics.empty_pool_waiting.dec()
+                metrics.empty_pool_wait(why, result)
+
+    def close(self, router: Router) -> None:
+        """At shutdown: requests waiting for an empty pool get their 503 now, rather than be
+        cut off when the listener stops (another replica may serve them)."""
+        self._closing = True
+        router.notify()
+
+    def closing(self) -> bool:
+        return self._closing
+
+    def _unavailable(self, why: str, view: RequestView) -> NoEndpointsError:
+        """The 503 for a request whose pool stayed empty: retry in a while (the pool may be
+        scaling up)."""
+        if why == "model_unknown":
+            message = (f"model {view.model!r} is not known yet: a pool is still learning "
+                       "its models from its endpoints")
+        else:
+            message = "no endpoint available for this request's pool"
+        if self.empty_pool_wait > 0:
+            message += f" (waited {self.empty_pool_wait:g} s)"
+        exc = NoEndpointsError(message)
+        exc.retry_after = max(1, math.ceil(self.retry_after_default))
+        return exc
 
     def lease(self, decision: Decision, tried: frozenset[str] = frozenset()) -> Admit:
         """Admit the decided request to an endpoint (never one of ``tried``)."""

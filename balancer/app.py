@@ -180,16 +180,24 @@ class Balancer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        """Whether this process can serve: configured, listening (this port answers, and the
+        proxy port was bound before it), endpoints discovered once, not draining.
+
+        The model servers' state is deliberately not part of it: a pool with no endpoint
+        (scaled to zero, loading weights) would otherwise take every gateway replica out of
+        its Service, and in sidecar mode an LLM outage would take the application pod out of
+        its own. Requests for such a pool wait (``limits.empty_pool_wait``) and then get 503;
+        the pools' state is in the body, in ``balancer_pool_ready`` and on /debug/endpoints.
+        """
         if self.proxy.draining:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
-        unready = self.router.unready_pools()
-        if unready:
-            return web.json_response(
-                {"ready": False, "reason": "pools not ready", "pools": list(unready),
-                 "why": unready},
-                status=503,
-            )
-        return web.json_response({"ready": True})
+        if self.failed.is_set():
+            return web.json_response({"ready": False, "reason": "discovery failed"},
+                                     status=503)
+        if not self.synced.is_set():
+            return web.json_response({"ready": False, "reason": "discovery not synced yet"},
+                                     status=503)
+        return web.json_response({"ready": True, "unready_pools": self.router.unready_pools()})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -213,6 +221,7 @@ class Balancer:
                         "node": endpoint.node,
                         "routable": endpoint.id in pool.routable,
                         "serving": endpoint.serving,
+                        "terminating": endpoint.terminating,
                         "out": endpoint.id in pool.out,
                         **endpoint_load(pool, endpoint.id, now),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
@@ -314,6 +323,12 @@ def _listed(prefix: str, ids: list[str], limit: int = 5) -> str:
     return prefix + ", ".join(ids[:limit]) + more
 
 
+def _pool_readiness(router: Router) -> dict[str, bool]:
+    """Each pool: can it serve now (a routable endpoint, its models known)?"""
+    unready = router.unready_pools()
+    return {name: name not in unready for name in router.pools}
+
+
 def build(
     settings: Settings,
     *,
@@ -325,8 +340,10 @@ def build(
     metrics = Metrics(registry or CollectorRegistry())
     router = Router(settings, metrics=metrics)
     metrics.collect_state(router.in_flight_rows)
+    metrics.track_pools(lambda: _pool_readiness(router))
     health = HealthMonitor(settings.health, router.pools, metrics)
-    admission = Admission(settings.limits, settings.retries, observe=health.observe)
+    admission = Admission(settings.limits, settings.retries, observe=health.observe,
+                          metrics=metrics)
     reporter = Reporter(metrics, AccessLog())
     return Balancer(
         settings=settings,
@@ -465,6 +482,7 @@ async def serve(settings: Settings) -> int:
     await _first(asyncio.sleep(drain.delay), force.wait())
     if not force.is_set():
         await running.stop_accepting()
+        balancer.proxy.stop_waiting()
         log.info("stopped accepting; waiting up to %g s for %d in-flight requests",
                  drain.timeout, balancer.proxy.in_flight)
         await _first(asyncio.sleep(drain.timeout), balancer.proxy.idle.wait(), force.wait())

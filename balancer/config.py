@@ -291,6 +291,13 @@ class LimitsSettings:
     balancer answers 503 with ``Retry-After`` at once instead of piling up."""
     queue_timeout: float = 30.0
     """Seconds a request may wait in that queue before a 503 with ``Retry-After``."""
+    empty_pool_wait: float = 30.0
+    """Seconds a request for a pool with no routable endpoint (scaled to zero, pods still
+    loading weights), or for a model not known while a pool has not learned its models yet,
+    waits for one before a 503 with ``Retry-After``. The first endpoint to come up serves the
+    waiting requests at once. 30 s lets a client's first request ride out a scale-from-zero
+    whose pod is already starting, and stays under common client timeouts (60 s); 0 answers
+    503 at once. Waiting requests count under ``max_concurrent_requests``."""
     max_concurrent_requests: int = 1024
     """Requests the proxy port reads or answers at once, over all clients; beyond it balancer
     answers 503 with ``Retry-After`` before reading the body, so however many clients
@@ -675,6 +682,9 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
         raise ConfigError(f"limits.queue_size: {lim.queue_size} must be >= 0")
     _positive_seconds("limits", lim, "queue_timeout", "client_header_timeout",
                       "client_body_timeout", "client_keepalive_timeout")
+    if not (math.isfinite(lim.empty_pool_wait) and lim.empty_pool_wait >= 0):
+        raise ConfigError(f"limits.empty_pool_wait: {lim.empty_pool_wait} must be >= 0 seconds "
+                          "(0 = answer 503 at once)")
     if lim.max_concurrent_requests < 0:
         raise ConfigError(f"limits.max_concurrent_requests: {lim.max_concurrent_requests} "
                           "must be >= 0 (0 = no limit)")

@@ -13,8 +13,10 @@ Condition semantics follow the EndpointSlice API (and kube-proxy):
 
 An endpoint takes new requests when it is ready and not terminating. A serving endpoint that is
 terminating (or otherwise not ready) still answers, so it is kept as a draining endpoint
-(``serving=False``): the router sends it nothing new and lets its in-flight requests finish. An
-endpoint that is not even serving (starting up, failing its probe) is left out.
+(``serving=False``): the router sends it nothing new and lets its in-flight requests finish --
+unless a pool has no ready endpoint at all, when, as kube-proxy does, it routes to the serving
+endpoints that are terminating (``terminating=True``) rather than fail. An endpoint that is
+not even serving (starting up, failing its probe) is left out.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Endpoint:
     """False while the endpoint drains: it takes no new requests but finishes its own."""
     node: str | None = None
     """Kubernetes node name, when discovered from an EndpointSlice."""
+    terminating: bool = False
+    """Draining because its pod is terminating while it still serves: the router's last
+    resort when a pool has no endpoint that is ``serving``."""
 
 
 def host_port(host: str, port: int) -> str:
@@ -125,6 +130,7 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], port: int | str) -> list[
             zone=item.get("zone"),
             serving=is_routable(conditions),
             node=item.get("nodeName"),
+            terminating=is_terminating(conditions),
         ))
     return out
 

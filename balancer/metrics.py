@@ -15,7 +15,7 @@ path nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, NamedTuple
 
 from prometheus_client import (
@@ -109,6 +109,25 @@ class _StateCollector(Collector):
         for (pool, state), count in sorted(counts.items()):
             endpoints.add_metric([pool, state], count)
         yield from (in_flight, endpoints, queued, kv_usage, age)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _PoolCollector(Collector):
+    def __init__(self, ready: Callable[[], Mapping[str, bool]]) -> None:
+        self._ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "balancer_pool_ready",
+            "1 while the pool can serve (a routable endpoint, its models known); 0 while its "
+            "requests wait (limits.empty_pool_wait) and then get 503.",
+            labels=["pool"],
+        )
+        for pool, ready in sorted(self._ready().items()):
+            family.add_metric([pool], 1.0 if ready else 0.0)
+        yield family
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -332,6 +351,20 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.empty_pool_waits = Counter(
+            "balancer_empty_pool_waits_total",
+            "Requests that waited for an empty pool (limits.empty_pool_wait), by why (no "
+            "routable endpoint, or a model unknown while a pool learns its models) and "
+            "result: served, timeout or shutdown (answered 503), model_not_found (404 once "
+            "learned), gone (the client left).",
+            ["why", "result"],
+            registry=registry,
+        )
+        self.empty_pool_waiting = Gauge(
+            "balancer_empty_pool_waiting",
+            "Requests waiting for an empty pool right now.",
+            registry=registry,
+        )
         if state is not None:
             self.collect_state(state)
         if process:
@@ -353,6 +386,15 @@ class Metrics:
         """Export in-flight requests and endpoint counts read from ``state()`` at each
         scrape."""
         self.registry.register(_StateCollector(state))
+
+    def track_pools(self, ready: Callable[[], Mapping[str, bool]]) -> None:
+        """Export ``balancer_pool_ready``, read from ``ready()`` (pool name → ready) at each
+        scrape: one series per configured pool, so an empty pool shows as 0 rather than as
+        a missing series an alert cannot compare."""
+        self.registry.register(_PoolCollector(ready))
+
+    def empty_pool_wait(self, why: str, result: str) -> None:
+        self._child(self.empty_pool_waits, why, result).inc()
 
     def request_duration(self, pool: str, seconds: float) -> None:
         self._child(self.duration, pool).observe(seconds)

@@ -8,7 +8,9 @@ Reading top to bottom, a request goes through:
    (``paths.parse_target``); a /v1 path outside the keyed ones and ``server.forward_paths``
    gets 404, another method on a listed path 405 (``paths.AllowList``);
 1. a handler here: the body is read once (within the size limit) and parsed;
-2. ``route.decide``: pool, routing key and the strategy's choice of endpoint;
+2. ``route.decide`` (through ``Admission.decide``, which waits up to
+   ``limits.empty_pool_wait`` for a pool with no routable endpoint): pool, routing key and
+   the strategy's choice of endpoint;
 3. ``admission``: ``admission.acquire(decision)`` takes the endpoint (around 429 pauses,
    within the per-endpoint limit, or after a wait in the pool's queue) and
    ``admission.release`` always gives it back, telling passive health how the attempt went;
@@ -60,7 +62,6 @@ from balancer.retry import RetryBudget
 from balancer.route import (
     KEYED_PATHS,
     Decision,
-    decide,
     keyed_view,
     passthrough_view,
     redecide,
@@ -94,6 +95,10 @@ class Proxy:
         self._max_attempts = retries.max_attempts
         self.budget = RetryBudget(retries.budget_ratio, retries.budget_window,
                                   retries.budget_min_retries)
+
+    def stop_waiting(self) -> None:
+        """At shutdown: answer the requests waiting for an empty pool (503, Retry-After)."""
+        self.admission.close(self.router)
 
     # -- public handlers -------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ class Proxy:
             body = await self._read_body(request)
             data = self._parse_json(body)
             view = keyed_view(kind, data, request.headers.get(self._session_header))
-            decision = decide(view, self.router)
+            decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, forward,
@@ -176,7 +181,7 @@ class Proxy:
         try:
             body = await self._read_body(request)
             view = passthrough_view(self._passthrough_model(request, body), request.path)
-            decision = decide(view, self.router)
+            decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, target.forward,

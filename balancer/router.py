@@ -19,7 +19,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from balancer.config import (
@@ -129,6 +129,13 @@ class InFlight(Mapping[str, int]):
 
 
 class Pool:
+    terminating: tuple[str, ...] = ()
+    """Endpoints still serving while their pods terminate: routable only when the pool has
+    no serving endpoint (the last resort kube-proxy uses too)."""
+    on_up: Callable[[], None] | None = None
+    """Called when the pool goes from no routable endpoint to some (wakes the requests
+    waiting for an empty pool)."""
+
     def __init__(
         self,
         settings: PoolSettings,
@@ -172,7 +179,7 @@ class Pool:
         """In-flight requests per endpoint id (present ones, and departed busy ones)."""
         self.routable: tuple[str, ...] = ()
         """Endpoints on the ring: serving ones minus those health took out (all serving
-        ones in panic mode)."""
+        ones in panic mode); with none serving, the ``terminating`` ones."""
         self._routable_set: frozenset[str] = frozenset()
         self.serving: tuple[str, ...] = ()
         """Endpoints discovery says serve (not terminating)."""
@@ -198,6 +205,7 @@ class Pool:
         are retired at once, departed busy ones when their last request ends."""
         new = {e.id: e for e in endpoints}
         serving = tuple(sorted(e.id for e in new.values() if e.serving))
+        terminating = tuple(sorted(e.id for e in new.values() if e.terminating and not e.serving))
         changed = serving != self.serving or new != self.endpoints
         states = self.states
         for endpoint_id, endpoint in new.items():
@@ -215,6 +223,7 @@ class Pool:
                 self._retire(state)
         self.endpoints = new
         self.serving = serving
+        self.terminating = terminating
         self._update_routable()
         return changed
 
@@ -244,13 +253,16 @@ class Pool:
         healthy = tuple(e for e in self.serving if e not in self.out)
         out = len(self.serving) - len(healthy)
         self.panic = bool(out) and out > self.panic_threshold * len(self.serving)
-        routable = self.serving if self.panic else healthy
+        routable = (self.serving if self.panic else healthy) or self.terminating
         if routable != self.routable:
+            up = bool(routable) and not self.routable
             self.routable = routable
             self._routable_set = frozenset(routable)
             self.ring.update(routable)
             states = self.states
             self.total_load = sum(states[i].in_flight for i in routable)
+            if up and self.on_up is not None:
+                self.on_up()
 
     # -- choosing and leasing ----------------------------------------------------------------
 
@@ -389,6 +401,8 @@ class Router:
         }
         for pool in self.pools.values():
             pool.panic_threshold = settings.health.panic_threshold
+            pool.on_up = self.notify
+        self._change = asyncio.Event()
         self._by_model: dict[str, Pool] = {}
         self.models: tuple[str, ...] = ()
         self._index_models()
@@ -413,6 +427,7 @@ class Router:
             return False
         pool.models = learned
         self._index_models()
+        self.notify()
         return True
 
     def pool_for_model(self, model: str) -> Pool:
@@ -451,6 +466,21 @@ class Router:
 
     def ready(self) -> bool:
         return not self.unready_pools()
+
+    def learning(self) -> bool:
+        """Whether a pool has not learned its models yet: a model no pool lists may be one
+        of its, so a request for it waits rather than get 404."""
+        return any(p.learns_models and not p.models for p in self.pools.values())
+
+    async def changed(self) -> None:
+        """Return at the next change that may let a waiting request through: a pool's first
+        routable endpoint, or newly learned models."""
+        await self._change.wait()
+
+    def notify(self) -> None:
+        """Wake every request waiting in :meth:`changed` (each checks again)."""
+        self._change.set()
+        self._change = asyncio.Event()
 
     def in_flight_rows(self) -> Iterator[PoolState]:
         """Every endpoint state's load, for /metrics."""

@@ -263,6 +263,20 @@ def test_every_name_and_label_fits_in_63_characters(name: str) -> None:
         assert len(names) == len(docs)
 
 
+def test_the_empty_pool_alert_watches_pool_readiness_and_can_be_left_out() -> None:
+    """Readiness does not fail for an empty pool, so the alert is where it shows: on
+    ``balancer_pool_ready`` (a series for every pool, 0 when empty) after
+    ``emptyPoolMinutes``; 0 leaves it out (pools that scale to zero on purpose)."""
+    enabled = ("--set", "metrics.prometheusRule.enabled=true")
+    rules = one(render(*enabled), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    (alert,) = [r for r in rules if r["alert"] == "BalancerNoRoutableEndpoints"]
+    assert alert["expr"].startswith("max by (pool) (balancer_pool_ready{")
+    assert alert["expr"].endswith("== 0") and alert["for"] == "5m"
+    rules = one(render(*enabled, "--set", "metrics.prometheusRule.emptyPoolMinutes=0"),
+                "PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert "BalancerNoRoutableEndpoints" not in {r["alert"] for r in rules}
+
+
 def test_everything_enabled_renders_every_optional_object() -> None:
     """Autoscaler, ServiceMonitor with its metrics Service, PrometheusRule and NetworkPolicy,
     each pointing at the gateway."""

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer.config import LimitsSettings
 from balancer.discovery import QueueDiscovery
 from balancer.endpoints import static_endpoint
 from tests.conftest import chat_body, make_settings
@@ -20,18 +21,29 @@ async def test_healthz_is_always_ok(upstreams, start_balancer):
         assert r.status == 200
 
 
-async def test_readyz_follows_endpoints_and_draining(upstreams, start_balancer):
-    """Ready once every pool has an endpoint; not ready with none or while draining."""
+async def test_readyz_follows_discovery_and_draining_not_the_endpoints(
+        upstreams, start_balancer):
+    """Not ready until discovery synced once; then ready even with a pool that has no
+    endpoint (its requests wait and get 503, see test_empty_pools); not ready while
+    draining."""
     (up,) = await upstreams(1)
     source = QueueDiscovery()
     run = await start_balancer(make_settings([up.url]), source=source)
     async with run.http.get(run.admin_url + "/readyz") as r:
         assert r.status == 503
-        assert (await r.json())["pools"] == ["llama"]
-    source.push({"llama": frozenset({static_endpoint(up.url)})})
+        assert (await r.json())["reason"] == "discovery not synced yet"
+    source.push({"llama": frozenset()})
     await asyncio.wait_for(run.balancer.synced.wait(), 5)
     async with run.http.get(run.admin_url + "/readyz") as r:
         assert r.status == 200
+        assert (await r.json())["unready_pools"] == {"llama": "no routable endpoints"}
+    source.push({"llama": frozenset({static_endpoint(up.url)})})
+    async with asyncio.timeout(5):
+        while run.balancer.router.unready_pools():
+            await asyncio.sleep(0.01)
+    async with run.http.get(run.admin_url + "/readyz") as r:
+        assert r.status == 200
+        assert (await r.json())["unready_pools"] == {}
     run.balancer.proxy.draining = True
     async with run.http.get(run.admin_url + "/readyz") as r:
         assert r.status == 503
@@ -39,12 +51,15 @@ async def test_readyz_follows_endpoints_and_draining(upstreams, start_balancer):
 
 
 async def test_no_endpoints_gives_503(upstreams, start_balancer):
-    """A pool with no routable endpoint answers 503 with an OpenAI error body."""
+    """A pool with no routable endpoint answers 503 with an OpenAI error body and
+    Retry-After (after ``limits.empty_pool_wait``, here none)."""
     (up,) = await upstreams(1)
-    run = await start_balancer(make_settings([up.url]), source=QueueDiscovery())
+    run = await start_balancer(make_settings([up.url], limits=LimitsSettings(
+        empty_pool_wait=0.0)), source=QueueDiscovery())
     async with run.http.post(run.url + "/v1/chat/completions", json=chat_body("x")) as r:
         assert r.status == 503
         assert (await r.json())["error"]["type"] == "service_unavailable"
+        assert "Retry-After" in r.headers
     assert await run.metric("balancer_rejected_requests_total", reason="no_endpoints") == 1
 
 

@@ -225,7 +225,9 @@ async def test_a_pool_learns_its_models_from_the_endpoints(api, model_servers, s
                               port=model_servers[i].server.port)
 
     api.apply(pod_slice(0))
-    run = await start_balancer(discovery_settings(api, tmp_path, models=()))
+    settings = discovery_settings(api, tmp_path, models=())
+    run = await start_balancer(replace(settings, limits=replace(settings.limits,
+                                                                empty_pool_wait=0.2)))
     router = run.balancer.router
     await eventually(lambda: router.models == (MODEL,))
     async with run.http.get(run.admin_url + "/readyz") as r:
@@ -246,13 +248,16 @@ async def test_a_pool_learns_its_models_from_the_endpoints(api, model_servers, s
     await eventually(lambda: not pool(run).routable)
     async with run.http.post(run.url + "/v1/chat/completions", json=chat_body("hi")) as r:
         assert r.status == 503
+        assert "Retry-After" in r.headers
     assert router.models == (MODEL,)
 
 
-async def test_a_pool_waits_for_its_models_before_it_is_ready(
+async def test_a_request_waits_for_the_pool_to_learn_its_models(
         api, model_servers, start_balancer, tmp_path):
-    """Until an endpoint has listed its models the pool is not ready; an endpoint whose
-    /v1/models fails is counted and asked again at the next refresh."""
+    """Until an endpoint has listed its models the pool is not ready (in /readyz's body and
+    the gauge, while /readyz itself stays 200), and a request for a model waits rather than
+    get 404; an endpoint whose /v1/models fails is counted and asked again at the next
+    refresh, and the waiting request is served once it answers."""
     m0 = model_servers[0]
     m0.models_status = 503
     api.apply(endpoint_slice("vllm-0", [endpoint("pod-0", "127.0.0.1")],
@@ -264,9 +269,18 @@ async def test_a_pool_waits_for_its_models_before_it_is_ready(
         while await run.metric("balancer_discovery_errors_total", reason="models") < 1:
             await asyncio.sleep(0.02)
     async with run.http.get(run.admin_url + "/readyz") as r:
-        assert r.status == 503
-        assert (await r.json())["why"] == {"llama": "models not learned yet"}
-    m0.models_status = 200
-    await eventually(lambda: run.balancer.router.models == (MODEL,))
-    async with run.http.get(run.admin_url + "/readyz") as r:
         assert r.status == 200
+        assert (await r.json())["unready_pools"] == {"llama": "models not learned yet"}
+    assert await run.metric("balancer_pool_ready", pool="llama") == 0
+    asking = asyncio.ensure_future(run.http.post(run.url + "/v1/chat/completions",
+                                                 json=chat_body("hi")))
+    async with asyncio.timeout(5):
+        while await run.metric("balancer_empty_pool_waiting") < 1:
+            await asyncio.sleep(0.02)
+    m0.models_status = 200
+    async with await asyncio.wait_for(asking, 10) as r:
+        assert r.status == 200
+    assert run.balancer.router.models == (MODEL,)
+    assert await run.metric("balancer_empty_pool_waits_total", why="model_unknown",
+                            result="served") == 1
+    assert await run.metric("balancer_pool_ready", pool="llama") == 1

@@ -6,14 +6,27 @@ import asyncio
 import random
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from balancer.admission import Admission
-from balancer.config import LimitsSettings, PoolSettings, RetrySettings, RoutingSettings
+from balancer.config import (
+    LimitsSettings,
+    PoolSettings,
+    RetrySettings,
+    RoutingSettings,
+    Settings,
+)
 from balancer.endpoints import Endpoint
-from balancer.errors import OverloadedError, RateLimitedError
+from balancer.errors import (
+    ModelNotFoundError,
+    NoEndpointsError,
+    OverloadedError,
+    RateLimitedError,
+)
+from balancer.metrics import Metrics
 from balancer.ring import hash_key
-from balancer.route import Decision
-from balancer.router import Lease, Pool
+from balancer.route import Decision, passthrough_view
+from balancer.router import Lease, Pool, Router
 
 
 def make_pool(n: int) -> Pool:
@@ -175,3 +188,115 @@ async def test_paused_endpoints_are_skipped_and_all_paused_is_rate_limited():
             pass
     assert caught.value.retry_after == 3
     assert pool.pauses == 2 and pool.total_load == 0
+
+
+# -- waiting for an empty pool ---------------------------------------------------------------
+
+
+def waiting_admission(wait: float, metrics: Metrics | None = None) -> Admission:
+    return Admission(LimitsSettings(empty_pool_wait=wait), RetrySettings(), metrics=metrics)
+
+
+def router_of(*pools: PoolSettings) -> Router:
+    return Router(Settings(pools=pools, routing=RoutingSettings(virtual_nodes=64)))
+
+
+def waits(metrics: Metrics, why: str, result: str) -> float:
+    value = metrics.registry.get_sample_value("balancer_empty_pool_waits_total",
+                                              {"why": why, "result": result})
+    return value or 0.0
+
+
+async def test_a_request_for_an_empty_pool_is_served_by_its_first_endpoint():
+    """The wait ends when the endpoint arrives (woken, not polled), well before its limit."""
+    router = router_of(PoolSettings("p", ("m",)))
+    metrics = Metrics(CollectorRegistry(), process=False)
+    admit = waiting_admission(30.0, metrics)
+    waiting = asyncio.ensure_future(admit.decide(passthrough_view("m", "/v1/x"), router))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert metrics.registry.get_sample_value("balancer_empty_pool_waiting") == 1
+    router.apply({"p": [Endpoint("e0", "http://10.0.0.1:8000")]})
+    decided = await asyncio.wait_for(waiting, 5)  # generous; the wake-up is immediate
+    assert decided.choice.endpoint == "e0"
+    assert waits(metrics, "no_endpoints", "served") == 1
+    assert metrics.registry.get_sample_value("balancer_empty_pool_waiting") == 0
+
+
+async def test_a_pool_that_stays_empty_gives_503_with_retry_after_after_the_wait():
+    """Bounded: after ``empty_pool_wait`` the request gets NoEndpointsError with a
+    Retry-After, and the timeout is counted."""
+    router = router_of(PoolSettings("p", ("m",)))
+    metrics = Metrics(CollectorRegistry(), process=False)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoEndpointsError) as caught:
+        await waiting_admission(0.2, metrics).decide(passthrough_view("m", "/v1/x"), router)
+    assert 0.15 <= loop.time() - started < 5  # the wait, give or take the clock's grain
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 1
+    assert waits(metrics, "no_endpoints", "timeout") == 1
+
+
+async def test_no_wait_configured_answers_at_once():
+    """``empty_pool_wait: 0``: 503 with Retry-After at once."""
+    router = router_of(PoolSettings("p", ("m",)))
+    with pytest.raises(NoEndpointsError) as caught:
+        await asyncio.wait_for(
+            waiting_admission(0.0).decide(passthrough_view("m", "/v1/x"), router), 1)
+    assert caught.value.retry_after is not None
+
+
+async def test_an_unknown_model_waits_while_a_pool_learns_and_is_served_once_learned():
+    """A pool that has not learned its models may serve the model: wait, then route."""
+    router = router_of(PoolSettings("p", (), ()))
+    router.apply({"p": [Endpoint("e0", "http://10.0.0.1:8000")]})
+    metrics = Metrics(CollectorRegistry(), process=False)
+    waiting = asyncio.ensure_future(
+        waiting_admission(30.0, metrics).decide(passthrough_view("lora", "/v1/x"), router))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    router.set_models("p", ["lora"])
+    assert (await asyncio.wait_for(waiting, 5)).pool.name == "p"
+    assert waits(metrics, "model_unknown", "served") == 1
+
+
+async def test_a_model_no_pool_learned_is_a_404_once_every_pool_knows_its_models():
+    """Waiting for learning ends in 404 when the learned models do not include it, and a
+    model unknown after learning is a 404 at once."""
+    router = router_of(PoolSettings("p", (), ()))
+    router.apply({"p": [Endpoint("e0", "http://10.0.0.1:8000")]})
+    admit = waiting_admission(30.0)
+    waiting = asyncio.ensure_future(admit.decide(passthrough_view("typo", "/v1/x"), router))
+    await asyncio.sleep(0.05)
+    router.set_models("p", ["m"])
+    with pytest.raises(ModelNotFoundError):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(ModelNotFoundError):
+        await asyncio.wait_for(admit.decide(passthrough_view("typo", "/v1/x"), router), 1)
+
+
+async def test_a_client_that_leaves_while_waiting_is_counted_and_leaves_no_waiter():
+    """Cancelling the wait (the client went away) is counted as gone."""
+    router = router_of(PoolSettings("p", ("m",)))
+    metrics = Metrics(CollectorRegistry(), process=False)
+    waiting = asyncio.ensure_future(
+        waiting_admission(30.0, metrics).decide(passthrough_view("m", "/v1/x"), router))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert waits(metrics, "no_endpoints", "gone") == 1
+    assert metrics.registry.get_sample_value("balancer_empty_pool_waiting") == 0
+
+
+async def test_at_shutdown_waiting_requests_get_their_503_at_once():
+    """Closing wakes the waiting requests with a 503 rather than leave them to be cut off."""
+    router = router_of(PoolSettings("p", ("m",)))
+    metrics = Metrics(CollectorRegistry(), process=False)
+    admit = waiting_admission(30.0, metrics)
+    waiting = asyncio.ensure_future(admit.decide(passthrough_view("m", "/v1/x"), router))
+    await asyncio.sleep(0.05)
+    admit.close(router)
+    with pytest.raises(NoEndpointsError):
+        await asyncio.wait_for(waiting, 5)
+    assert waits(metrics, "no_endpoints", "shutdown") == 1

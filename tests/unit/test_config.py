@@ -91,6 +91,7 @@ def lookup(settings: Settings, dotted: str) -> Any:
         ("limits.first_byte_timeout", 300.0),
         ("limits.idle_timeout", 120.0),
         ("limits.total_timeout", 0.0),
+        ("limits.empty_pool_wait", 30.0),
     ],
 )
 def test_a_file_with_only_a_pool_gets_the_documented_defaults(
@@ -297,6 +298,10 @@ BAD_VALUES = [
     ("idle-timeout-inf", {"limits": {"idle_timeout": math.inf}}, ["limits.idle_timeout", "inf"]),
     ("total-timeout-negative", {"limits": {"total_timeout": -1}},
      ["limits.total_timeout", "-1", ">= 0"]),
+    ("empty-pool-wait-negative", {"limits": {"empty_pool_wait": -1}},
+     ["limits.empty_pool_wait", "-1", ">= 0"]),
+    ("empty-pool-wait-inf", {"limits": {"empty_pool_wait": math.inf}},
+     ["limits.empty_pool_wait", "inf"]),
     ("section-scalar", {"routing": 5}, ["routing", "5", "mapping"]),
     ("section-list", {"limits": ["a"]}, ["limits", "['a']", "mapping"]),
     ("unknown-section", {"proxy": {"port": 1}}, ["proxy", "unknown section"]),

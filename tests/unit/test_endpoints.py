@@ -65,7 +65,7 @@ def test_a_rollout_slice_keeps_ready_pods_drains_terminating_ones_and_skips_the_
         Endpoint("vllm-6d9f7c8b5-abcde", "http://10.42.0.17:8000", "eu-west-1a", True,
                  "gpu-node-a"),
         Endpoint("vllm-5c8d6b7a4-fghij", "http://10.42.1.23:8000", "eu-west-1b", False,
-                 "gpu-node-b"),
+                 "gpu-node-b", terminating=True),
     ]
 
 

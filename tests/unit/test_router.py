@@ -654,3 +654,77 @@ def test_first_turns_follow_the_in_flight_rule_under_the_local_source() -> None:
     pool = queue_pool("local", first_turn_factor=1.0)
     assert pool.first_turn_strategy is None
     assert pool.choose(hash_key("hot prefix"), first_turn=True).signal == "in-flight"
+
+
+# -- the last resort: terminating endpoints that still serve -------------------------------
+
+
+def terminating(i: int) -> Endpoint:
+    """An endpoint whose pod terminates but still serves (ready=false, serving=true)."""
+    return Endpoint(f"vllm-{i}", f"http://10.0.0.{i}:8000", serving=False, terminating=True)
+
+
+def test_terminating_endpoints_are_routable_only_while_no_endpoint_is_ready() -> None:
+    """As kube-proxy: a pool whose every pod terminates keeps routing to those that still
+    serve, and leaves them the moment a ready endpoint appears."""
+    pool = make_pool()
+    pool.set_endpoints([ep(0), terminating(1)])
+    assert pool.routable == ("vllm-0",)
+    pool.set_endpoints([terminating(1), terminating(2)])
+    assert pool.routable == ("vllm-1", "vllm-2")
+    assert take(pool).endpoint.id in {"vllm-1", "vllm-2"}
+    pool.set_endpoints([terminating(1), ep(3)])
+    assert pool.routable == ("vllm-3",)
+
+
+def test_a_draining_endpoint_that_is_not_terminating_is_never_a_last_resort() -> None:
+    """serving=True, ready=False without terminating is not what kube-proxy falls back to."""
+    pool = make_pool()
+    pool.set_endpoints([ep(0, serving=False)])
+    assert pool.routable == ()
+
+
+def test_with_every_ready_endpoint_out_panic_mode_wins_over_terminating_ones() -> None:
+    """Health taking every serving endpoint out routes to all of them (panic), not to the
+    terminating ones."""
+    pool = make_pool()
+    pool.set_endpoints([ep(0), ep(1), terminating(2)])
+    pool.set_out(frozenset({"vllm-0", "vllm-1"}))
+    assert pool.panic and pool.routable == ("vllm-0", "vllm-1")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.integers(0, 12), st.sampled_from(["ready", "terminating",
+                                                             "unready"]), max_size=8))
+def test_routable_is_the_ready_endpoints_else_the_terminating_ones(
+        members: dict[int, str]) -> None:
+    """For any mix of ready, terminating and not-ready endpoints."""
+    pool = make_pool()
+    made = {"ready": ep, "terminating": terminating,
+            "unready": lambda i: ep(i, serving=False)}
+    pool.set_endpoints([made[kind](i) for i, kind in members.items()])
+    ready = sorted(f"vllm-{i}" for i, kind in members.items() if kind == "ready")
+    last = sorted(f"vllm-{i}" for i, kind in members.items() if kind == "terminating")
+    assert list(pool.routable) == (ready or last)
+    assert pool.total_load == 0
+
+
+async def test_the_router_announces_a_pools_first_endpoint_and_learned_models() -> None:
+    """changed() returns when an empty pool gets an endpoint or a pool learns models, and
+    not for changes that let no waiting request through."""
+    router = Router(Settings(pools=(PoolSettings("chat", (), ()),),
+                             routing=RoutingSettings(virtual_nodes=64)))
+    assert router.learning()
+    waiter = asyncio.ensure_future(router.changed())
+    router.apply({"chat": [ep(0, serving=False)]})
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    router.apply({"chat": [ep(0)]})
+    await asyncio.wait_for(waiter, 5)
+    waiter = asyncio.ensure_future(router.changed())
+    router.apply({"chat": [ep(0), ep(1)]})
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    router.set_models("chat", ["m"])
+    await asyncio.wait_for(waiter, 5)
+    assert not router.learning()
