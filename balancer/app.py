@@ -270,6 +270,8 @@ def build(
     health = HealthMonitor(settings.health, router.pools, metrics)
     admission = Admission(settings.limits, settings.retries, observe=health.observe)
     reporter = Reporter(metrics, AccessLog())
+    learner = ModelLearner(router, settings.model_discovery, metrics)
+    router.on_models_stale = learner.stale
     return Balancer(
         settings=settings,
         router=router,
@@ -277,9 +279,9 @@ def build(
         proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
                     reporter),
         source=source or discovery.from_settings(settings, metrics),
-        learner=ModelLearner(router, settings.model_discovery, metrics),
+        learner=learner,
         health=health,
-        poller=LoadPoller(router.pools, metrics),
+        poller=LoadPoller(router.pools, metrics, on_adapters=learner.adapters_seen),
     )
 
 
