@@ -20,6 +20,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from balancer.config import (
@@ -149,6 +150,14 @@ class Subset:
 
 
 class Pool:
+    subsets: Mapping[str, Subset] = MappingProxyType({})
+    """Models that only some routable endpoints serve, each with those endpoints (pools that
+    learn their models only; empty while every endpoint serves every model, so the request
+    path pays one truth test). Models served by every routable endpoint are not here: they
+    take the pool's own ring. Replaced whole by :meth:`_update_subsets`."""
+    _rings: RingCache | None = None
+    """The subsets' rings, by member set (made when a pool first has a subset)."""
+
     def __init__(
         self,
         settings: PoolSettings,
@@ -166,12 +175,6 @@ class Pool:
         self.ring = HashRing(virtual_nodes=routing.virtual_nodes)
         rng = rng or random.Random()
         self.strategy = make_strategy(routing, self.ring, rng)
-        self.subsets: dict[str, Subset] = {}
-        """Models that only some routable endpoints serve, each with those endpoints (pools
-        that learn their models only; empty while every endpoint serves every model, so the
-        request path pays one truth test). Models served by every routable endpoint are not
-        here: they take the pool's own ring."""
-        self._rings = RingCache(routing.virtual_nodes)
         self.passthrough: Chooser = LeastRequest(rng)
         load = load or LoadSettings()
         self.load_settings = load
@@ -412,10 +415,13 @@ class Pool:
             if subset is None:
                 subset = made[members] = self._subset(members)
             subsets[model] = subset
-        self._rings.keep(made)
+        if self._rings is not None:
+            self._rings.keep(made)
         self.subsets = subsets
 
     def _subset(self, members: frozenset[str]) -> Subset:
+        if self._rings is None:
+            self._rings = RingCache(self.routing.virtual_nodes)
         ring = self._rings.ring(members)
         routing, load = self.routing, self.load_settings
         if routing.strategy is not Strategy.CHWBL:

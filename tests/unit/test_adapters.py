@@ -109,7 +109,7 @@ def test_models_with_the_same_servers_share_one_subset_and_ring() -> None:
     served["vllm-2"] |= {"a", "b"}
     pool = learning_pool(served)
     assert pool.subsets["a"] is pool.subsets["b"]
-    assert len(pool._rings) == 1
+    assert pool._rings is not None and len(pool._rings) == 1
 
 
 @pytest.mark.parametrize("model", ["sql", "chat", "code"])
@@ -216,6 +216,7 @@ def test_an_endpoint_leaving_updates_the_subsets() -> None:
     pool.set_endpoints(Endpoint(i, f"http://10.0.0.{n}:8000")
                        for n, i in enumerate(IDS) if i != "vllm-2")
     assert pool.subsets["chat"].members == ("vllm-1",)
+    assert pool._rings is not None
     assert frozenset({"vllm-1", "vllm-2"}) not in pool._rings
 
 
