@@ -12,15 +12,25 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from balancer.config import LoadSettings, LoadSource, PoolSettings, RoutingSettings
+from balancer.config import (
+    LoadSettings,
+    LoadSource,
+    ModelDiscoverySettings,
+    PoolSettings,
+    RoutingSettings,
+    Settings,
+)
 from balancer.config import Strategy as StrategyName
 from balancer.endpoints import Endpoint
 from balancer.errors import NoEndpointsError
 from balancer.forward import model_not_found
 from balancer.load import LoadReport
 from balancer.loadpoll import lora_adapters
+from balancer.models import STALE_REFRESH_INTERVAL, ModelLearner
+from balancer.prefix import Kind
 from balancer.ring import HashRing, RingCache, hash_key
-from balancer.router import Pool
+from balancer.route import decide, explain, keyed_view, redecide
+from balancer.router import Pool, Router
 from balancer.strategy import chwbl_bound
 
 BASE = "llama"
@@ -328,3 +338,68 @@ def test_lora_adapters_agrees_with_prometheus_clients_own_writer() -> None:
     gauge.labels("2", "w1", "r1,r2").set(200.0)
     text = generate_latest(registry).decode()
     assert lora_adapters(text) == {"w1", "r1", "r2"}
+
+
+# -- the router, explanations and the learner -----------------------------------------------
+
+
+def learning_router() -> Router:
+    router = Router(Settings(pools=(PoolSettings("p", ()),),
+                             routing=RoutingSettings(virtual_nodes=32)))
+    pool = router.pools["p"]
+    pool.set_endpoints(Endpoint(i, f"http://10.0.0.{n}:8000") for n, i in enumerate(IDS))
+    for endpoint_id, served in SERVED.items():
+        pool.set_endpoint_models(endpoint_id, frozenset(served))
+    router.set_models("p", set().union(*SERVED.values()))
+    return router
+
+
+def test_an_explanation_walks_the_models_own_ring() -> None:
+    router = learning_router()
+    view = keyed_view(Kind.CHAT, {"model": "chat", "messages": [
+        {"role": "user", "content": "hello there"}]}, None)
+    decision = decide(view, router)
+    assert decision.model == "chat"
+    explained = explain(decision, view=view)
+    assert {step["endpoint"] for step in explained["ring_walk"]} == {"vllm-1", "vllm-2"}
+    assert explained["endpoint"] in {"vllm-1", "vllm-2"}
+
+
+def test_a_retry_for_a_missing_model_stays_among_its_endpoints() -> None:
+    router = learning_router()
+    view = keyed_view(Kind.CHAT, {"model": "code", "messages": [
+        {"role": "user", "content": "x"}]}, None)
+    decision = decide(view, router)
+    asked: list[tuple[str, str]] = []
+    router.on_models_stale = lambda pool, endpoint_id: asked.append((pool.name, endpoint_id))
+    router.model_missing(decision.pool, decision.choice.endpoint, "code")
+    assert asked == [("p", decision.choice.endpoint)]
+    following = redecide(decision, frozenset({decision.choice.endpoint}))
+    assert following.model == "code"
+    assert following.choice.endpoint in {"vllm-0", "vllm-1", "vllm-3"} - {
+        decision.choice.endpoint}
+
+
+async def test_the_learner_asks_a_stale_endpoint_again_at_most_every_interval() -> None:
+    router = learning_router()
+    learner = ModelLearner(router, ModelDiscoverySettings())
+    pool = router.pools["p"]
+    learner.stale(pool, "vllm-1")
+    learner.stale(pool, "vllm-1")
+    learner.stale(pool, "vllm-2")
+    assert learner._stale == {("p", "vllm-1"), ("p", "vllm-2")}
+    learner._stale.clear()
+    learner.stale(pool, "vllm-1")  # within STALE_REFRESH_INTERVAL of the first
+    assert learner._stale == set()
+    learner._stale_at[("p", "vllm-1")] -= STALE_REFRESH_INTERVAL
+    learner.stale(pool, "vllm-1")
+    assert learner._stale == {("p", "vllm-1")}
+
+
+async def test_adapters_seen_join_the_pools_models() -> None:
+    router = learning_router()
+    learner = ModelLearner(router, ModelDiscoverySettings())
+    pool = router.pools["p"]
+    learner.adapters_seen(pool, "vllm-3", frozenset({"fresh"}))
+    assert router.pool_for_model("fresh") is pool
+    assert pool.subsets["fresh"].members == ("vllm-3",)
