@@ -345,6 +345,8 @@ def build(
     admission = Admission(settings.limits, settings.retries, observe=health.observe,
                           metrics=metrics)
     reporter = Reporter(metrics, AccessLog())
+    learner = ModelLearner(router, settings.model_discovery, metrics)
+    router.on_models_stale = learner.stale
     return Balancer(
         settings=settings,
         router=router,
@@ -352,9 +354,9 @@ def build(
         proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
                     reporter),
         source=source or discovery.from_settings(settings, metrics),
-        learner=ModelLearner(router, settings.model_discovery, metrics),
+        learner=learner,
         health=health,
-        poller=LoadPoller(router.pools, metrics),
+        poller=LoadPoller(router.pools, metrics, on_adapters=learner.adapters_seen),
     )
 
 

@@ -334,6 +334,40 @@ class Retryable:
     """What the client gets if no retry happens: the upstream's own answer, or ours."""
     retry_after: float = 0.0
     """For a 429: seconds the endpoint asked to be left alone."""
+    model_missing: bool = False
+    """A 404 saying the endpoint does not serve the request's model (:func:`model_not_found`):
+    its models are out of date, and another endpoint serving the model may answer."""
+
+
+MODEL_NOT_FOUND_MAX_BYTES: Final = 64 * 1024
+"""Largest 404 body read for a model-not-found error: vLLM's is about 150 bytes."""
+
+
+def model_not_found(payload: bytes, model: str) -> bool:
+    """Whether a 404 body says the endpoint does not serve ``model``.
+
+    vLLM answers a request for a model (a LoRA adapter) it does not serve with 404 and
+    ``{"object": "error", "message": "The model `x` does not exist.", ...}`` (newer versions
+    nest it under ``"error"``). Only such an answer may go to another endpoint: any other 404
+    (an unknown path, say) would be the same everywhere. The message must name the model, so
+    a 404 about something else the request names is not taken for one.
+    """
+    if not model or len(payload) > MODEL_NOT_FOUND_MAX_BYTES:
+        return False
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(body, dict):
+        return False
+    error = body.get("error")
+    if isinstance(error, dict):
+        body = error
+    message = body.get("message")
+    if not isinstance(message, str) or model not in message:
+        return False
+    lowered = message.lower()
+    return "does not exist" in lowered or "not found" in lowered
 
 
 def _unsent(transport: asyncio.Transport) -> int:
@@ -490,6 +524,8 @@ class Forwarder:
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
             return self._retryable(lease, record, upstream, headers, deadline)
+        if code == 404 and small and retry_possible and record.model:
+            return self._not_found(lease, record, upstream, headers, deadline)
         if small and not stream:
             return self._relay_whole(lease, record, upstream, headers, deadline)
         return self._relay_stream(request, lease, record, upstream, headers, deadline)
@@ -523,6 +559,19 @@ class Forwarder:
         record.status = -1
         answer = web.Response(body=payload, status=code, headers=headers)
         return Retryable(str(code), answer, retry_after)
+
+    async def _not_found(self, lease: Lease, record: RequestRecord, upstream: Response,
+                         headers: CIMultiDict[str], deadline: float) -> web.Response | Retryable:
+        """A 404 (read whole): offered for a retry when it says the endpoint does not serve
+        the request's model, relayed otherwise. Never the endpoint's failure: it answered."""
+        payload = await upstream.read_all(deadline)
+        self._first_byte(lease, record, asyncio.get_running_loop().time())
+        answer = web.Response(body=payload, status=404, headers=headers)
+        if model_not_found(payload, record.model):
+            record.status = -1
+            return Retryable("model_not_found", answer, model_missing=True)
+        record.status = 404
+        return answer
 
     async def _relay_whole(self, lease: Lease, record: RequestRecord, upstream: Response,
                            headers: CIMultiDict[str], deadline: float) -> web.Response:

@@ -53,7 +53,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -145,6 +145,47 @@ def _sample_value(rest: str) -> float | None:
         return None
 
 
+LORA_GAUGE: Final = "vllm:lora_requests_info"
+"""vLLM's LoRA gauge: one series per state it has logged, labelled ``running_lora_adapters``
+and ``waiting_lora_adapters`` (comma-separated names) and ``max_lora``, valued with the time
+it was set. Series of earlier states stay in the exposition, so the newest one is read."""
+_LORA_SAMPLE: Final = re.compile(r"\n[ \t]*" + re.escape(LORA_GAUGE) + r"(?=[ \t{])")
+_LABEL: Final = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\\n]|\\.)*)"')
+_ESCAPE: Final = re.compile(r"\\(.)")
+LORA_LABELS: Final = ("running_lora_adapters", "waiting_lora_adapters")
+
+
+def lora_adapters(text: str) -> frozenset[str]:
+    """The LoRA adapters a vLLM exposition shows running or waiting (so loaded), from the
+    newest series of :data:`LORA_GAUGE`; empty when there is none. Never raises.
+
+    Cheap when the gauge is absent (one substring search) and a scan of its few lines when
+    present, like :func:`parse_exposition`. Adapters loaded but idle do not show here: this
+    only adds to what ``/v1/models`` says.
+    """
+    if LORA_GAUGE not in text:
+        return frozenset()
+    text = "\n" + text
+    newest = -math.inf
+    adapters: frozenset[str] = frozenset()
+    for match in _LORA_SAMPLE.finditer(text):
+        end = text.find("\n", match.end())
+        rest = text[match.end():end if end >= 0 else len(text)].lstrip(" \t")
+        labels = _LABELS.match(rest)
+        value = _sample_value(rest)
+        if labels is None or value is None or not math.isfinite(value) or value < newest:
+            continue
+        newest = value
+        names: set[str] = set()
+        for label in _LABEL.finditer(labels.group()):
+            if label.group(1) in LORA_LABELS:
+                unescaped = _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1),
+                                        label.group(2))
+                names.update(a for a in (n.strip() for n in unescaped.split(",")) if a)
+        adapters = frozenset(names)
+    return adapters
+
+
 # -- scheduling, pure ------------------------------------------------------------------------
 
 MAX_BACKOFF: Final = 60.0
@@ -222,9 +263,14 @@ class LoadPoller:
     """Polls the metrics of the serving endpoints of every pool that has no fresh report."""
 
     def __init__(self, pools: Mapping[str, Pool], metrics: Metrics | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_adapters: Callable[[Pool, str, frozenset[str]], None] | None = None
+                 ) -> None:
         self.pools = pools
         self.metrics = metrics
+        self.on_adapters = on_adapters
+        """Told the LoRA adapters a poll saw loaded on an endpoint (:func:`lora_adapters`),
+        when there are any: the model learner adds them to the endpoint's models."""
         self._rng = rng or random.Random()
         self._targets: dict[tuple[str, str], _Target] = {}
         self._heap: list[tuple[float, int, _Target]] = []
@@ -357,8 +403,10 @@ class LoadPoller:
         pool, state = target.pool, target.state
         settings = pool.load_settings
         started = time.monotonic()
+        adapters: frozenset[str] = frozenset()
         try:
-            report: LoadReport | PollFailed = await self._fetch(
+            report: LoadReport | PollFailed
+            report, adapters = await self._fetch(
                 state.endpoint.url.rstrip("/") + settings.poll_path,
                 aiohttp.ClientTimeout(total=settings.poll_timeout), pool.name)
         except PollFailed as exc:
@@ -370,6 +418,8 @@ class LoadPoller:
         if isinstance(report, PollFailed):
             self._failed(target, report, self._schedule(target, report))
             return
+        if adapters and self.on_adapters is not None:
+            self.on_adapters(pool, state.id, adapters)
         # An in-band report that arrived meanwhile is as recent: keep it.
         if state.queue.at <= started:
             state.queue.report(report, time.monotonic(), "poll")
@@ -393,8 +443,10 @@ class LoadPoller:
                 pool.name, state.id, failure, wait,
                 ", backing off" if failure.lasting else "")
 
-    async def _fetch(self, url: str, limit: aiohttp.ClientTimeout, pool: str) -> LoadReport:
-        """GET one metrics page and read it; raises :class:`PollFailed`."""
+    async def _fetch(self, url: str, limit: aiohttp.ClientTimeout,
+                     pool: str) -> tuple[LoadReport, frozenset[str]]:
+        """GET one metrics page and read it (the load report and the LoRA adapters it shows);
+        raises :class:`PollFailed`."""
         session = self._session
         assert session is not None
         try:
@@ -408,12 +460,13 @@ class LoadPoller:
             raise PollFailed(str(exc) or type(exc).__name__, lasting=False) from exc
         if body is None:
             raise PollFailed(f"metrics page over {MAX_BODY_BYTES} bytes", lasting=True)
-        report, bad = parse_exposition(body.decode("utf-8", errors="replace"))
+        text = body.decode("utf-8", errors="replace")
+        report, bad = parse_exposition(text)
         if bad and self.metrics is not None:
             self.metrics.load_report_error(pool, "malformed")
         if not report:
             raise PollFailed("no vLLM or SGLang load gauges in it", lasting=True)
-        return report
+        return report, lora_adapters(text)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

@@ -9,6 +9,12 @@ Failures never make a model disappear: an endpoint that does not answer keeps th
 last reported, and a pool whose endpoints are all gone keeps its models, so a pool scaled to
 zero answers 503 (no endpoints) rather than 404 (no such model). Each endpoint's last report
 lives in its state (``EndpointState.models``) and goes when the endpoint does.
+
+The pool routes a model that only some endpoints serve (an adapter) over those endpoints
+(``Pool.subsets``). Two things correct an endpoint's set between refreshes: adapters the
+load poller sees in its metrics (:meth:`ModelLearner.adapters_seen`), and a 404 saying it
+does not serve a model it listed, after which it is asked again
+(:meth:`ModelLearner.stale`), at most once per :data:`STALE_REFRESH_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Iterable
 from typing import Final
 
@@ -27,6 +34,11 @@ from balancer.metrics import Metrics
 from balancer.router import Pool, Router
 
 log = logging.getLogger(__name__)
+
+STALE_REFRESH_INTERVAL: Final = 2.0
+"""Least seconds between two out-of-turn refreshes of one endpoint's models (after 404s
+naming a model it listed): a burst of such 404s asks it once, and an endpoint that keeps
+listing an adapter it cannot serve is not asked on every request."""
 
 MAX_CONCURRENT_REQUESTS: Final = 16
 """``/v1/models`` requests in flight at once, so a pool of hundreds of endpoints is asked in
@@ -54,6 +66,30 @@ class ModelLearner:
         self._metrics = metrics
         self._pools = [p for p in router.pools.values() if p.learns_models]
         self._wake = asyncio.Event()
+        self._stale: set[tuple[str, str]] = set()
+        """(pool, endpoint id) to ask again at the next wake, out of turn."""
+        self._stale_at: dict[tuple[str, str], float] = {}
+        """When each endpoint was last asked out of turn (loop clock)."""
+
+    def stale(self, pool: Pool, endpoint_id: str) -> None:
+        """Ask an endpoint for its models again soon: it answered 404 for a model it
+        listed. Rate-limited per endpoint (:data:`STALE_REFRESH_INTERVAL`)."""
+        if not pool.learns_models:
+            return
+        key = (pool.name, endpoint_id)
+        now = asyncio.get_running_loop().time()
+        if now - self._stale_at.get(key, -math.inf) < STALE_REFRESH_INTERVAL:
+            return
+        self._stale_at[key] = now
+        self._stale.add(key)
+        self._wake.set()
+
+    def adapters_seen(self, pool: Pool, endpoint_id: str, adapters: frozenset[str]) -> None:
+        """Adapters an endpoint's metrics show loaded: add them to its models (and the
+        pool's) without waiting for the next refresh."""
+        if pool.learns_models and pool.add_endpoint_models(endpoint_id, adapters):
+            reports = (pool.states[i].models for i in pool.routable)
+            self._update(pool, (r for r in reports if r is not None))
 
     def endpoints_changed(self) -> None:
         """Ask the endpoints that have not answered yet, and forget the models of those that
@@ -79,17 +115,22 @@ class ModelLearner:
                 self._wake.clear()
 
     async def refresh(self, session: aiohttp.ClientSession, *, only_new: bool = False) -> None:
-        """Ask the pools' routable endpoints (only those never heard from, if ``only_new``)
-        and update the router."""
+        """Ask the pools' routable endpoints (only those never heard from or marked
+        :meth:`stale`, if ``only_new``) and update the router."""
         limit = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        stale, self._stale = self._stale, set()
+        now = asyncio.get_running_loop().time()
+        self._stale_at = {key: at for key, at in self._stale_at.items()
+                          if now - at < STALE_REFRESH_INTERVAL}
         for pool in self._pools:
             targets = [pool.states[i] for i in pool.routable
-                       if not (only_new and pool.states[i].models is not None)]
+                       if not (only_new and pool.states[i].models is not None
+                               and (pool.name, i) not in stale)]
             answers = await asyncio.gather(
                 *(self._ask(session, limit, pool, state.endpoint) for state in targets))
             for state, models in zip(targets, answers, strict=True):
                 if models is not None and state.present:
-                    state.models = frozenset(models)
+                    pool.set_endpoint_models(state.id, frozenset(models))
             reports = (pool.states[i].models for i in pool.routable)
             self._update(pool, (r for r in reports if r is not None))
 

@@ -19,7 +19,8 @@ Reading top to bottom, a request goes through:
 5. ``record.Reporter.emit``: the request's metrics and access-log line, once, at its end.
 
 A failed attempt that reached nothing of the client (connect error, reset before the head,
-429/502/503/504) is retried on the next distinct endpoint of the ring walk, within
+429/502/503/504, a 404 saying the endpoint does not serve the model) is retried on the next
+distinct endpoint of the ring walk (of the endpoints serving the model), within
 ``retries.max_attempts`` and the retry budget (:meth:`Proxy._forward`) -- if the request is
 replayable: a keyed request, a ``retry`` entry of ``server.forward_paths`` or an idempotent
 method. Any other request runs at most once: only a connect error (nothing was sent) is
@@ -185,7 +186,7 @@ class Proxy:
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, target.forward,
-                                   replayable=verdict.replayable)
+                                   model=decision.model or "", replayable=verdict.replayable)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         target = self._check_target(request)
@@ -286,9 +287,10 @@ class Proxy:
                        stream: bool = False, replayable: bool = True) -> web.StreamResponse:
         """Forward to ``target`` (the checked origin-form target) with retries: an attempt
         that fails before anything reached the client (connect error, reset before the head,
-        429/502/503/504) goes to the next distinct endpoint on the ring walk, within
-        ``retries.max_attempts`` and the retry budget. A request that is not ``replayable``
-        is retried only after a connect error, which sent nothing."""
+        429/502/503/504, a model-not-found 404) goes to the next distinct endpoint on the
+        ring walk, within ``retries.max_attempts`` and the retry budget. A request that is
+        not ``replayable`` is retried only after a connect error, which sent nothing, or a
+        model-not-found 404, which the endpoint refused."""
         if self.forwarder.connector is None:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
@@ -350,12 +352,17 @@ class Proxy:
                replayable: bool) -> Decision | web.Response:
         """The next attempt's decision, or the answer when there is none (a request that
         must not run twice, no endpoint left, or the retry budget is spent). Raises
-        RateLimitedError when every endpoint left asked for a pause."""
+        RateLimitedError when every endpoint left asked for a pause. A 404 saying the
+        endpoint does not serve the model first takes the model off that endpoint and has
+        its models asked again; the endpoint did nothing with the request, so even one that
+        must not run twice may go to another endpoint serving the model."""
         pool = decision.pool
         now = asyncio.get_running_loop().time()
         if result.retry_after:
             pool.pause(endpoint, now + result.retry_after)
-        if not replayable and result.reason != "connect":
+        if result.model_missing and decision.model is not None:
+            self.router.model_missing(pool, endpoint, decision.model)
+        if not replayable and not (result.reason == "connect" or result.model_missing):
             # The endpoint may have acted on it (an answer, or a reset after it was sent).
             return self._give_up(result, "not_replayable", record, now)
         excluded = tried | pool.paused(now)

@@ -189,3 +189,45 @@ class HashRing:
             result[self._owner[point]] += (point - previous) / size
             previous = point
         return result
+
+
+class RingCache:
+    """Rings over subsets of a pool's endpoints, one per distinct member set.
+
+    A model (a LoRA adapter, say) that only some endpoints serve is routed by CHWBL over a
+    ring of just those endpoints. Many models share a member set (the adapters loaded on the
+    same pods), so rings are kept by the frozenset of their members and built once: a request
+    costs a dict lookup, not a ring. A ring depends only on its members' ids (as
+    :class:`HashRing` does), so every replica that sees the same endpoints serving a model
+    builds the same ring and sends a key to the same endpoint.
+
+    Pure and synchronous. The owner calls :meth:`keep` with the member sets in use after the
+    endpoints or their models change; rings of sets no longer in use are dropped.
+    """
+
+    __slots__ = ("_rings", "virtual_nodes")
+
+    def __init__(self, virtual_nodes: int = 256) -> None:
+        if virtual_nodes < 1:
+            raise ValueError("virtual_nodes must be >= 1")
+        self.virtual_nodes = virtual_nodes
+        self._rings: dict[frozenset[str], HashRing] = {}
+
+    def __len__(self) -> int:
+        return len(self._rings)
+
+    def __contains__(self, members: object) -> bool:
+        return members in self._rings
+
+    def ring(self, members: frozenset[str]) -> HashRing:
+        """The ring of exactly these endpoints, built on first use."""
+        ring = self._rings.get(members)
+        if ring is None:
+            ring = self._rings[members] = HashRing(sorted(members), self.virtual_nodes)
+        return ring
+
+    def keep(self, in_use: Iterable[frozenset[str]]) -> None:
+        """Drop the rings of member sets not in ``in_use``."""
+        wanted = set(in_use)
+        for members in [m for m in self._rings if m not in wanted]:
+            del self._rings[members]

@@ -106,6 +106,9 @@ class Decision(NamedTuple):
     """Where the key came from: "session", or the routing key mode."""
     first_turn: bool = False
     """A conversation's first turn, told apart only when the pool routes on queues."""
+    model: str | None = None
+    """The model asked for: one that only some endpoints serve is routed over those, and a
+    404 naming it may be retried on another (``forward.model_not_found``)."""
 
     @property
     def keyed(self) -> bool:
@@ -125,9 +128,12 @@ def decide(view: RequestView, router: Router,
     """
     if view.kind is None:
         pool = _passthrough_pool(view, router)
-        return Decision(pool, pool.choose(0, keyed=False, exclude=exclude), 0)
+        return Decision(pool, pool.choose(0, keyed=False, exclude=exclude, model=view.model),
+                        0, model=view.model)
     model = view.model
-    pool = router.pool_for_model(model if model is not None else model_of(view.body))
+    if model is None:
+        model = model_of(view.body)
+    pool = router.pool_for_model(model)
     explicit = session_key(view.session, view.body)
     routing = router.routing
     key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars,
@@ -136,11 +142,11 @@ def decide(view: RequestView, router: Router,
     first_turn = (pool.first_turn_strategy is not None and view.kind is Kind.CHAT
                   and is_first_turn(view.body))
     choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude,
-                         first_turn=first_turn)
+                         first_turn=first_turn, model=model)
     return Decision(pool, choice, key_hash, key,
                     # KeyMode is a StrEnum: the member is already the string, and reading
                     # ``.value`` through the enum descriptor cost a call per request.
-                    "session" if explicit is not None else routing.key, first_turn)
+                    "session" if explicit is not None else routing.key, first_turn, model)
 
 
 def is_first_turn(body: Mapping[str, Any]) -> bool:
@@ -177,9 +183,8 @@ def redecide(decision: Decision, exclude: frozenset[str]) -> Decision:
     endpoints); raises NoEndpointsError when none is left."""
     choice = decision.pool.choose(decision.key_hash, session=decision.session,
                                   keyed=decision.keyed, exclude=exclude,
-                                  first_turn=decision.first_turn)
-    return Decision(decision.pool, choice, decision.key_hash, decision.key,
-                    decision.key_source, decision.first_turn)
+                                  first_turn=decision.first_turn, model=decision.model)
+    return decision._replace(choice=choice)
 
 
 def explain(decision: Decision, walk_limit: int = 8,
@@ -194,13 +199,16 @@ def explain(decision: Decision, walk_limit: int = 8,
                               routing.min_key_chars)
     now = time.monotonic()
     walk = []
-    for i, endpoint_id in enumerate(pool.ring.walk(decision.key_hash)):
+    for i, endpoint_id in enumerate(pool.ring_for(decision.model).walk(decision.key_hash)):
         if i >= walk_limit:
             break
         walk.append({"endpoint": endpoint_id, **endpoint_load(pool, endpoint_id, now)})
     strategy = routing.strategy.value
+    subset = pool.subsets.get(decision.model) if decision.model is not None else None
+    candidates = pool.routable if subset is None else subset.members
     bound = choice.bound if choice.bound is not None else chwbl_bound(
-        pool.total_load, len(pool.routable), routing.load_factor, routing.min_bound)
+        sum(pool.load.get(i, 0) for i in candidates), len(candidates), routing.load_factor,
+        routing.min_bound)
     reason = _REASONS[choice.outcome] if strategy == "chwbl" else f"{strategy} ignores the key"
     return {
         "pool": pool.name,

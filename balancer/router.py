@@ -20,6 +20,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from balancer.config import (
@@ -35,7 +36,7 @@ from balancer.errors import ModelNotFoundError, NoEndpointsError
 from balancer.health import Failure
 from balancer.load import LoadReport
 from balancer.metrics import EndpointMetrics, Metrics, PoolState
-from balancer.ring import HashRing
+from balancer.ring import HashRing, RingCache
 from balancer.state import EndpointState
 from balancer.strategy import BoundedLoad, Choice, Chooser, LeastRequest, Random, RoundRobin
 
@@ -128,6 +129,26 @@ class InFlight(Mapping[str, int]):
         return f"InFlight({dict(self)!r})"
 
 
+class Subset:
+    """The routable endpoints of a pool that serve one model, when not all of them do (a
+    LoRA adapter loaded on some pods), with the strategies that route over just them.
+
+    The ring comes from the pool's :class:`~balancer.ring.RingCache`, shared by every model
+    with the same members; the strategies are cheap wrappers around it.
+    """
+
+    __slots__ = ("first_turn_strategy", "members", "queue_strategy", "ring", "strategy")
+
+    def __init__(self, members: tuple[str, ...], ring: HashRing, strategy: Chooser,
+                 queue_strategy: Chooser | None, first_turn_strategy: Chooser | None) -> None:
+        self.members = members
+        """The endpoints serving the model, sorted (the strategies' candidates)."""
+        self.ring = ring
+        self.strategy = strategy
+        self.queue_strategy = queue_strategy
+        self.first_turn_strategy = first_turn_strategy
+
+
 class Pool:
     terminating: tuple[str, ...] = ()
     """Endpoints still serving while their pods terminate: routable only when the pool has
@@ -135,6 +156,13 @@ class Pool:
     on_up: Callable[[], None] | None = None
     """Called when the pool goes from no routable endpoint to some (wakes the requests
     waiting for an empty pool)."""
+    subsets: Mapping[str, Subset] = MappingProxyType({})
+    """Models that only some routable endpoints serve, each with those endpoints (pools that
+    learn their models only; empty while every endpoint serves every model, so the request
+    path pays one truth test). Models served by every routable endpoint are not here: they
+    take the pool's own ring. Replaced whole by :meth:`_update_subsets`."""
+    _rings: RingCache | None = None
+    """The subsets' rings, by member set (made when a pool first has a subset)."""
 
     def __init__(
         self,
@@ -261,17 +289,25 @@ class Pool:
             self.ring.update(routable)
             states = self.states
             self.total_load = sum(states[i].in_flight for i in routable)
+            self._update_subsets()
             if up and self.on_up is not None:
                 self.on_up()
 
     # -- choosing and leasing ----------------------------------------------------------------
 
     def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True,
-               exclude: frozenset[str] | None = None, first_turn: bool = False) -> Choice:
+               exclude: frozenset[str] | None = None, first_turn: bool = False,
+               model: str | None = None) -> Choice:
         """Pick an endpoint, never one in ``exclude`` (the endpoints a retry already tried);
         raises NoEndpointsError when the pool has none routable (or none left).
         ``first_turn``: a conversation's first request (cheap to move; see
-        ``LoadSettings.first_turn_factor``)."""
+        ``LoadSettings.first_turn_factor``). ``model``: the model asked for; one that only
+        some endpoints serve is routed over those (:meth:`_choose_among`)."""
+        if self.subsets and model is not None:
+            subset = self.subsets.get(model)
+            if subset is not None:
+                return self._choose_among(subset, model, key_hash, session=session,
+                                          keyed=keyed, exclude=exclude, first_turn=first_turn)
         strategy = self.strategy if keyed else self.passthrough
         load: Mapping[str, float] = self.load
         total: float = self.total_load
@@ -292,6 +328,125 @@ class Pool:
         if choice is None:
             raise NoEndpointsError(f"no endpoint available in pool {self.name!r}")
         return choice
+
+    def _choose_among(self, subset: Subset, model: str, key_hash: int, *, session: bool,
+                      keyed: bool, exclude: frozenset[str] | None,
+                      first_turn: bool) -> Choice:
+        """:meth:`choose` over the endpoints serving ``model``: the same strategies and load
+        view (in-flight counts or queues), with the bound's average taken over the subset
+        (its total load over its size), since only those endpoints can take the request."""
+        members = subset.members
+        strategy = subset.strategy if keyed else self.passthrough
+        load: Mapping[str, float] = self.load
+        if keyed and subset.queue_strategy is not None:
+            now = time.monotonic()
+            self.keyed_at = now
+            queues = self.queues(now)
+            if queues is not None:
+                strategy = subset.queue_strategy
+                if first_turn and subset.first_turn_strategy is not None:
+                    strategy = subset.first_turn_strategy
+                load = queues
+        total = sum(load.get(i, 0) for i in members)
+        choice = strategy.choose(key_hash, members, load, total, session=session,
+                                 exclude=exclude or ())
+        if choice is None:
+            raise NoEndpointsError(
+                f"no endpoint available in pool {self.name!r} serves model {model!r}")
+        return choice
+
+    def ring_for(self, model: str | None) -> HashRing:
+        """The ring a key for ``model`` walks: the subset's, or the pool's."""
+        subset = self.subsets.get(model) if model is not None else None
+        return self.ring if subset is None else subset.ring
+
+    # -- each endpoint's models --------------------------------------------------------------
+
+    def set_endpoint_models(self, endpoint_id: str, models: frozenset[str]) -> bool:
+        """Set the models an endpoint reported (its ``/v1/models``); returns whether they
+        changed."""
+        state = self.states.get(endpoint_id)
+        if state is None or state.models == models:
+            return False
+        state.models = models
+        self._update_subsets()
+        return True
+
+    def add_endpoint_models(self, endpoint_id: str, models: frozenset[str]) -> bool:
+        """Add models an endpoint is seen serving (adapters in its metrics); returns whether
+        that changed its set. An endpoint not heard from on ``/v1/models`` yet is left
+        alone: its base models are not known, and it serves every model until they are."""
+        state = self.states.get(endpoint_id)
+        if state is None or state.models is None or models <= state.models:
+            return False
+        state.models = state.models | models
+        self._update_subsets()
+        return True
+
+    def drop_endpoint_model(self, endpoint_id: str, model: str) -> bool:
+        """The endpoint said it does not serve ``model`` (a 404 naming it): route the model
+        elsewhere until its ``/v1/models`` says otherwise. Returns whether that changed."""
+        state = self.states.get(endpoint_id)
+        if state is None or state.models is None or model not in state.models:
+            return False
+        state.models = state.models - {model}
+        self._update_subsets()
+        return True
+
+    def _update_subsets(self) -> None:
+        """Recompute :attr:`subsets` from the routable endpoints' models.
+
+        An endpoint not heard from yet (``models`` None) counts as serving every model, as
+        it did before it was asked: a 404 from it is retried elsewhere. A model of the pool
+        that no routable endpoint serves gets an empty subset (503, not a pod's 404).
+        """
+        if not self.learns_models:
+            return
+        states = self.states
+        routable = self.routable
+        unknown: list[str] = []
+        serving: dict[str, list[str]] = {}
+        for endpoint_id in routable:
+            models = states[endpoint_id].models
+            if models is None:
+                unknown.append(endpoint_id)
+                continue
+            for model in models:
+                serving.setdefault(model, []).append(endpoint_id)
+        for model in self.models:
+            serving.setdefault(model, [])
+        count = len(routable)
+        subsets: dict[str, Subset] = {}
+        made: dict[frozenset[str], Subset] = {}
+        for model, ids in serving.items():
+            if len(ids) + len(unknown) == count and count:
+                continue  # every routable endpoint serves it: the pool's own ring
+            members = frozenset(ids).union(unknown)
+            subset = made.get(members)
+            if subset is None:
+                subset = made[members] = self._subset(members)
+            subsets[model] = subset
+        if self._rings is not None:
+            self._rings.keep(made)
+        self.subsets = subsets
+
+    def _subset(self, members: frozenset[str]) -> Subset:
+        if self._rings is None:
+            self._rings = RingCache(self.routing.virtual_nodes)
+        ring = self._rings.ring(members)
+        routing, load = self.routing, self.load_settings
+        if routing.strategy is not Strategy.CHWBL:
+            return Subset(tuple(sorted(members)), ring, self.strategy, None, None)
+        strategy = BoundedLoad(ring, routing.load_factor, routing.min_bound)
+        queue_strategy = first_turn_strategy = None
+        if self.queue_strategy is not None:
+            queue_strategy = BoundedLoad(ring, load.queue_factor, load.min_queue,
+                                         signal="queue")
+            if self.first_turn_strategy is not None:
+                first_turn_strategy = BoundedLoad(ring, load.first_turn_factor,
+                                                  load.min_queue, signal="queue")
+        return Subset(tuple(sorted(members)), ring, strategy, queue_strategy,
+                      first_turn_strategy)
 
     def queues(self, now: float | None = None) -> dict[str, float] | None:
         """Each routable endpoint's estimated queue, when routing on queues; None: route on
@@ -406,6 +561,9 @@ class Router:
         self._by_model: dict[str, Pool] = {}
         self.models: tuple[str, ...] = ()
         self._index_models()
+        self.on_models_stale: Callable[[Pool, str], None] | None = None
+        """Called with a pool and an endpoint id whose models look out of date (the model
+        learner refreshes them)."""
 
     def _index_models(self) -> None:
         """Map each model to its pool. Configured models come first; a learned model that
@@ -426,9 +584,18 @@ class Router:
         if not pool.learns_models or learned == pool.models:
             return False
         pool.models = learned
+        pool._update_subsets()
         self._index_models()
         self.notify()
         return True
+
+    def model_missing(self, pool: Pool, endpoint_id: str, model: str) -> None:
+        """An endpoint answered 404 for a model it was thought to serve (an adapter unloaded
+        since it was asked): route the model elsewhere now, and have the endpoint's models
+        asked again (``on_models_stale``, which rate-limits)."""
+        pool.drop_endpoint_model(endpoint_id, model)
+        if self.on_models_stale is not None:
+            self.on_models_stale(pool, endpoint_id)
 
     def pool_for_model(self, model: str) -> Pool:
         pool = self._by_model.get(model)
