@@ -30,6 +30,7 @@ from balancer.loadpoll import LoadPoller
 from balancer.metrics import Metrics
 from balancer.models import ModelLearner
 from balancer.monitor import HealthMonitor
+from balancer.offload import ParsePool
 from balancer.proxy import Proxy
 from balancer.record import AccessLog, Reporter
 from balancer.route import KEYED_PATHS, decide, endpoint_load, explain, keyed_view, kind_for
@@ -91,11 +92,20 @@ class Balancer:
         # Only what server.forward_paths lists; the handler answers 404/405 for the rest.
         app.router.add_route("*", "/v1/{tail:.*}", proxy.handle_passthrough)
         app.router.add_route("*", "/{tail:.*}", proxy.handle_not_found)
+        app.cleanup_ctx.append(self._parsers)
         app.cleanup_ctx.append(self._connections)
         app.cleanup_ctx.append(self._health)
         app.cleanup_ctx.append(self._load_polls)
         app.cleanup_ctx.append(self._discovery)
         return app
+
+    async def _parsers(self, app: web.Application) -> AsyncIterator[None]:
+        """The worker processes that read large bodies stop with the app. They start when
+        first needed, or at once under :func:`serve` (``ParsePool.start``), off the loop."""
+        try:
+            yield
+        finally:
+            await self.proxy.parsers.close()
 
     async def _health(self, app: web.Application) -> AsyncIterator[None]:
         await self.health.start()
@@ -352,7 +362,7 @@ def build(
         router=router,
         metrics=metrics,
         proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
-                    reporter),
+                    reporter, ParsePool(settings.limits, metrics)),
         source=source or discovery.from_settings(settings, metrics),
         learner=learner,
         health=health,
@@ -460,6 +470,7 @@ async def serve(settings: Settings) -> int:
     log.info("balancer listening on %s:%d (admin %s:%d), %d pool(s), strategy %s",
              server.host, running.port, server.admin_host or server.host, running.admin_port,
              len(settings.pools), settings.routing.strategy.value)
+    balancer.proxy.parsers.start()  # in the background: no request waits for the workers
     stop = asyncio.Event()
     force = asyncio.Event()
 

@@ -147,6 +147,17 @@ class DebugForbiddenError(BalancerError):
     reason = "debug_forbidden"
 
 
+class ParseUnavailableError(BalancerError):
+    """The worker process reading a large request body died, or none could be started
+    (``limits.offload_parse_bytes``). The pool of workers is replaced; the request may be
+    sent again."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "parse_worker_failed"
+    retry_after = 1
+
+
 class ShuttingDownError(BalancerError):
     status = 503
     type = "service_unavailable"

@@ -365,6 +365,19 @@ class Metrics:
             "Requests waiting for an empty pool right now.",
             registry=registry,
         )
+        self.offloaded_parses = Counter(
+            "balancer_offloaded_parses_total",
+            "Request bodies over limits.offload_parse_bytes read in a worker process, by "
+            "outcome: ok, bad_request (the body is invalid: a 400), failed (the worker died "
+            "or could not start: a 503; the pool is replaced).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.offload_pending = Gauge(
+            "balancer_offloaded_parses_pending",
+            "Request bodies waiting for a worker process or being read by one.",
+            registry=registry,
+        )
         if state is not None:
             self.collect_state(state)
         if process:
@@ -433,6 +446,14 @@ class Metrics:
     def track_front_requests(self, active: Callable[[], float]) -> None:
         """Read the proxy port's requests in progress from ``active()`` at each scrape."""
         self.front_requests.set_function(active)
+
+    def offloaded_parse(self, outcome: str) -> None:
+        self._child(self.offloaded_parses, outcome).inc()
+
+    def track_offload_pending(self, pending: Callable[[], float]) -> None:
+        """Read the bodies waiting for or in the worker processes from ``pending()`` at each
+        scrape."""
+        self.offload_pending.set_function(pending)
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()

@@ -30,23 +30,19 @@ retried, and the upstream pool does not re-send it on a fresh connection either.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
-import sys
-from typing import Any
+from typing import Final
 
 from aiohttp import hdrs, web
 
 from balancer.admission import Admission
 from balancer.config import Settings
 from balancer.errors import (
-    BadRequestError,
     BadTargetError,
     BalancerError,
     BodyTooLargeError,
-    InvalidJSONError,
     MethodNotAllowedError,
     NoEndpointsError,
     NotFoundError,
@@ -57,32 +53,75 @@ from balancer.errors import (
 from balancer.forward import HEADER_REQUEST_ID, Forwarder, Retryable, error_response
 from balancer.httpserver import SERVER_NAME
 from balancer.metrics import Metrics
+from balancer.offload import ParsePool
 from balancer.paths import AllowList, Target, TargetError, parse_target
 from balancer.record import Reporter, RequestRecord
 from balancer.retry import RetryBudget
 from balancer.route import (
     KEYED_PATHS,
     Decision,
-    keyed_view,
     passthrough_view,
     redecide,
+    summarized_view,
 )
 from balancer.router import Router
+from balancer.summary import KeyRule, passthrough_model, read_keyed
 
 log = logging.getLogger(__name__)
+
+
+LARGE_BODY_BYTES: Final = 1 << 20
+"""A body of this many bytes or more (or of unknown length) is read as its chunks and joined
+in a thread (:func:`_read_large`)."""
+
+
+async def _read_large(request: web.Request, limit: int) -> bytes:
+    """The body, gathered chunk by chunk as it arrives and joined in a thread.
+
+    ``request.read()`` costs a 10 MiB body three whole copies on the event loop (the chunks
+    buffered so far joined, added to a bytearray, copied to bytes), each a stall of a few ms
+    with the page faults of fresh memory. Here the loop keeps references to the chunks only,
+    and ``bytes.join`` copies them in a thread: it releases the GIL for joins of 1 MiB and
+    more, so the copy runs beside the loop."""
+    if not request.can_read_body:
+        return b""
+    stream = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk, _ = await stream.readchunk()
+        if not chunk:
+            if stream.at_eof():
+                break
+            continue  # chunked transfer encoding: the end of one of its chunks
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    if size < LARGE_BODY_BYTES:
+        return b"".join(chunks)
+    return await asyncio.to_thread(b"".join, chunks)
 
 
 class Proxy:
     """The aiohttp handlers of the proxy port, and the retry loop."""
 
     def __init__(self, settings: Settings, router: Router, metrics: Metrics,
-                 admission: Admission, forwarder: Forwarder, reporter: Reporter) -> None:
+                 admission: Admission, forwarder: Forwarder, reporter: Reporter,
+                 parsers: ParsePool) -> None:
         self.settings = settings
         self.router = router
         self.metrics = metrics
         self.admission = admission
         self.forwarder = forwarder
         self.reporter = reporter
+        self.parsers = parsers
+        """Reads large bodies in worker processes (``limits.offload_parse_bytes``)."""
+        self._key_rule = KeyRule.of(settings.routing)
+        # Whether a body must be told a conversation's first turn: a walk over its messages,
+        # needed only when some pool routes first turns apart (fixed at start).
+        self._first_turns = any(pool.first_turn_strategy is not None
+                                for pool in router.pools.values())
         self.draining = False
         self.in_flight = 0
         """Requests being forwarded right now, over all pools."""
@@ -143,13 +182,21 @@ class Proxy:
             kind = KEYED_PATHS[request.path]
             self._check_content_type(request)
             body = await self._read_body(request)
-            data = self._parse_json(body)
-            view = keyed_view(kind, data, request.headers.get(self._session_header))
+            started = asyncio.get_running_loop().time()
+            session = request.headers.get(self._session_header)
+            # Parsed, validated and keyed on the loop when small, else in a worker process
+            # (the same function either way).
+            if self.parsers.on_loop(len(body)):
+                summary = read_keyed(kind, body, session, self._key_rule, self._first_turns)
+            else:
+                summary = await self.parsers.run(read_keyed, kind, body, session,
+                                                 self._key_rule, self._first_turns)
+            view = summarized_view(kind, summary, session)
             decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, forward,
-                                   model=data["model"], stream=data.get("stream") is True)
+                                   model=summary.model, stream=summary.stream, started=started)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
@@ -181,12 +228,15 @@ class Proxy:
                 f"{request.path} is not an API path that balancer forwards"), request_id)
         try:
             body = await self._read_body(request)
-            view = passthrough_view(self._passthrough_model(request, body), request.path)
+            started = asyncio.get_running_loop().time()
+            model = await self._passthrough_model(request, body)
+            view = passthrough_view(model, request.path)
             decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, target.forward,
-                                   model=decision.model or "", replayable=verdict.replayable)
+                                   model=decision.model or "", replayable=verdict.replayable,
+                                   started=started)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         target = self._check_target(request)
@@ -205,34 +255,13 @@ class Proxy:
         if length is not None and length > limit:
             raise BodyTooLargeError(f"request body of {length} bytes exceeds the limit of "
                                     f"{limit} bytes")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLargeError(f"request body exceeds the limit of {limit} bytes") from None
-
-    @staticmethod
-    def _parse_json(body: bytes) -> dict[str, Any]:
-        if not body:
-            raise InvalidJSONError("request body is empty; expected a JSON object")
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidJSONError(f"request body is not valid UTF-8 (byte {e.start})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InvalidJSONError(f"request body is not valid JSON: {e.msg} at line "
-                                   f"{e.lineno} column {e.colno}") from None
-        except ValueError:
-            # Not a JSONDecodeError: an integer longer than Python converts (a 500 otherwise).
-            raise InvalidJSONError(f"request body holds a number of more than "
-                                   f"{sys.get_int_max_str_digits()} digits") from None
-        except RecursionError:
-            raise InvalidJSONError("request body is nested too deeply") from None
-        if not isinstance(data, dict):
-            raise BadRequestError(f"request body must be a JSON object, not "
-                                  f"{type(data).__name__}")
-        return data
+        if length is not None and length < LARGE_BODY_BYTES:
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise BodyTooLargeError(f"request body exceeds the limit of {limit} "
+                                        "bytes") from None
+        return await _read_large(request, limit)
 
     def _check_content_type(self, request: web.Request) -> None:
         raw = request.headers.get(hdrs.CONTENT_TYPE)
@@ -244,16 +273,16 @@ class Proxy:
                 f"Content-Type must be application/json, not {ctype!r}"
             )
 
-    @staticmethod
-    def _passthrough_model(request: web.Request, body: bytes) -> str | None:
-        """The model a pass-through request names: its JSON body's, else ``?model=``."""
+    async def _passthrough_model(self, request: web.Request, body: bytes) -> str | None:
+        """The model a pass-through request names: its JSON body's (a large body is read in
+        a worker process), else ``?model=``."""
         if body and request.content_type == "application/json":
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError):
-                data = None
-            if isinstance(data, dict) and isinstance(data.get("model"), str):
-                return str(data["model"])
+            if self.parsers.on_loop(len(body)):
+                model = passthrough_model(body)
+            else:
+                model = await self.parsers.run(passthrough_model, body)
+            if model is not None:
+                return model
         return request.query.get("model") or None
 
     def _reject(
@@ -284,18 +313,18 @@ class Proxy:
 
     async def _forward(self, request: web.Request, decision: Decision, body: bytes,
                        request_id: str, target: str, *, model: str = "",
-                       stream: bool = False, replayable: bool = True) -> web.StreamResponse:
+                       stream: bool = False, replayable: bool = True,
+                       started: float) -> web.StreamResponse:
         """Forward to ``target`` (the checked origin-form target) with retries: an attempt
         that fails before anything reached the client (connect error, reset before the head,
         429/502/503/504, a model-not-found 404) goes to the next distinct endpoint on the
         ring walk, within ``retries.max_attempts`` and the retry budget. A request that is
         not ``replayable`` is retried only after a connect error, which sent nothing, or a
-        model-not-found 404, which the endpoint refused."""
+        model-not-found 404, which the endpoint refused. ``started``: when its body had
+        arrived (a wait for a worker process to read it counts against the total timeout)."""
         if self.forwarder.connector is None:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         total = self._total_timeout
         record = RequestRecord(request_id, request.method, request.path, model,
                                decision.key_hash if decision.keyed else None, started,

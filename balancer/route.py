@@ -13,18 +13,12 @@ from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
 from balancer.errors import BadRequestError
-from balancer.prefix import (
-    CHECKED_ITEMS,
-    Kind,
-    key_source,
-    model_of,
-    routing_key,
-    session_key,
-    validate,
-)
+from balancer.prefix import Kind, key_source, model_of, validate
 from balancer.ring import hash_key
 from balancer.router import Pool, Router
 from balancer.strategy import Choice, chwbl_bound
+from balancer.summary import KeyRule, Summary, summarize
+from balancer.summary import is_first_turn as is_first_turn  # where it was defined before
 
 KEYED_PATHS: Final = {
     "/v1/chat/completions": Kind.CHAT,
@@ -57,19 +51,34 @@ class RequestView(NamedTuple):
     kind: Kind | None
     """The keyed API the body is for; None: a pass-through request (no key)."""
     body: Mapping[str, Any]
-    """The parsed JSON body (keyed requests; empty for pass-through)."""
+    """The parsed JSON body (keyed requests read on the loop by ``balancer route`` and
+    ``/debug/route``; empty for pass-through and for the proxy's keyed requests, which carry
+    a :attr:`summary` instead)."""
     model: str | None
     """The model asked for (pass-through requests may name none)."""
     session: str | None = None
     """The session header's value, if sent."""
     path: str = ""
     """The API path, for error messages."""
+    summary: Summary | None = None
+    """What routing reads of a keyed body, already read (the proxy reads it in a worker
+    process for a large body, see :mod:`balancer.summary`); None: :func:`decide` reads it
+    from :attr:`body`."""
+
+
+_NO_BODY: Final[Mapping[str, Any]] = {}
 
 
 def keyed_view(kind: Kind, body: Mapping[str, Any], session: str | None) -> RequestView:
     """A keyed request's view; raises BadRequestError naming a malformed field."""
     validate(kind, body)
     return RequestView(kind, body, model_of(body), session)
+
+
+def summarized_view(kind: Kind, summary: Summary, session: str | None) -> RequestView:
+    """A keyed request's view from its body's summary (:func:`balancer.summary.read_keyed`,
+    which has validated the body)."""
+    return RequestView(kind, _NO_BODY, summary.model, session, "", summary)
 
 
 def passthrough_view(model: str | None, path: str) -> RequestView:
@@ -134,36 +143,19 @@ def decide(view: RequestView, router: Router,
     if model is None:
         model = model_of(view.body)
     pool = router.pool_for_model(model)
-    explicit = session_key(view.session, view.body)
-    routing = router.routing
-    key = explicit or routing_key(view.kind, view.body, routing.key, routing.prefix_chars,
-                                  routing.min_key_chars)
+    summary = view.summary
+    if summary is None:
+        summary = summarize(view.kind, view.body, view.session, KeyRule.of(router.routing),
+                            pool.first_turn_strategy is not None)
+    key = summary.routing_key()
     key_hash = hash_key(key)
-    first_turn = (pool.first_turn_strategy is not None and view.kind is Kind.CHAT
-                  and is_first_turn(view.body))
-    choice = pool.choose(key_hash, session=explicit is not None, exclude=exclude,
+    first_turn = pool.first_turn_strategy is not None and summary.first_turn
+    choice = pool.choose(key_hash, session=summary.session, exclude=exclude,
                          first_turn=first_turn, model=model)
     return Decision(pool, choice, key_hash, key,
                     # KeyMode is a StrEnum: the member is already the string, and reading
                     # ``.value`` through the enum descriptor cost a call per request.
-                    "session" if explicit is not None else routing.key, first_turn, model)
-
-
-def is_first_turn(body: Mapping[str, Any]) -> bool:
-    """A chat request that carries no assistant message yet: a new conversation, whose only
-    cacheable prefix (the system prompt) is shared with many others.
-
-    Validation inspects only the first messages of a long list, so an item further on may be
-    no object; it is skipped (the model server rejects the request). Only the first
-    :data:`~balancer.prefix.CHECKED_ITEMS` messages are looked at, so that a body of a
-    hundred thousand user messages costs no more than a short one; a conversation that long
-    is not new."""
-    messages = body["messages"]
-    for message in messages[:CHECKED_ITEMS]:
-        if ((type(message) is dict or isinstance(message, Mapping))
-                and message.get("role") == "assistant"):
-            return False
-    return len(messages) <= CHECKED_ITEMS
+                    "session" if summary.session else router.routing.key, first_turn, model)
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:

@@ -367,7 +367,8 @@ async def measure(args: argparse.Namespace, peer_url: str,
     settings = validate(Settings(
         server=ServerSettings(host=HOST, log_level="warning"),
         pools=(PoolSettings("bench", (MODEL,), (peer_url,)),),
-        limits=LimitsSettings(max_body_bytes=args.max_body_bytes),
+        limits=LimitsSettings(max_body_bytes=args.max_body_bytes,
+                              offload_parse_bytes=args.offload_parse_bytes),
     ))
     balancer = balancer_app.build(settings, registry=CollectorRegistry())
     running = await balancer_app.start(balancer, host=HOST, port=0, admin_port=0)
@@ -375,6 +376,7 @@ async def measure(args: argparse.Namespace, peer_url: str,
     task = asyncio.create_task(probe.run())
     try:
         await asyncio.wait_for(balancer.synced.wait(), 10)
+        await _start_parsers(balancer)
         url = f"http://{HOST}:{running.port}"
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S + 10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -400,6 +402,12 @@ async def measure(args: argparse.Namespace, peer_url: str,
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await running.stop()
+
+
+async def _start_parsers(balancer: balancer_app.Balancer) -> None:
+    """Start the body-parsing workers before measuring, as ``balancer serve`` does at start."""
+    async with asyncio.timeout(60):
+        await balancer.proxy.parsers.ready()
 
 
 async def _idle(probe: LagProbe, seconds: float = 2.0) -> dict[str, float]:
@@ -437,20 +445,26 @@ def host_line() -> str:
 
 
 def render(results: dict[str, ShapeResult], idle: dict[str, float], repeat: int,
-           limit: int) -> str:
+           limit: int, offload: int = 0) -> str:
+    """The report; a body over ``offload`` bytes (0: none) was parsed in a worker process,
+    so its parts ran there, not on the loop."""
     lines = [
-        f"Event-loop stall per request, body limit {limit} bytes, {repeat} requests per shape",
+        f"Event-loop stall per request, body limit {limit} bytes, {repeat} requests per shape, "
+        + (f"bodies over {offload} bytes parsed in worker processes" if offload
+           else "every body parsed on the loop"),
         f"host: {host_line()}",
         f"idle probe lateness: p50 {idle['p50']:.2f} ms, p99 {idle['p99']:.2f} ms, "
         f"max {idle['max']:.2f} ms",
         "",
-        "| request | body | answer | status | stall p50 / max, ms | parts on the loop, ms |",
+        "| request | body | answer | status | stall p50 / max, ms | parts, ms (where) |",
         "|---|---:|---:|---|---:|---|",
     ]
     over = []
     for result in results.values():
         stalls = result.stalls_ms
         parts = ", ".join(f"{name} {ms:.1f}" for name, ms in result.parts_ms.items())
+        in_worker = offload and result.request_bytes > offload
+        parts += " (in a worker)" if in_worker else " (on the loop)"
         statuses = "/".join(str(s) for s in sorted(set(result.statuses)))
         lines.append(f"| {result.name} | {_size(result.request_bytes)} | "
                      f"{_size(result.answer_bytes)} | {statuses} | "
@@ -477,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests per shape (1-50; default 5)")
     parser.add_argument("--max-body-bytes", type=int, default=10 << 20,
                         help="balancer's limits.max_body_bytes, which the bodies fill")
+    parser.add_argument("--offload-parse-bytes", type=int,
+                        default=LimitsSettings.offload_parse_bytes,
+                        help="balancer's limits.offload_parse_bytes: bodies over it are parsed "
+                             "in worker processes (0: all on the loop, as before it existed)")
     parser.add_argument("--max-seconds", type=float, default=600.0,
                         help="bound on the whole measurement (default 600)")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -511,11 +529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return await measure(args, peer_url, results)
 
         idle = uvloop.run(run())
-    report = render(results, idle, args.repeat, args.max_body_bytes)
+    report = render(results, idle, args.repeat, args.max_body_bytes, args.offload_parse_bytes)
     print(report)
     if args.json is not None:
         args.json.write_text(json.dumps({
             "host": host_line(), "idle_ms": idle, "limit": args.max_body_bytes,
+            "offload_parse_bytes": args.offload_parse_bytes,
             "shapes": {name: vars(result) for name, result in results.items()}}, indent=2))
     return 0
 

@@ -14,10 +14,10 @@ LAYERS: dict[str, int] = {
     "retry": 0, "ring": 0, "metrics": 0, "load": 0, "trace": 0,
     # pure logic over the core, and the aiohttp server adapter
     "health": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1, "paths": 1,
-    "state": 2, "tune": 2,
+    "state": 2, "tune": 2, "summary": 2,
     "router": 3,
     "route": 4, "monitor": 4, "models": 4, "loadpoll": 4,
-    "admission": 5, "record": 5,
+    "admission": 5, "record": 5, "offload": 5,
     "forward": 6,
     "proxy": 7,
     "app": 8,
