@@ -203,6 +203,20 @@ def test_a_workers_answer_is_the_loops_answer(
                                                                       first_turn)
 
 
+@pytest.mark.parametrize("raw", SPECIAL)
+def test_every_kind_of_edge_body_reads_alike_in_every_mode(raw: bytes) -> None:
+    """The edge bodies (a key that fails past validation, unreadable JSON, a non-object) in
+    every kind, key mode, session and first-turn setting: loop, worker and reference agree."""
+    for kind in Kind:
+        for mode in KeyMode:
+            for session in (None, "", "s-1"):
+                for first_turn in (False, True):
+                    rule = KeyRule(mode, 20, 8)
+                    want = reference(kind, raw, session, rule, first_turn)
+                    assert on_loop(kind, raw, session, rule, first_turn) == want
+                    assert in_worker(kind, raw, session, rule, first_turn) == want
+
+
 def test_an_error_travels_back_from_a_worker_whole() -> None:
     """A returned error keeps its class (status, type, metric reason), message and param."""
     answer = guarded(read_keyed, Kind.CHAT, b'{"model": "llama", "messages": 3}', None,
