@@ -101,7 +101,8 @@ class Balancer:
 
     async def _parsers(self, app: web.Application) -> AsyncIterator[None]:
         """The worker processes that read large bodies stop with the app. They start when
-        first needed, or at once under :func:`serve` (``ParsePool.start``), off the loop."""
+        first needed (off the loop; that body waits for them, ~0.3 s), so a replica that never
+        receives a large body (most sidecars) never pays their memory."""
         try:
             yield
         finally:
@@ -470,7 +471,6 @@ async def serve(settings: Settings) -> int:
     log.info("balancer listening on %s:%d (admin %s:%d), %d pool(s), strategy %s",
              server.host, running.port, server.admin_host or server.host, running.admin_port,
              len(settings.pools), settings.routing.strategy.value)
-    balancer.proxy.parsers.start()  # in the background: no request waits for the workers
     stop = asyncio.Event()
     force = asyncio.Event()
 

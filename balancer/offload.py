@@ -14,8 +14,10 @@ The pieces, and why:
   threads. The fork server (one per balancer process, started by the standard library on
   first use) preloads :mod:`balancer.summary`, so a worker, new or replacing one that died,
   is forked ready in milliseconds (see :data:`PRELOAD` for the main module). The pool is
-  started off the loop (in a thread) when ``balancer serve`` starts (:meth:`ParsePool.start`;
-  else on the first body that needs it, which then waits for it).
+  started off the loop (in a thread) by the first body that needs it, which waits for it
+  (a few hundred milliseconds, once): the fork server, the resource tracker and the workers
+  hold tens of megabytes, which a replica that never sees a large body (most sidecars) should
+  not pay. :meth:`ParsePool.start` starts it ahead for those that want it.
 * The body goes to a worker as an argument: the executor's feeder thread pickles it (one copy,
   ~1 ms per 10 MiB with the GIL held, the only part of the hand-off that holds the loop) and
   writes it to the worker's pipe (system calls without the GIL); the loop itself copies
