@@ -29,8 +29,9 @@ from tests.chart.helm import (
 CHART_VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 ENDPOINTSLICE_RULES = [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                         "verbs": ["get", "list", "watch"]}]
-# Prometheus Operator objects have no schema in kubernetes-validate.
-CRDS = {"ServiceMonitor", "PrometheusRule"}
+# Prometheus Operator and Gateway API objects have no schema in kubernetes-validate.
+CRDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
+        "HTTPRoute": "gateway.networking.k8s.io/v1"}
 VALUE_SETS = {"defaults": (), **{p.stem: values_file(p.name) for p in CI_VALUES}}
 
 
@@ -51,7 +52,7 @@ def test_every_rendered_object_passes_the_kubernetes_schema(args: tuple[str, ...
     assert docs
     for doc in docs:
         if doc["kind"] in CRDS:
-            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["apiVersion"] == CRDS[doc["kind"]]
             continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 

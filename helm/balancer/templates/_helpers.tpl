@@ -253,7 +253,7 @@ volumeMounts:
   - name: balancer-tmp
     mountPath: /tmp
 {{- with $root.Values.extraVolumeMounts }}
-{{ toYaml . }}
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
