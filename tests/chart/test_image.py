@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,12 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from balancer import __version__
 from loadtest.procs import free_port
 from tests.chart.helm import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 INSTRUCTIONS = [line.split(None, 1) for line in DOCKERFILE.splitlines()
                 if line and not line.startswith((" ", "#"))]
+GLOBAL_ARGS = dict(args.split("=", 1) for op, args in
+                   INSTRUCTIONS[:[op for op, _ in INSTRUCTIONS].index("FROM")] if op == "ARG")
 STAGES = [args for op, args in INSTRUCTIONS if op == "FROM"]
 CONFIG_PATH = "/etc/balancer/balancer.yaml"
 
@@ -52,7 +57,8 @@ def test_the_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     """A build stage and a final stage on a slim Python base; the final stage copies only the
     virtualenv, runs as a numeric non-root user and has no compiler or package installs."""
     assert len(STAGES) == 2
-    assert all("-slim" in stage for stage in STAGES)
+    assert all(stage.split()[0] == "${BASE_IMAGE}" for stage in STAGES)
+    assert GLOBAL_ARGS["BASE_IMAGE"].startswith("python:3.11-slim")
     final = final_stage()
     assert [args for op, args in final if op == "COPY"] == [
         "--from=build /opt/balancer /opt/balancer"]
@@ -62,6 +68,33 @@ def test_the_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert not [args for op, args in final if op == "RUN"]
     for tool in ("apt-get", "gcc", "build-essential"):
         assert tool not in DOCKERFILE
+
+
+def test_the_base_image_is_a_build_argument_with_digest_pinning_documented() -> None:
+    """Both stages use ``BASE_IMAGE``, pinned by tag by default (a digest cannot be looked up
+    offline, and an invented one would not pull); the comments say how to pin the digest.
+    A digest, when one is written in, must look like one."""
+    base = GLOBAL_ARGS["BASE_IMAGE"]
+    if "@" in base:
+        assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base)
+    assert "BASE_IMAGE=python:3.11-slim@sha256:" in DOCKERFILE
+    assert "imagetools inspect" in DOCKERFILE
+
+
+def test_the_image_carries_oci_labels_with_the_package_version() -> None:
+    """title, description, source, licenses and version (a build argument defaulting to the
+    package's version, so an image built without arguments is still labelled right)."""
+    final = final_stage()
+    args = dict(a.split("=", 1) for op, a in final if op == "ARG")
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.\w+)="([^"]*)"', DOCKERFILE))
+    assert set(labels) == {f"org.opencontainers.image.{k}" for k in
+                           ("title", "description", "source", "licenses", "version")}
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert args["VERSION"] == __version__
+    assert labels["org.opencontainers.image.source"] == "${SOURCE_URL}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
+    assert labels["org.opencontainers.image.description"] == project["description"]
 
 
 def test_the_entrypoint_serves_a_mounted_config_file() -> None:

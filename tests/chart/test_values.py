@@ -48,7 +48,14 @@ POOL = {"name": "llama", "kubernetes": {"service": "vllm", "port": "http"}}
 BAD_VALUES = {
     "a string where a count goes": ({"replicaCount": "two"}, "/replicaCount"),
     "an unknown top-level key": ({"replicas": 3}, "replicas"),
-    "an unknown key in image": ({"image": {"digest": "sha256:0"}}, "/image"),
+    "an unknown key in image": ({"image": {"sha": "sha256:0"}}, "/image"),
+    "a digest that is not one": ({"image": {"digest": "latest"}}, "/image/digest"),
+    "an HTTPRoute parent without a name": (
+        {"httpRoute": {"enabled": True, "parentRefs": [{"namespace": "gw"}]}},
+        "/httpRoute/parentRefs/0"),
+    "an unknown key in a probe": ({"probes": {"liveness": {"period": 3}}}, "/probes/liveness"),
+    "a volume mount without its path": ({"extraVolumeMounts": [{"name": "ca"}]},
+                                        "/extraVolumeMounts/0"),
     "a pull policy that does not exist": ({"image": {"pullPolicy": "Sometimes"}},
                                           "/image/pullPolicy"),
     "an unknown mode": ({"mode": "daemonset"}, "/mode"),

@@ -43,14 +43,25 @@ app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/*
-Labels on every object: the selector labels plus version and ownership.
+Labels on every object: the pod labels plus helm.sh/chart.
 */}}
 {{- define "balancer.labels" -}}
 helm.sh/chart: {{ include "balancer.chart" . }}
+{{ include "balancer.podLabels" . }}
+{{- end }}
+
+{{/*
+Labels of the pod template: the selector labels, version, ownership and commonLabels, but not
+helm.sh/chart, so that a chart bump alone does not roll the pods.
+*/}}
+{{- define "balancer.podLabels" -}}
 {{ include "balancer.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: balancer
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -63,12 +74,33 @@ mode (then it must be named).
 {{- else if .Values.serviceAccount.create }}
 {{- default (include "balancer.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.create is false: set serviceAccount.name to an existing service account (the chart does not fall back to `default`, which other workloads share and which would be granted EndpointSlice access)" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The image reference: [registry/]repository, then `:tag` (the appVersion when empty) and
+`@digest` when set; with both, the tag is informative and the digest is what is pulled. A
+digest alone drops the tag, which would only mislead.
+*/}}
 {{- define "balancer.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $image := .Values.image }}
+{{- $ref := $image.repository }}
+{{- with $image.registry }}{{ $ref = printf "%s/%s" (trimSuffix "/" .) $ref }}{{ end }}
+{{- if not $image.digest }}
+{{- printf "%s:%s" $ref (default .Chart.AppVersion $image.tag) }}
+{{- else if $image.tag }}
+{{- printf "%s:%s@%s" $ref $image.tag $image.digest }}
+{{- else }}
+{{- printf "%s@%s" $ref $image.digest }}
+{{- end }}
+{{- end }}
+
+{{/*
+The container's environment besides the sidecar's listen addresses: `env`, then `extraEnv`.
+*/}}
+{{- define "balancer.env" -}}
+{{- toYaml (concat (.Values.env | default list) (.Values.extraEnv | default list)) }}
 {{- end }}
 
 {{- define "balancer.port" -}}
@@ -143,7 +175,8 @@ Prometheus still reach it on the pod's address. A variable the user sets in `env
 {{- define "balancer.sidecar.env" -}}
 {{- $server := .Values.config.server | default dict }}
 {{- $named := list }}
-{{- range .Values.env }}{{ $named = append $named .name }}{{ end }}
+{{- $user := include "balancer.env" . | fromYamlArray }}
+{{- range $user }}{{ $named = append $named .name }}{{ end }}
 {{- $env := list }}
 {{- if and .Values.sidecar.host (not (has "BALANCER_SERVER_HOST" $named)) }}
 {{- $env = append $env (dict "name" "BALANCER_SERVER_HOST" "value" .Values.sidecar.host) }}
@@ -152,7 +185,7 @@ Prometheus still reach it on the pod's address. A variable the user sets in `env
 {{- $admin := $server.admin_host | default $server.host | default "0.0.0.0" }}
 {{- $env = append $env (dict "name" "BALANCER_SERVER_ADMIN_HOST" "value" $admin) }}
 {{- end }}
-{{- toYaml (concat $env (.Values.env | default list)) }}
+{{- toYaml (concat $env $user) }}
 {{- end }}
 
 {{/*
@@ -175,11 +208,13 @@ args: ["serve", "--config", "/etc/balancer/balancer.yaml"]
 {{- if .sidecar }}
 env:
   {{- include "balancer.sidecar.env" $root | nindent 2 }}
-{{- else }}
-{{- with $root.Values.env }}
+{{- else if or $root.Values.env $root.Values.extraEnv }}
 env:
-  {{- toYaml . | nindent 2 }}
+  {{- include "balancer.env" $root | nindent 2 }}
 {{- end }}
+{{- with $root.Values.extraEnvFrom }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 ports:
   - name: {{ $http }}
@@ -192,24 +227,13 @@ ports:
 /healthz answers, the proxy accepts, and only then does the app beside a native sidecar start.
 /healthz, not /readyz: model servers that are down must not hold the app back, nor have
 balancer restarted. */}}
-startupProbe:
+{{- range $probe, $path := dict "startup" "/healthz" "readiness" "/readyz" "liveness" "/healthz" }}
+{{ $probe }}Probe:
   httpGet:
-    path: /healthz
+    path: {{ $path }}
     port: {{ $admin }}
-  periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
-  failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
-readinessProbe:
-  httpGet:
-    path: /readyz
-    port: {{ $admin }}
-  periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
-  failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
-livenessProbe:
-  httpGet:
-    path: /healthz
-    port: {{ $admin }}
-  periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
-  failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+  {{- toYaml (index $root.Values.probes $probe) | nindent 2 }}
+{{- end }}
 {{- if and .preStop (gt (int $root.Values.preStopSleepSeconds) 0) }}
 lifecycle:
   preStop:
@@ -228,6 +252,9 @@ volumeMounts:
     readOnly: true
   - name: balancer-tmp
     mountPath: /tmp
+{{- with $root.Values.extraVolumeMounts }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -240,6 +267,9 @@ The volumes the balancer container mounts.
 - name: balancer-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
