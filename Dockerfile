@@ -46,5 +46,8 @@ ENV PATH=/opt/balancer/bin:$PATH \
 # A numeric non-root user, so Kubernetes can check runAsNonRoot (the chart's is the same).
 USER 65532:65532
 EXPOSE 8080 9090
-ENTRYPOINT ["balancer"]
+# `python -m balancer` rather than the `balancer` script: the processes that parse large
+# bodies (limits.offload_parse_bytes) re-import the main module, and the script brings the
+# whole program with it (~40 MB a worker, against ~17 MB from the package's __main__).
+ENTRYPOINT ["python", "-m", "balancer"]
 CMD ["serve", "--config", "/etc/balancer/balancer.yaml"]

@@ -98,8 +98,8 @@ def test_the_image_carries_oci_labels_with_the_package_version() -> None:
 
 
 def test_the_entrypoint_serves_a_mounted_config_file() -> None:
-    """`balancer serve` is the entrypoint, reading the file the chart mounts."""
-    assert exec_form("ENTRYPOINT") == ["balancer"]
+    """`python -m balancer serve` is the entrypoint, reading the file the chart mounts."""
+    assert exec_form("ENTRYPOINT") == ["python", "-m", "balancer"]
     assert exec_form("CMD") == ["serve", "--config", CONFIG_PATH]
 
 
@@ -161,7 +161,7 @@ def test_the_entrypoint_command_runs_from_the_installed_wheel(clean_venv: Path,
     command = [str(config) if arg == CONFIG_PATH else arg for arg in command]
     env = {"PATH": f"{clean_venv / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path)}
     located = shutil.which(command[0], path=env["PATH"])
-    assert located == str(clean_venv / "bin" / "balancer")
+    assert located == str(clean_venv / "bin" / "python")
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:

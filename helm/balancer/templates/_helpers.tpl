@@ -203,7 +203,7 @@ the app's port, not balancer's. The gateway's pods are balancer's alone and keep
 name: balancer
 image: {{ include "balancer.image" $root }}
 imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-command: ["balancer"]
+command: ["python", "-m", "balancer"]
 args: ["serve", "--config", "/etc/balancer/balancer.yaml"]
 {{- if .sidecar }}
 env:
