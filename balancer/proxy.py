@@ -44,6 +44,7 @@ from balancer.errors import (
     BalancerError,
     BodyTooLargeError,
     MethodNotAllowedError,
+    ModelNotFoundError,
     NoEndpointsError,
     NotFoundError,
     PathNotAllowedError,
@@ -60,6 +61,7 @@ from balancer.retry import RetryBudget
 from balancer.route import (
     KEYED_PATHS,
     Decision,
+    decide,
     passthrough_view,
     redecide,
     summarized_view,
@@ -192,7 +194,10 @@ class Proxy:
                 summary = await self.parsers.run(read_keyed, kind, body, session,
                                                  self._key_rule, self._first_turns)
             view = summarized_view(kind, summary, session)
-            decision = await self.admission.decide(view, self.router)
+            try:  # the common case without a coroutine; an empty pool waits in admission
+                decision = decide(view, self.router)
+            except (NoEndpointsError, ModelNotFoundError):
+                decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, forward,
@@ -231,7 +236,10 @@ class Proxy:
             started = asyncio.get_running_loop().time()
             model = await self._passthrough_model(request, body)
             view = passthrough_view(model, request.path)
-            decision = await self.admission.decide(view, self.router)
+            try:
+                decision = decide(view, self.router)
+            except (NoEndpointsError, ModelNotFoundError):
+                decision = await self.admission.decide(view, self.router)
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, target.forward,
