@@ -153,11 +153,16 @@ def is_first_turn(body: Mapping[str, Any]) -> bool:
     hundred thousand user messages costs no more than a short one; a conversation that long
     is not new."""
     messages = body["messages"]
-    for message in messages[:CHECKED_ITEMS]:
+    if len(messages) > CHECKED_ITEMS:
+        messages = messages[:CHECKED_ITEMS]  # a copy only for the rare huge list
+        whole = False
+    else:
+        whole = True
+    for message in messages:
         if ((type(message) is dict or isinstance(message, Mapping))
                 and message.get("role") == "assistant"):
             return False
-    return len(messages) <= CHECKED_ITEMS
+    return whole
 
 
 def guarded(function: Callable[..., T], *args: Any) -> T | BalancerError:
