@@ -308,18 +308,12 @@ class Pool:
             if subset is not None:
                 return self._choose_among(subset, model, key_hash, session=session,
                                           keyed=keyed, exclude=exclude, first_turn=first_turn)
-        strategy = self.strategy if keyed else self.passthrough
-        load: Mapping[str, float] = self.load
-        total: float = self.total_load
-        if keyed and self.queue_strategy is not None:
-            now = time.monotonic()
-            self.keyed_at = now
-            queues = self.queues(now)
-            if queues is not None:
-                strategy = self.queue_strategy
-                if first_turn and self.first_turn_strategy is not None:
-                    strategy = self.first_turn_strategy
-                load, total = queues, sum(queues.values())
+        strategy, queues = self._strategy(self, keyed, first_turn)
+        if queues is None:
+            load: Mapping[str, float] = self.load
+            total: float = self.total_load
+        else:
+            load, total = queues, sum(queues.values())
         if exclude:
             choice = strategy.choose(key_hash, self.routable, load, total,
                                      session=session, exclude=exclude)
@@ -329,6 +323,22 @@ class Pool:
             raise NoEndpointsError(f"no endpoint available in pool {self.name!r}")
         return choice
 
+    def _strategy(self, owner: Pool | Subset, keyed: bool,
+                  first_turn: bool) -> tuple[Chooser, dict[str, float] | None]:
+        """The strategy that chooses for a request among ``owner``'s endpoints (the pool's,
+        or a model's subset), and the queues it bounds (None: in-flight counts)."""
+        if not keyed:
+            return self.passthrough, None
+        if owner.queue_strategy is not None:
+            now = time.monotonic()
+            self.keyed_at = now
+            queues = self.queues(now)
+            if queues is not None:
+                if first_turn and owner.first_turn_strategy is not None:
+                    return owner.first_turn_strategy, queues
+                return owner.queue_strategy, queues
+        return owner.strategy, None
+
     def _choose_among(self, subset: Subset, model: str, key_hash: int, *, session: bool,
                       keyed: bool, exclude: frozenset[str] | None,
                       first_turn: bool) -> Choice:
@@ -336,17 +346,8 @@ class Pool:
         view (in-flight counts or queues), with the bound's average taken over the subset
         (its total load over its size), since only those endpoints can take the request."""
         members = subset.members
-        strategy = subset.strategy if keyed else self.passthrough
-        load: Mapping[str, float] = self.load
-        if keyed and subset.queue_strategy is not None:
-            now = time.monotonic()
-            self.keyed_at = now
-            queues = self.queues(now)
-            if queues is not None:
-                strategy = subset.queue_strategy
-                if first_turn and subset.first_turn_strategy is not None:
-                    strategy = subset.first_turn_strategy
-                load = queues
+        strategy, queues = self._strategy(subset, keyed, first_turn)
+        load: Mapping[str, float] = self.load if queues is None else queues
         total = sum(load.get(i, 0) for i in members)
         choice = strategy.choose(key_hash, members, load, total, session=session,
                                  exclude=exclude or ())

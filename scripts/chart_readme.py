@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,11 @@ helm install balancer helm/balancer --namespace llm --values my-values.yaml
 """
 
 
-def documented_keys(text: str) -> list[tuple[str, str]]:
-    """(dotted path, description) of every key under a ``# --`` block, in file order; keys
-    inside a documented key are left out."""
-    lines = text.splitlines()
+def key_paths(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, dotted path) of every mapping key of a YAML text written in block
+    style, by indentation (list items' keys join the path of the list's key)."""
     stack: list[tuple[int, str]] = []
-    rows: list[tuple[str, str]] = []
-    for number, line in enumerate(lines):
+    for number, line in enumerate(text.splitlines()):
         match = KEY.match(line)
         if not match:
             continue
@@ -77,7 +76,15 @@ def documented_keys(text: str) -> list[tuple[str, str]]:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, match.group(2)))
-        path = ".".join(name for _, name in stack)
+        yield number, ".".join(name for _, name in stack)
+
+
+def documented_keys(text: str) -> list[tuple[str, str]]:
+    """(dotted path, description) of every key under a ``# --`` block, in file order; keys
+    inside a documented key are left out."""
+    lines = text.splitlines()
+    rows: list[tuple[str, str]] = []
+    for number, path in key_paths(text):
         if any(path.startswith(done + ".") for done, _ in rows):
             continue
         description = _comment_block(lines, number)

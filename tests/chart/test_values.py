@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 import tomllib
 from pathlib import Path
@@ -20,6 +19,7 @@ from balancer import config as settings
 from tests.chart.helm import CHART, CI_VALUES, KUBERNETES_VERSION, ROOT, run_helm
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import chart_readme
 import chart_schema
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -120,18 +120,7 @@ def test_the_config_schema_knows_every_section_and_key_of_balancer_config() -> N
 def _key_lines(text: str) -> dict[str, int]:
     """Dotted path of every mapping key in values.yaml → its line number (list items and the
     free-form contents of `config` and object defaults are left out by the caller)."""
-    paths: dict[str, int] = {}
-    stack: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines()):
-        match = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
-        if not match:
-            continue
-        indent = len(match.group(1))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        stack.append((indent, match.group(2)))
-        paths[".".join(name for _, name in stack)] = number
-    return paths
+    return {path: number for number, path in chart_readme.key_paths(text)}
 
 
 def _leaf_paths(schema: dict[str, Any], prefix: str = "") -> list[str]:

@@ -521,14 +521,10 @@ async def test_bytes_after_a_complete_response_close_the_connection(raw_server, 
         upstream.close()
 
 
-@pytest.mark.parametrize("answer", [
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-    b"\x81\x05hello",
-    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-], ids=["with Upgrade headers", "bare"])
-async def test_a_protocol_switch_is_refused_and_closes(raw_server, answer):
-    """A 101 (an upgrade the proxy never asked for) is a protocol error, not a parser
-    exception escaping; the connection closes."""
+async def answered_and_refused(raw_server, answer: bytes, error: type[Exception],
+                               match: str) -> None:
+    """A server that answers every request with ``answer``: the request fails with
+    ``error`` and the connection closes (none is kept for reuse)."""
     async def handler(reader, writer):
         await read_request(reader)
         writer.write(answer)
@@ -538,11 +534,22 @@ async def test_a_protocol_switch_is_refused_and_closes(raw_server, answer):
     url, _ = await raw_server(handler)
     upstream = Connector(connect_timeout=2).open(url)
     try:
-        with pytest.raises(UpstreamProtocolError, match="switched protocols"):
+        with pytest.raises(error, match=match):
             await asyncio.wait_for(upstream.request(head_for(upstream), b"{}"), 2)
         await until(lambda: upstream.open_count == 0)
     finally:
         upstream.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    b"\x81\x05hello",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+], ids=["with Upgrade headers", "bare"])
+async def test_a_protocol_switch_is_refused_and_closes(raw_server, answer):
+    """A 101 (an upgrade the proxy never asked for) is a protocol error, not a parser
+    exception escaping; the connection closes."""
+    await answered_and_refused(raw_server, answer, UpstreamProtocolError, "switched protocols")
 
 
 @pytest.mark.parametrize("interim", [
@@ -624,20 +631,7 @@ async def test_an_oversized_response_head_is_refused_and_closes(raw_server, head
     assert len(b"a:b\r\n") * 10_000 < MAX_HEAD_SIZE < 100 * 1024
     assert MAX_HEADER_LINES < 10_000
 
-    async def handler(reader, writer):
-        await read_request(reader)
-        writer.write(head)
-        await writer.drain()
-        await reader.read()
-
-    url, _ = await raw_server(handler)
-    upstream = Connector(connect_timeout=2).open(url)
-    try:
-        with pytest.raises(UpstreamTooLargeError, match="response head"):
-            await asyncio.wait_for(upstream.request(head_for(upstream), b"{}"), 2)
-        await until(lambda: upstream.open_count == 0)
-    finally:
-        upstream.close()
+    await answered_and_refused(raw_server, head, UpstreamTooLargeError, "response head")
 
 
 async def test_a_head_under_the_limit_is_accepted_with_a_long_body_in_the_same_read(
