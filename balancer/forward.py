@@ -58,10 +58,10 @@ from balancer.errors import (
 from balancer.health import Failure
 from balancer.httpserver import (
     SERVER_NAME,
-    client_address,
     forwarded_for,
     parse_networks,
     peer_trusted,
+    request_client,
 )
 from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
@@ -69,6 +69,7 @@ from balancer.record import RequestRecord
 from balancer.retry import RETRY_STATUSES, parse_retry_after
 from balancer.router import Lease
 from balancer.upstream import (
+    READ_ALL_LIMIT,
     Connector,
     Response,
     UpstreamConnectError,
@@ -106,8 +107,9 @@ HEADER_ROUTE: Final = "x-balancer-route"
 HEADER_REQUEST_ID: Final = "X-Request-Id"
 
 # A non-streaming response up to this size is read whole and answered in one write, which
-# is cheaper than relaying it chunk by chunk; larger ones are relayed.
-_BUFFER_LIMIT: Final = 1 << 20
+# is cheaper than relaying it chunk by chunk; larger ones are relayed. The upstream client's
+# cap on a whole read, so the two cannot disagree.
+_BUFFER_LIMIT: Final = READ_ALL_LIMIT
 
 
 def filter_request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -334,9 +336,13 @@ class Retryable:
     """What the client gets if no retry happens: the upstream's own answer, or ours."""
     retry_after: float = 0.0
     """For a 429: seconds the endpoint asked to be left alone."""
-    model_missing: bool = False
-    """A 404 saying the endpoint does not serve the request's model (:func:`model_not_found`):
-    its models are out of date, and another endpoint serving the model may answer."""
+
+    @property
+    def model_missing(self) -> bool:
+        """A 404 saying the endpoint does not serve the request's model
+        (:func:`model_not_found`): its models are out of date, and another endpoint serving
+        the model may answer."""
+        return self.reason == "model_not_found"
 
 
 MODEL_NOT_FOUND_MAX_BYTES: Final = 64 * 1024
@@ -524,10 +530,9 @@ class Forwarder:
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
             return self._retryable(lease, record, upstream, headers, deadline)
-        if code == 404 and small and retry_possible and record.model:
-            return self._not_found(lease, record, upstream, headers, deadline)
-        if small and not stream:
-            return self._relay_whole(lease, record, upstream, headers, deadline)
+        if small and (not stream or (code == 404 and retry_possible and record.model)):
+            return self._relay_whole(lease, record, upstream, headers, deadline,
+                                     retry_possible)
         return self._relay_stream(request, lease, record, upstream, headers, deadline)
 
     def _load_report(self, lease: Lease, value: bytes) -> None:
@@ -560,27 +565,24 @@ class Forwarder:
         answer = web.Response(body=payload, status=code, headers=headers)
         return Retryable(str(code), answer, retry_after)
 
-    async def _not_found(self, lease: Lease, record: RequestRecord, upstream: Response,
-                         headers: CIMultiDict[str], deadline: float) -> web.Response | Retryable:
-        """A 404 (read whole): offered for a retry when it says the endpoint does not serve
-        the request's model, relayed otherwise. Never the endpoint's failure: it answered."""
-        payload = await upstream.read_all(deadline)
-        self._first_byte(lease, record, asyncio.get_running_loop().time())
-        answer = web.Response(body=payload, status=404, headers=headers)
-        if model_not_found(payload, record.model):
-            record.status = -1
-            return Retryable("model_not_found", answer, model_missing=True)
-        record.status = 404
-        return answer
-
     async def _relay_whole(self, lease: Lease, record: RequestRecord, upstream: Response,
-                           headers: CIMultiDict[str], deadline: float) -> web.Response:
+                           headers: CIMultiDict[str], deadline: float,
+                           retry_possible: bool) -> web.Response | Retryable:
+        """The answer read whole and relayed in one write; a 404 saying the endpoint does not
+        serve the request's model is offered for a retry instead (never the endpoint's
+        failure: it answered)."""
         payload = await upstream.read_all(deadline)
         self._first_byte(lease, record, asyncio.get_running_loop().time())
-        code = record.status = upstream.status
+        code = upstream.status
+        answer = web.Response(body=payload, status=code, headers=headers)
+        if (code == 404 and retry_possible and record.model
+                and model_not_found(payload, record.model)):
+            record.status = -1
+            return Retryable("model_not_found", answer)
+        record.status = code
         if code == 200 and _is_json(upstream.header(b"content-type")):
             record.usage = body_usage(payload)
-        return web.Response(body=payload, status=code, headers=headers)
+        return answer
 
     async def _relay_stream(self, request: web.Request, lease: Lease, record: RequestRecord,
                             upstream: Response, headers: CIMultiDict[str],
@@ -657,8 +659,8 @@ class Forwarder:
             lease.failure = Failure.TIMEOUT
             record.status = 504
             if asyncio.get_running_loop().time() >= record.total_at:
-                said = f"request exceeded the total timeout of {self.total_timeout:g} s"
-                detail = said
+                detail = said = (f"request exceeded the total timeout of "
+                                 f"{self.total_timeout:g} s")
             else:
                 said = (f"the model server sent no response within "
                         f"{self.first_byte_timeout:g} s")
@@ -694,8 +696,7 @@ class Forwarder:
         """The endpoint and what went wrong, which the client's answer leaves out."""
         log.log(level, "upstream %s %s, for %s %s from %s (request %s)", lease.state.id,
                 detail, request.method, request.path,
-                client_address(request.remote or "", forwarded_for(request),
-                               self.trusted_proxies), request_id)
+                request_client(request, self.trusted_proxies), request_id)
 
     async def _stream_failed(self, request: web.Request, response: web.StreamResponse,
                              lease: Lease, record: RequestRecord, exc: UpstreamError) -> None:

@@ -61,6 +61,7 @@ from balancer.retry import RetryBudget
 from balancer.route import (
     KEYED_PATHS,
     Decision,
+    RequestView,
     decide,
     passthrough_view,
     redecide,
@@ -194,10 +195,8 @@ class Proxy:
                 summary = await self.parsers.run(read_keyed, kind, body, session,
                                                  self._key_rule, self._first_turns)
             view = summarized_view(kind, summary, session)
-            try:  # the common case without a coroutine; an empty pool waits in admission
-                decision = decide(view, self.router)
-            except (NoEndpointsError, ModelNotFoundError):
-                decision = await self.admission.decide(view, self.router)
+            decision = (self._decide_now(view)
+                        or await self.admission.decide(view, self.router))
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, forward,
@@ -236,10 +235,8 @@ class Proxy:
             started = asyncio.get_running_loop().time()
             model = await self._passthrough_model(request, body)
             view = passthrough_view(model, request.path)
-            try:
-                decision = decide(view, self.router)
-            except (NoEndpointsError, ModelNotFoundError):
-                decision = await self.admission.decide(view, self.router)
+            decision = (self._decide_now(view)
+                        or await self.admission.decide(view, self.router))
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         return await self._forward(request, decision, body, request_id, target.forward,
@@ -270,6 +267,14 @@ class Proxy:
                 raise BodyTooLargeError(f"request body exceeds the limit of {limit} "
                                         "bytes") from None
         return await _read_large(request, limit)
+
+    def _decide_now(self, view: RequestView) -> Decision | None:
+        """``route.decide`` without a coroutine, the common case; None when the pool has no
+        endpoint or the model is unknown, where ``admission.decide`` may wait for one."""
+        try:
+            return decide(view, self.router)
+        except (NoEndpointsError, ModelNotFoundError):
+            return None
 
     def _check_content_type(self, request: web.Request) -> None:
         raw = request.headers.get(hdrs.CONTENT_TYPE)
