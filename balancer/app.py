@@ -310,9 +310,7 @@ class DebugFromLoopback:
         if not is_debug_path(request.path):
             response: web.StreamResponse = await handler(request)
             return response
-        transport = request.transport
-        peername = transport.get_extra_info("peername") if transport is not None else None
-        peer = str(peername[0]) if isinstance(peername, tuple) and peername else None
+        peer = request.remote
         if is_loopback(peer):
             response = await handler(request)
             return response

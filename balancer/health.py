@@ -196,21 +196,3 @@ def ejection_cap(serving: Iterable[EndpointHealth], candidate: EndpointHealth,
     return None if ejected < limit else Capped(count, ejected, limit)
 
 
-@dataclass(slots=True)
-class Throttle:
-    """Lets one event through per ``interval`` seconds and counts the rest, so a log line
-    per event cannot flood the log, and the next line still says how many were held back."""
-
-    interval: float
-    next_at: float = -math.inf
-    held: int = 0
-
-    def allow(self, now: float) -> int | None:
-        """None: hold this event back. Else let it through and return how many were held
-        back since the last one went through."""
-        if now < self.next_at:
-            self.held += 1
-            return None
-        held, self.held = self.held, 0
-        self.next_at = now + self.interval
-        return held

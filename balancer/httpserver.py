@@ -34,7 +34,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
@@ -49,6 +48,7 @@ from balancer.errors import (
     StartupError,
     error_body,
 )
+from balancer.logs import Throttle
 
 log = logging.getLogger("balancer.server")
 
@@ -65,9 +65,9 @@ LOG_INTERVAL: Final = 10.0
 slowloris flood is one line per interval with a count, never one line per request."""
 
 OnClientError = Callable[[str], None]
+"""Told the reason ("malformed_http") of each HTTP-level request error."""
 Screen = Callable[[web.BaseRequest], "web.StreamResponse | None"]
 """Looks at a request before the app does; returns the answer that refuses it, or None."""
-"""Told the reason ("malformed_http") of each HTTP-level request error."""
 OnEvent = Callable[[str], None]
 """Told a label: the rejection reason, or the phase of a client timeout."""
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -153,28 +153,6 @@ def request_client(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
 # -- the front door ---------------------------------------------------------------------------
 
 
-class LogThrottle:
-    """At most one log line per ``interval`` seconds about a kind of event: :meth:`tick`
-    counts an event and says whether to log it now, and how many were left unlogged since
-    the last line. Pure (the caller passes the time), so tests need no clock."""
-
-    __slots__ = ("_interval", "_next", "_unlogged")
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self._interval = interval
-        self._next = -math.inf
-        self._unlogged = 0
-
-    def tick(self, now: float) -> int | None:
-        """None: do not log this one; else log it, with this many unlogged before it."""
-        if now < self._next:
-            self._unlogged += 1
-            return None
-        self._next = now + self._interval
-        unlogged, self._unlogged = self._unlogged, 0
-        return unlogged
-
-
 def _json_error(exc: BalancerError) -> web.Response:
     """An answer the front door gives itself: OpenAI-style, ``Server: balancer``, and the
     connection closed after it (the body was not read, so the next request on it could not
@@ -239,11 +217,11 @@ class FrontDoor:
                  trusted: Sequence[Network] = (), on_reject: OnEvent | None = None,
                  on_timeout: OnEvent | None = None, screen: Screen | None = None) -> None:
         self.name = name
+        """The port, for log lines ("proxy", "admin")."""
         self.screen = screen
         """Answers a request whose target is not a path (absolute-form, ``CONNECT``, ``*``)
         or whose version is HTTP/0.9, if it refuses it: such requests match no route, and
         checking here costs the rest nothing (no middleware on every request)."""
-        """The port, for log lines ("proxy", "admin")."""
         self.max_concurrent = max_concurrent
         """Requests in progress at most (0: no cap)."""
         self.body_timeout = body_timeout
@@ -255,13 +233,13 @@ class FrontDoor:
         self._trusted = tuple(trusted)
         self._on_reject = on_reject
         self._on_timeout = on_timeout
-        self._refusals = LogThrottle()
-        self._timeouts = LogThrottle()
+        self._refusals = Throttle(LOG_INTERVAL)
+        self._timeouts = Throttle(LOG_INTERVAL)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.handler
         assert handler is not None, "the runner sets the handler before serving"
-        if self.screen is not None and (request.raw_path[:1] != "/"
+        if self.screen is not None and (not request.raw_path.startswith("/")
                                         or request.version < (1, 0)):
             refused = self.screen(request)
             if refused is not None:
@@ -293,7 +271,7 @@ class FrontDoor:
     def _refuse(self, request: web.BaseRequest) -> web.Response:
         if self._on_reject is not None:
             self._on_reject(ConcurrencyLimitError.reason)
-        unlogged = self._refusals.tick(asyncio.get_running_loop().time())
+        unlogged = self._refusals.allow(asyncio.get_running_loop().time())
         if unlogged is not None:
             log.warning("%s port: %d requests in progress, the limit "
                         "(limits.max_concurrent_requests): answering 503 to %s %s from %s "
@@ -314,7 +292,7 @@ class FrontDoor:
         cannot flood."""
         if self._on_timeout is not None:
             self._on_timeout(phase)
-        unlogged = self._timeouts.tick(asyncio.get_running_loop().time())
+        unlogged = self._timeouts.allow(asyncio.get_running_loop().time())
         if unlogged is not None:
             log.info("%s port: request %s too slow from %s: answered 408 and closed (%d more "
                      "client timeouts since the last such line)", self.name, phase, who,

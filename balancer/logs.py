@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 
@@ -173,3 +175,23 @@ class LineWriter:
             pass  # nowhere to log that logging failed; as logging.raiseExceptions=False
         finally:
             handler.release()
+
+
+@dataclass(slots=True)
+class Throttle:
+    """Lets one event through per ``interval`` seconds and counts the rest, so a log line
+    per event cannot flood the log, and the next line still says how many were held back."""
+
+    interval: float
+    next_at: float = -math.inf
+    held: int = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: hold this event back. Else let it through and return how many were held
+        back since the last one went through."""
+        if now < self.next_at:
+            self.held += 1
+            return None
+        held, self.held = self.held, 0
+        self.next_at = now + self.interval
+        return held

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
 from typing import Final
 
 import aiohttp
@@ -88,8 +87,7 @@ class ModelLearner:
         """Adapters an endpoint's metrics show loaded: add them to its models (and the
         pool's) without waiting for the next refresh."""
         if pool.learns_models and pool.add_endpoint_models(endpoint_id, adapters):
-            reports = (pool.states[i].models for i in pool.routable)
-            self._update(pool, (r for r in reports if r is not None))
+            self._update(pool)
 
     def endpoints_changed(self) -> None:
         """Ask the endpoints that have not answered yet, and forget the models of those that
@@ -128,14 +126,16 @@ class ModelLearner:
                                and (pool.name, i) not in stale)]
             answers = await asyncio.gather(
                 *(self._ask(session, limit, pool, state.endpoint) for state in targets))
-            for state, models in zip(targets, answers, strict=True):
-                if models is not None and state.present:
-                    pool.set_endpoint_models(state.id, frozenset(models))
-            reports = (pool.states[i].models for i in pool.routable)
-            self._update(pool, (r for r in reports if r is not None))
+            pool.set_endpoints_models({
+                state.id: frozenset(models)
+                for state, models in zip(targets, answers, strict=True)
+                if models is not None and state.present})
+            self._update(pool)
 
-    def _update(self, pool: Pool, reports: Iterable[frozenset[str]]) -> None:
-        models = set().union(*reports)
+    def _update(self, pool: Pool) -> None:
+        """The pool's models: the union of its routable endpoints' reports."""
+        reports = (pool.states[i].models for i in pool.routable)
+        models = set().union(*(r for r in reports if r is not None))
         if models and self._router.set_models(pool.name, models):
             log.info("pool %s: serving models %s", pool.name, ", ".join(pool.models))
 

@@ -23,7 +23,8 @@ from typing import Any, Final
 import aiohttp
 
 from balancer.config import HealthSettings
-from balancer.health import Capped, Failure, Throttle, ejection_cap
+from balancer.health import Capped, Failure, ejection_cap
+from balancer.logs import Throttle
 from balancer.metrics import Metrics
 from balancer.router import Lease, Pool
 from balancer.state import EndpointState

@@ -82,7 +82,7 @@ def summarized_view(kind: Kind, summary: Summary, session: str | None) -> Reques
 
 
 def passthrough_view(model: str | None, path: str) -> RequestView:
-    return RequestView(None, {}, model, None, path)
+    return RequestView(None, _NO_BODY, model, None, path)
 
 
 def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:

@@ -366,12 +366,21 @@ class Pool:
     def set_endpoint_models(self, endpoint_id: str, models: frozenset[str]) -> bool:
         """Set the models an endpoint reported (its ``/v1/models``); returns whether they
         changed."""
-        state = self.states.get(endpoint_id)
-        if state is None or state.models == models:
-            return False
-        state.models = models
-        self._update_subsets()
-        return True
+        return self.set_endpoints_models({endpoint_id: models})
+
+    def set_endpoints_models(self, reported: Mapping[str, frozenset[str]]) -> bool:
+        """Set the models several endpoints reported, with the subsets recomputed once (a
+        refresh of the whole pool builds no ring for the sets in between); returns whether
+        any changed."""
+        changed = False
+        for endpoint_id, models in reported.items():
+            state = self.states.get(endpoint_id)
+            if state is not None and state.models != models:
+                state.models = models
+                changed = True
+        if changed:
+            self._update_subsets()
+        return changed
 
     def add_endpoint_models(self, endpoint_id: str, models: frozenset[str]) -> bool:
         """Add models an endpoint is seen serving (adapters in its metrics); returns whether

@@ -31,7 +31,15 @@ from typing import Any, NamedTuple, TypeVar
 
 from balancer.config import KeyMode, RoutingSettings
 from balancer.errors import BadRequestError, BalancerError, InvalidJSONError
-from balancer.prefix import CHECKED_ITEMS, Kind, model_of, routing_key, session_key, validate
+from balancer.prefix import (
+    CHECKED_ITEMS,
+    Kind,
+    _is_object,
+    model_of,
+    routing_key,
+    session_key,
+    validate,
+)
 
 T = TypeVar("T")
 
@@ -159,8 +167,7 @@ def is_first_turn(body: Mapping[str, Any]) -> bool:
     else:
         whole = True
     for message in messages:
-        if ((type(message) is dict or isinstance(message, Mapping))
-                and message.get("role") == "assistant"):
+        if _is_object(message) and message.get("role") == "assistant":
             return False
     return whole
 

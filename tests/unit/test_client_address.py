@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from balancer.config import ConfigError, load
 from balancer.forward import filter_request_headers
 from balancer.httpserver import (
-    LogThrottle,
     client_address,
     hop_address,
     parse_networks,
     peer_trusted,
 )
+from balancer.logs import Throttle
 
 PROXIES = parse_networks(["10.0.0.0/8", "fd00::/8"])
 
@@ -114,23 +114,23 @@ def test_the_answer_is_the_peer_or_an_address_from_the_chain(peer, chain):
 
 def test_the_throttle_logs_once_per_interval_and_counts_the_rest():
     """A flood is one line per interval, which says how many were not logged."""
-    throttle = LogThrottle(10.0)
-    assert throttle.tick(100.0) == 0
-    assert [throttle.tick(100.0 + i) for i in range(1, 10)] == [None] * 9
-    assert throttle.tick(110.0) == 9
-    assert throttle.tick(115.0) is None
-    assert throttle.tick(200.0) == 1
+    throttle = Throttle(10.0)
+    assert throttle.allow(100.0) == 0
+    assert [throttle.allow(100.0 + i) for i in range(1, 10)] == [None] * 9
+    assert throttle.allow(110.0) == 9
+    assert throttle.allow(115.0) is None
+    assert throttle.allow(200.0) == 1
 
 
 @given(st.lists(st.floats(min_value=0, max_value=1000), max_size=200))
 def test_the_throttle_accounts_for_every_event(times):
     """Logged lines plus the unlogged counts they report (and those still pending) are all
     the events, and no two lines are closer than the interval."""
-    throttle = LogThrottle(10.0)
+    throttle = Throttle(10.0)
     logged: list[float] = []
     reported = 0
     for now in sorted(times):
-        unlogged = throttle.tick(now)
+        unlogged = throttle.allow(now)
         if unlogged is not None:
             logged.append(now)
             reported += unlogged

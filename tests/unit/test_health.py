@@ -24,10 +24,10 @@ from balancer.health import (
     Capped,
     EndpointHealth,
     Failure,
-    Throttle,
     ejection_cap,
     ejection_limit,
 )
+from balancer.logs import Throttle
 from balancer.metrics import Metrics
 from balancer.monitor import HealthMonitor
 from balancer.ring import hash_key
