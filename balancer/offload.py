@@ -90,7 +90,8 @@ class ParsePool:
         worker)."""
         self.pids: frozenset[int] = frozenset()
         """Process ids of the current pool's workers (once started)."""
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = asyncio.Semaphore(QUEUED_PER_WORKER * self.workers)
+        """Bodies the workers may hold at once (no loop is bound until first used)."""
         self._executor: ProcessPoolExecutor | None = None
         self._starting: asyncio.Task[ProcessPoolExecutor] | None = None
         self._closed = False
@@ -115,12 +116,10 @@ class ParsePool:
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in a worker process; a BalancerError it raises there is raised
         here. Raises ParseUnavailableError when the worker died (or none could start)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(QUEUED_PER_WORKER * self.workers)
         self.pending += 1
         try:
             await self._slots.acquire()
-            executor, future = await self._submit(self._slots, function, args)
+            executor, future = await self._submit(function, args)
             try:
                 result: T | BalancerError = await asyncio.wrap_future(future)
             except BrokenProcessPool:
@@ -146,8 +145,7 @@ class ParsePool:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _submit(self, slots: asyncio.Semaphore, function: Callable[..., T],
-                      args: tuple[Any, ...]
+    async def _submit(self, function: Callable[..., T], args: tuple[Any, ...]
                       ) -> tuple[ProcessPoolExecutor, Future[T | BalancerError]]:
         """Hand ``function(*args)`` to a worker, holding a slot (taken) until it is done."""
         try:
@@ -161,17 +159,17 @@ class ParsePool:
             except BrokenProcessPool:
                 raise self._replace(executor) from None
         except BaseException:
-            slots.release()
+            self._slots.release()
             raise
         self.held += 1
         loop = asyncio.get_running_loop()
-        future.add_done_callback(lambda _: _call_soon(loop, self._done_with, slots))
+        future.add_done_callback(lambda _: _call_soon(loop, self._done_with))
         return executor, future
 
-    def _done_with(self, slots: asyncio.Semaphore) -> None:
+    def _done_with(self) -> None:
         """A worker is done with a body (or the body was cancelled before it got one)."""
         self.held -= 1
-        slots.release()
+        self._slots.release()
 
     def _start_task(self) -> asyncio.Task[ProcessPoolExecutor]:
         task = asyncio.get_running_loop().create_task(self._start(), name="balancer-parsers")

@@ -169,14 +169,18 @@ class AllowList:
                 self._exact.setdefault(path, []).append(rule)
 
     def match(self, method: str, path: str) -> Verdict:
-        candidates = self._exact.get(path, [])
-        if self._patterns:
-            segments = path[1:].split("/")
-            candidates = candidates + [r for r in self._patterns if _fits(r.segments, segments)]
-        for rule in candidates:
+        exact: Iterable[ForwardPath] = self._exact.get(path, ())
+        for rule in exact:
             if rule.method == method:
                 return Verdict(rule)
-        return Verdict(None, tuple(sorted({rule.method for rule in candidates})))
+        fitting: list[ForwardPath] = []
+        if self._patterns:
+            segments = path[1:].split("/")
+            fitting = [r for r in self._patterns if _fits(r.segments, segments)]
+            for rule in fitting:
+                if rule.method == method:
+                    return Verdict(rule)
+        return Verdict(None, tuple(sorted({rule.method for rule in (*exact, *fitting)})))
 
 
 def _fits(pattern: tuple[str | None, ...], segments: list[str]) -> bool:
