@@ -103,10 +103,12 @@ class Balancer:
         """The worker processes that read large bodies stop with the app. They start when
         first needed (off the loop; that body waits for them, ~0.3 s), so a replica that never
         receives a large body (most sidecars) never pays their memory."""
+        self.proxy.reclaimer.start()
         try:
             yield
         finally:
             await self.proxy.parsers.close()
+            await self.proxy.reclaimer.close()
 
     async def _health(self, app: web.Application) -> AsyncIterator[None]:
         await self.health.start()

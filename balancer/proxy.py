@@ -53,6 +53,7 @@ from balancer.errors import (
 )
 from balancer.forward import HEADER_REQUEST_ID, Forwarder, Retryable, error_response
 from balancer.httpserver import SERVER_NAME
+from balancer.memory import Reclaimer, glibc
 from balancer.metrics import Metrics
 from balancer.offload import ParsePool
 from balancer.paths import AllowList, Target, TargetError, parse_target
@@ -120,6 +121,8 @@ class Proxy:
         self.reporter = reporter
         self.parsers = parsers
         """Reads large bodies in worker processes (``limits.offload_parse_bytes``)."""
+        self.reclaimer = Reclaimer(allocator=glibc())
+        """Gives the memory of large bodies back to the system after a burst."""
         self._key_rule = KeyRule.of(settings.routing)
         # Whether a body must be told a conversation's first turn: a walk over its messages,
         # needed only when some pool routes first turns apart (fixed at start).
@@ -266,7 +269,10 @@ class Proxy:
             except web.HTTPRequestEntityTooLarge:
                 raise BodyTooLargeError(f"request body exceeds the limit of {limit} "
                                         "bytes") from None
-        return await _read_large(request, limit)
+        body = await _read_large(request, limit)
+        if len(body) >= LARGE_BODY_BYTES:
+            self.reclaimer.large_body()
+        return body
 
     def _decide_now(self, view: RequestView) -> Decision | None:
         """``route.decide`` without a coroutine, the common case; None when the pool has no
@@ -354,6 +360,7 @@ class Proxy:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
+                self.reclaimer.quiet()
 
     async def _attempts(self, request: web.Request, decision: Decision, body: bytes,
                         record: RequestRecord, stream: bool, target: str,
