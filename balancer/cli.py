@@ -140,11 +140,15 @@ def explain_route(
     router = Router(settings)
     router.apply(StaticDiscovery(settings.pools).snapshot())
     view = keyed_view(kind_for(body, path), body, session)
-    pool = router.pool_for_model(view.model or "")
-    if loads:
-        pool.assume_load(loads)
-    for endpoint_id, report in (reports or {}).items():
-        pool.assume_report(endpoint_id, report)
+    model = view.model or ""
+    route = router.routes.get(model)
+    pools = ([router.pools[name] for name in route.pools()] if route is not None
+             else [router.pool_for_model(model)])
+    for pool in pools:  # endpoint ids are the pool's own; others are ignored
+        if loads:
+            pool.assume_load(loads)
+        for endpoint_id, report in (reports or {}).items():
+            pool.assume_report(endpoint_id, report)
     return explain(decide(view, router), walk_limit, view)
 
 
@@ -185,6 +189,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    routed = result.get("route")
+    if routed is not None:
+        fell = routed["fallback_reason"]
+        print(f"served by: pool {routed['pool']} as {routed['served_model']!r} (route "
+              f"{routed['model']!r}: {' > '.join(routed['chain'])}"
+              + (f"; earlier pools passed over: {fell})" if fell else ")"))
     print(f"pool:      {result['pool']} (strategy {result['strategy']})")
     print(f"key:       {_shown(result['key'])} ({result['key_source']})")
     print(f"key from:  {result['key_from']}")

@@ -183,6 +183,40 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
+class BackendSettings:
+    """One pool a route sends requests to (``routes[].backends`` and ``routes[].fallbacks``)."""
+
+    pool: str
+    """The pool's name."""
+    weight: float = 1.0
+    """Share of new conversations (backends only): a key goes to each backend with
+    probability weight / sum of weights. 0: no new conversation, but still a fallback for
+    the others. Unitless, any scale (90/10 and 9/1 split alike)."""
+    model: str = ""
+    """The model name the pool is asked for (the request's ``model`` is rewritten to it).
+    Empty: the pool's only configured model if it lists exactly one, else the route's own
+    name unchanged."""
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """A model name clients ask for, served by weighted pools with fallbacks (``routes``)."""
+
+    model: str
+    """The name clients send in ``model``; it is listed by ``/v1/models`` and takes
+    precedence over a pool serving the same name."""
+    backends: tuple[BackendSettings, ...]
+    """Pools splitting the route's conversations by weight, by routing key (a conversation
+    stays on one side for its whole life)."""
+    fallbacks: tuple[BackendSettings, ...] = ()
+    """Pools tried in order after every backend, when those have no routable endpoint, are
+    in panic mode, are full, or failed the request before its first byte."""
+    expose_backend_model: bool = False
+    """Responses name the model the backend served; false (the default): the name the client
+    asked for."""
+
+
+@dataclass(frozen=True)
 class RoutingSettings:
     strategy: Strategy = Strategy.CHWBL
     """chwbl (prefix affinity under a load bound), least-request (power of two choices),
@@ -405,6 +439,10 @@ class RetrySettings:
     retry_after_max: float = 60.0
     """Cap in seconds on the ``Retry-After`` balancer honours (a broken server cannot take
     itself out for a day)."""
+    max_fallbacks: int = 2
+    """Most pools after its first that one request of a route may go to (``routes``), each
+    costing one retry from the budget; 0: a route never falls back. Within each pool the
+    request still has ``max_attempts`` tries."""
 
 
 @dataclass(frozen=True)
@@ -470,6 +508,7 @@ class ModelDiscoverySettings:
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     pools: tuple[PoolSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     load: LoadSettings = field(default_factory=LoadSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -610,6 +649,89 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
     return tuple(pools)
 
 
+def _build_routes(raw: Any) -> tuple[RouteSettings, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"routes: expected a list of routes, got {raw!r}")
+    routes = []
+    allowed = {"model", "backends", "fallbacks", "expose_backend_model"}
+    for i, item in enumerate(raw):
+        where = f"routes[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with model, backends, fallbacks")
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown setting; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        if not item.get("model"):
+            raise ConfigError(f"{where}.model: required (the model name clients ask for)")
+        routes.append(RouteSettings(
+            model=_convert(f"{where}.model", item["model"], str),
+            backends=_build_backends(f"{where}.backends", item.get("backends"), True),
+            fallbacks=_build_backends(f"{where}.fallbacks", item.get("fallbacks"), False),
+            expose_backend_model=_convert(f"{where}.expose_backend_model",
+                                          item.get("expose_backend_model", False), bool),
+        ))
+    return tuple(routes)
+
+
+def _build_backends(where: str, raw: Any, weighted: bool) -> tuple[BackendSettings, ...]:
+    """A route's backends or fallbacks: mappings, or bare pool names."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of pools, got {raw!r}")
+    allowed = {"pool", "weight", "model"} if weighted else {"pool", "model"}
+    out = []
+    for j, item in enumerate(raw):
+        at = f"{where}[{j}]"
+        if isinstance(item, str):
+            item = {"pool": item}
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{at}: expected a pool name or a mapping with "
+                              f"{', '.join(sorted(allowed))}")
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise ConfigError(f"{at}.{unknown[0]}: unknown setting; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        if not item.get("pool"):
+            raise ConfigError(f"{at}.pool: required")
+        out.append(BackendSettings(
+            pool=_convert(f"{at}.pool", item["pool"], str),
+            weight=_convert(f"{at}.weight", item.get("weight", 1.0), float),
+            model=_convert(f"{at}.model", item.get("model") or "", str),
+        ))
+    return tuple(out)
+
+
+def _validate_routes(settings: Settings) -> None:
+    pools = {p.name for p in settings.pools}
+    names: set[str] = set()
+    for i, route in enumerate(settings.routes):
+        where = f"routes[{i}]"
+        if route.model in names:
+            raise ConfigError(f"{where}.model: {route.model!r} is already a route")
+        names.add(route.model)
+        if not route.backends:
+            raise ConfigError(f"{where}.backends: a route needs at least one backend pool")
+        seen: set[str] = set()
+        for kind, hops in (("backends", route.backends), ("fallbacks", route.fallbacks)):
+            for j, hop in enumerate(hops):
+                if hop.pool not in pools:
+                    raise ConfigError(f"{where}.{kind}[{j}].pool: no pool is named "
+                                      f"{hop.pool!r} (pools: {', '.join(sorted(pools))})")
+                if hop.pool in seen:
+                    raise ConfigError(f"{where}.{kind}[{j}].pool: {hop.pool!r} appears twice "
+                                      "in the route")
+                seen.add(hop.pool)
+                if not (math.isfinite(hop.weight) and hop.weight >= 0):
+                    raise ConfigError(f"{where}.{kind}[{j}].weight: {hop.weight} must be a "
+                                      "number >= 0")
+        if not any(b.weight > 0 for b in route.backends):
+            raise ConfigError(f"{where}.backends: at least one backend needs a weight > 0")
+
+
 def _build_pool_kubernetes(where: str, raw: Any) -> KubernetesPoolSettings | None:
     if raw is None:
         return None
@@ -726,6 +848,7 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
     _positive_seconds("model_discovery", settings.model_discovery, "refresh_interval",
                       "timeout")
     _validate_resilience(settings)
+    _validate_routes(settings)
     if not settings.pools and require_pools:
         raise ConfigError("pools: at least one pool is required")
     names: set[str] = set()
@@ -823,6 +946,8 @@ def _validate_resilience(settings: Settings) -> None:
     if not (math.isfinite(h.max_ejection_percent) and 0.0 < h.max_ejection_percent <= 100.0):
         raise ConfigError(f"health.max_ejection_percent: {h.max_ejection_percent} must be a "
                           "percentage above 0 and at most 100")
+    if r.max_fallbacks < 0:
+        raise ConfigError(f"retries.max_fallbacks: {r.max_fallbacks} must be >= 0")
     if not 1 <= r.max_attempts <= 10:
         raise ConfigError(f"retries.max_attempts: {r.max_attempts} must be in 1..10")
     if not 0.0 <= r.budget_ratio <= 1.0:
@@ -838,12 +963,13 @@ def _validate_resilience(settings: Settings) -> None:
 
 def from_mapping(raw: Mapping[str, Any]) -> Settings:
     """Build settings from a parsed YAML document (without validating pools' presence)."""
-    unknown = sorted(set(raw) - {*_SECTIONS, "pools"})
+    unknown = sorted(set(raw) - {*_SECTIONS, "pools", "routes"})
     if unknown:
-        allowed = ", ".join(sorted({*_SECTIONS, "pools"}))
+        allowed = ", ".join(sorted({*_SECTIONS, "pools", "routes"}))
         raise ConfigError(f"{unknown[0]}: unknown section; allowed: {allowed}")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
-    return Settings(pools=_build_pools(raw.get("pools")), **sections)
+    return Settings(pools=_build_pools(raw.get("pools")), routes=_build_routes(raw.get("routes")),
+                    **sections)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -934,6 +1060,11 @@ def as_dict(settings: Settings) -> dict[str, Any]:
         return value
 
     result: dict[str, Any] = plain(settings)
+    if not settings.routes:
+        del result["routes"]
+    for route in result.get("routes", ()):
+        for hop in route["fallbacks"]:
+            del hop["weight"]  # fallbacks take no share of first choices
     for pool in result["pools"]:
         if pool["kubernetes"] is None:
             del pool["kubernetes"]

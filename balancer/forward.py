@@ -525,12 +525,12 @@ class Forwarder:
         headers[HEADER_REQUEST_ID] = record.request_id
         if self.route_headers:
             headers[HEADER_ENDPOINT] = lease.endpoint.id
-            headers[HEADER_ROUTE] = lease.choice.outcome
+            headers[HEADER_ROUTE] = record.outcome
         length = upstream.content_length
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
             return self._retryable(lease, record, upstream, headers, deadline)
-        if small and (not stream or (code == 404 and retry_possible and record.model)):
+        if small and (not stream or (code == 404 and retry_possible and record.served_model)):
             return self._relay_whole(lease, record, upstream, headers, deadline,
                                      retry_possible)
         return self._relay_stream(request, lease, record, upstream, headers, deadline)
@@ -575,10 +575,12 @@ class Forwarder:
         self._first_byte(lease, record, asyncio.get_running_loop().time())
         code = upstream.status
         answer = web.Response(body=payload, status=code, headers=headers)
-        if (code == 404 and retry_possible and record.model
-                and model_not_found(payload, record.model)):
+        if (code == 404 and retry_possible and record.served_model
+                and model_not_found(payload, record.served_model)):
             record.status = -1
             return Retryable("model_not_found", answer)
+        if record.rename is not None:
+            answer.body = payload = record.rename.whole(payload)
         record.status = code
         if code == 200 and _is_json(upstream.header(b"content-type")):
             record.usage = body_usage(payload)
@@ -589,7 +591,7 @@ class Forwarder:
                             deadline: float) -> web.StreamResponse:
         """Relay chunk by chunk; a failure once the answer started breaks the stream."""
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        if upstream.content_length is not None:
+        if upstream.content_length is not None and record.rename is None:
             response.content_length = upstream.content_length
         chunk = await upstream.read(deadline)
         loop = asyncio.get_running_loop()
@@ -633,7 +635,10 @@ class Forwarder:
         # The last two chunks are kept (references, not copies) so the usage event at the
         # end of a stream can be read once it ends, without parsing any chunk.
         before = last = b""
+        rename = record.rename
         while chunk:
+            if rename is not None:
+                chunk = rename.feed(chunk)
             if guard is not None:
                 guard.since = loop.time()
             await response.write(chunk)
@@ -645,6 +650,9 @@ class Forwarder:
             if total_at != math.inf and loop.time() >= total_at:
                 return None
             chunk = await upstream.read(total_at, idle)
+        if rename is not None and (held := rename.end()):
+            await response.write(held)
+            last += held
         return before + last
 
     def _failed(self, request: web.Request, lease: Lease, record: RequestRecord,

@@ -149,6 +149,22 @@ class Metrics:
             ["pool", "endpoint", "outcome", "code", "class"],
             registry=registry,
         )
+        self.route_requests = Counter(
+            "balancer_route_requests_total",
+            "Requests for a route (routes[].model), by the pool its key chose first that "
+            "could take them (the weighted split as it ran).",
+            ["route", "pool"],
+            registry=registry,
+        )
+        self.route_fallbacks = Counter(
+            "balancer_route_fallbacks_total",
+            "Requests of a route that went on from one pool to the next of its chain, by "
+            "reason: no_endpoints, panic (at the decision), overloaded (admission queue full), "
+            "rate_limited (every endpoint paused) or failed (every attempt in the pool failed "
+            "before the first byte).",
+            ["route", "from_pool", "to_pool", "reason"],
+            registry=registry,
+        )
         self.ring_walk = Histogram(
             "balancer_ring_walk_length",
             "Endpoints examined on the ring per routing decision (1: the key's own endpoint "
@@ -457,6 +473,12 @@ class Metrics:
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()
+
+    def route_request(self, route: str, pool: str) -> None:
+        self._child(self.route_requests, route, pool).inc()
+
+    def fallback(self, route: str, from_pool: str, to_pool: str, reason: str) -> None:
+        self._child(self.route_fallbacks, route, from_pool, to_pool, reason).inc()
 
     def retry(self, pool: str, reason: str, result: str) -> None:
         self._child(self.retries, pool, reason, result).inc()

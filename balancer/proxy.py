@@ -30,6 +30,7 @@ retried, and the upstream pool does not re-send it on a fresh connection either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -47,7 +48,9 @@ from balancer.errors import (
     ModelNotFoundError,
     NoEndpointsError,
     NotFoundError,
+    OverloadedError,
     PathNotAllowedError,
+    RateLimitedError,
     ShuttingDownError,
     UnsupportedMediaTypeError,
 )
@@ -64,11 +67,13 @@ from balancer.route import (
     Decision,
     RequestView,
     decide,
+    next_hop,
     passthrough_view,
     redecide,
     summarized_view,
 )
 from balancer.router import Router
+from balancer.routes import ModelRename, rename_model
 from balancer.summary import KeyRule, passthrough_model, read_keyed
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,7 @@ class Proxy:
         self._total_timeout = settings.limits.total_timeout
         retries = settings.retries
         self._max_attempts = retries.max_attempts
+        self._max_fallbacks = retries.max_fallbacks
         self.budget = RetryBudget(retries.budget_ratio, retries.budget_window,
                                   retries.budget_min_retries)
 
@@ -213,9 +219,12 @@ class Proxy:
         if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
             return self._method_not_allowed(request, (hdrs.METH_GET, hdrs.METH_HEAD), None)
         data = [
+            {"id": route, "object": "model", "created": 0, "owned_by": "balancer/route"}
+            for route in self.router.routes
+        ] + [
             {"id": model, "object": "model", "created": 0, "owned_by": f"balancer/{pool.name}"}
             for pool in self.router.pools.values()
-            for model in pool.models
+            for model in pool.models if model not in self.router.routes
         ]
         return web.json_response({"object": "list", "data": data},
                                  headers={hdrs.SERVER: SERVER_NAME})
@@ -349,6 +358,13 @@ class Proxy:
                                decision.key_hash if decision.keyed else None, started,
                                started + total if total > 0 else math.inf)
         self.budget.request(started)
+        route = decision.route
+        if route is not None:
+            self.metrics.route_request(route.model, decision.pool.name)
+            if decision.hop:
+                # The chain's first pools could not take it when it was decided.
+                self.metrics.fallback(route.model, decision.chain[0].pool, decision.pool.name,
+                                      decision.reason)
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -367,20 +383,33 @@ class Proxy:
                         replayable: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         tried: frozenset[str] = frozenset()
+        in_pool = 0
+        sent = body
+        bodies: dict[str, bytes] = {}
         while True:
             record.attempts += 1
+            in_pool += 1
+            if decision.route is not None:
+                sent = await self._enter_hop(decision, body, record, bodies)
             # acquire/release, which ``async with admission.lease(...)`` wraps, without the
             # two coroutines of an async context manager on every attempt.
-            lease = await self.admission.acquire(decision, tried)
+            try:
+                lease = await self.admission.acquire(decision, tried)
+            except (OverloadedError, RateLimitedError) as exc:
+                decision = self._fall_back_or_raise(decision, exc, record, loop.time())
+                tried, in_pool = frozenset(), 0
+                continue
             try:
                 record.pool = lease.pool.name
                 record.state = lease.state
-                record.outcome = lease.choice.outcome
+                record.outcome = (lease.choice.outcome if not decision.hop
+                                  else f"fallback:{lease.pool.name}")
                 record.status = -1
                 result = await self.forwarder.attempt(
-                    request, lease, body, record, stream=stream,
-                    retry_possible=record.attempts < self._max_attempts, target=target,
-                    replayable=replayable)
+                    request, lease, sent, record, stream=stream,
+                    retry_possible=(in_pool < self._max_attempts
+                                    or self._may_fall_back(decision, record)),
+                    target=target, replayable=replayable)
             finally:
                 # While the lease holds the endpoint's state (it may be retired after).
                 if record.status >= 0:
@@ -391,20 +420,86 @@ class Proxy:
             endpoint = lease.state.id
             tried = tried | {endpoint}
             following = self._retry(request, decision, result, endpoint, tried, record,
-                                    replayable)
+                                    replayable, in_pool)
             if not isinstance(following, Decision):
                 return following
+            if following.hop != decision.hop:
+                tried, in_pool = frozenset(), 0
             decision = following
+
+    async def _enter_hop(self, decision: Decision, body: bytes, record: RequestRecord,
+                         bodies: dict[str, bytes]) -> bytes:
+        """A routed request's body for the decision's pool, with ``model`` set to the name
+        that pool serves it under (made once per name), and the record told how to rename
+        the model back in the answer."""
+        requested = decision.requested or record.model
+        served = decision.model or requested
+        record.served_model = served
+        route = decision.route
+        if served == requested or not body:
+            record.rename = None
+            return body
+        assert route is not None
+        record.rename = None if route.expose_backend_model else ModelRename(served, requested)
+        renamed = bodies.get(served)
+        if renamed is None:
+            try:
+                if self.parsers.on_loop(len(body)):
+                    renamed = rename_model(body, served)
+                else:
+                    renamed = await self.parsers.run(rename_model, body, served)
+            except (ValueError, TypeError):  # not a JSON object: sent as it is
+                renamed = body
+            bodies[served] = renamed
+        return renamed
+
+    def _may_fall_back(self, decision: Decision, record: RequestRecord) -> bool:
+        """Whether a failed attempt may still go on to a later pool of the route."""
+        return (decision.route is not None and record.fallbacks < self._max_fallbacks
+                and decision.hop + 1 < len(decision.chain))
+
+    def _fall_back(self, decision: Decision, reason: str, record: RequestRecord,
+                   now: float) -> Decision | None:
+        """The request's decision in the next pool of its route that can take it, or None
+        (no route, no pool left, the per-request cap or the retry budget spent)."""
+        if not self._may_fall_back(decision, record):
+            return None
+        try:
+            following = next_hop(self.router, decision, reason)
+        except NoEndpointsError:
+            return None
+        if not self.budget.spend(now):
+            self.metrics.retry(decision.pool.name, reason, "budget")
+            return None
+        record.fallbacks += 1
+        route = decision.route
+        assert route is not None
+        self.metrics.fallback(route.model, decision.pool.name, following.pool.name, reason)
+        log.info("request %s for %s falls back from pool %s to %s: %s", record.request_id,
+                 route.model, decision.pool.name, following.pool.name, reason)
+        return following
+
+    def _fall_back_or_raise(self, decision: Decision, exc: OverloadedError | RateLimitedError,
+                            record: RequestRecord, now: float) -> Decision:
+        """After the pool refused the request (full, or every endpoint paused): the next
+        pool of its route, else that refusal."""
+        reason = "overloaded" if isinstance(exc, OverloadedError) else "rate_limited"
+        following = self._fall_back(decision, reason, record, now)
+        if following is None:
+            raise exc
+        return following
 
     def _retry(self, request: web.Request, decision: Decision, result: Retryable,
                endpoint: str, tried: frozenset[str], record: RequestRecord,
-               replayable: bool) -> Decision | web.Response:
+               replayable: bool, in_pool: int) -> Decision | web.Response:
         """The next attempt's decision, or the answer when there is none (a request that
         must not run twice, no endpoint left, or the retry budget is spent). Raises
         RateLimitedError when every endpoint left asked for a pause. A 404 saying the
         endpoint does not serve the model first takes the model off that endpoint and has
         its models asked again; the endpoint did nothing with the request, so even one that
-        must not run twice may go to another endpoint serving the model."""
+        must not run twice may go to another endpoint serving the model. A routed request
+        whose pool has no try left (``max_attempts``) or no endpoint left goes on to the
+        route's next pool (:meth:`_fall_back`)."""
         pool = decision.pool
         now = asyncio.get_running_loop().time()
         if result.retry_after:
@@ -415,9 +510,14 @@ class Proxy:
             # The endpoint may have acted on it (an answer, or a reset after it was sent).
             return self._give_up(result, "not_replayable", record, now)
         excluded = tried | pool.paused(now)
-        try:
-            following = redecide(decision, excluded)
-        except NoEndpointsError:
+        following: Decision | None = None
+        if in_pool < self._max_attempts:
+            with contextlib.suppress(NoEndpointsError):
+                following = redecide(decision, excluded)
+        if following is None:
+            following = self._fall_back(decision, "failed", record, now)
+            if following is not None:
+                return following
             if result.retry_after or excluded != tried:
                 raise self.admission.rate_limited(pool) from None
             return self._give_up(result, "no_endpoint", record, now)

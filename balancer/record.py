@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from balancer.logs import LineWriter, Stamps, sole_handler
 from balancer.metrics import Metrics
+from balancer.routes import ModelRename
 from balancer.state import EndpointState
 
 ACCESS_LOGGER: Final = "balancer.access"
@@ -26,8 +27,10 @@ class RequestRecord:
     """What happened to one forwarded request."""
 
     __slots__ = (
-        "attempts", "chunks", "first_byte", "key_hash", "method", "model", "outcome", "path",
-        "pool", "request_id", "size", "started", "state", "status", "total_at", "usage",
+        "attempts", "chunks", "fallbacks", "first_byte", "key_hash", "method", "model",
+        "outcome", "path",
+        "pool", "rename", "request_id", "served_model", "size", "started", "state", "status",
+        "total_at", "usage",
     )
 
     def __init__(self, request_id: str, method: str, path: str, model: str,
@@ -36,6 +39,12 @@ class RequestRecord:
         self.method = method
         self.path = path
         self.model = model
+        """The model the client asked for."""
+        self.served_model = model
+        """The model the current attempt's pool is asked for (a route may name another)."""
+        self.rename: ModelRename | None = None
+        """Rewrites the served model's name back to the requested one in the answer (a
+        route's alias); None: relayed as it is."""
         self.key_hash = key_hash
         """Hash of the routing key (None: a pass-through request)."""
         self.started = started
@@ -43,6 +52,8 @@ class RequestRecord:
         self.total_at = total_at
         """Loop time by which it must be done (``limits.total_timeout``; inf: never)."""
         self.attempts = 0
+        self.fallbacks = 0
+        """Pools after its first that a routed request went on to."""
         self.pool = ""
         self.state: EndpointState | None = None
         """The endpoint of the latest attempt."""

@@ -12,10 +12,11 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
-from balancer.errors import BadRequestError
+from balancer.errors import BadRequestError, NoEndpointsError
 from balancer.prefix import Kind, key_source, model_of, validate
 from balancer.ring import hash_key
 from balancer.router import Pool, Router
+from balancer.routes import Hop, Route
 from balancer.strategy import Choice, chwbl_bound
 from balancer.summary import KeyRule, Summary, summarize
 from balancer.summary import is_first_turn as is_first_turn  # where it was defined before
@@ -116,8 +117,20 @@ class Decision(NamedTuple):
     first_turn: bool = False
     """A conversation's first turn, told apart only when the pool routes on queues."""
     model: str | None = None
-    """The model asked for: one that only some endpoints serve is routed over those, and a
-    404 naming it may be retried on another (``forward.model_not_found``)."""
+    """The model the pool is asked for (the requested one, or a route's name for it there):
+    one that only some endpoints serve is routed over those, and a 404 naming it may be
+    retried on another (``forward.model_not_found``)."""
+    route: Route | None = None
+    """The route the requested model names (None: the model's own pool)."""
+    hop: int = 0
+    """The place of :attr:`pool` in :attr:`chain`."""
+    chain: tuple[Hop, ...] = ()
+    """Where the route may send this request, in order (:meth:`Route.chain` for its key)."""
+    requested: str | None = None
+    """The model name the client asked for, on a route."""
+    reason: str = ""
+    """Why the request is not on its chain's first pool: no_endpoints, panic, overloaded,
+    rate_limited or failed ("" on the first)."""
 
     @property
     def keyed(self) -> bool:
@@ -135,13 +148,22 @@ def decide(view: RequestView, router: Router,
     Raises ModelNotFoundError (unknown model), NoEndpointsError (nothing routable) or
     BadRequestError (a pass-through request naming no model when there are several pools).
     """
+    routes = router.routes
     if view.kind is None:
+        if routes and view.model in routes:
+            route = routes[view.model]
+            return _on_chain(router, Decision(router.pools[route.backends[0].pool], _NO_CHOICE,
+                                              0, route=route, requested=view.model,
+                                              chain=route.chain(router.rng.getrandbits(64))),
+                             0, "", exclude)
         pool = _passthrough_pool(view, router)
         return Decision(pool, pool.choose(0, keyed=False, exclude=exclude, model=view.model),
                         0, model=view.model)
     model = view.model
     if model is None:
         model = model_of(view.body)
+    if routes and model in routes:
+        return _decide_route(view, router, routes[model], model, exclude)
     pool = router.pool_for_model(model)
     summary = view.summary
     if summary is None:
@@ -156,6 +178,69 @@ def decide(view: RequestView, router: Router,
                     # KeyMode is a StrEnum: the member is already the string, and reading
                     # ``.value`` through the enum descriptor cost a call per request.
                     "session" if summary.session else router.routing.key, first_turn, model)
+
+
+_NO_CHOICE: Final = Choice("", "primary")
+
+
+def _decide_route(view: RequestView, router: Router, route: Route, model: str,
+                  exclude: frozenset[str] | None) -> Decision:
+    """A keyed request for a route: its key ranks the route's pools, and it goes to the
+    first that can take it (:func:`_on_chain`)."""
+    summary = view.summary
+    if summary is None:
+        assert view.kind is not None
+        summary = summarize(view.kind, view.body, view.session, KeyRule.of(router.routing),
+                            router.first_turns)
+    key = summary.routing_key()
+    key_hash = hash_key(key)
+    chain = route.chain(key_hash)
+    base = Decision(router.pools[chain[0].pool], _NO_CHOICE, key_hash, key,
+                    "session" if summary.session else router.routing.key, summary.first_turn,
+                    route=route, chain=chain, requested=model)
+    return _on_chain(router, base, 0, "", exclude)
+
+
+def _on_chain(router: Router, base: Decision, start: int, reason: str,
+              exclude: frozenset[str] | None) -> Decision:
+    """The first pool of ``base.chain`` from ``start`` on that can take the request: one
+    with a routable endpoint and not in panic mode; else the first with a routable endpoint
+    (panic mode still serves); else NoEndpointsError. ``reason``: why the request left the
+    pools before ``start``."""
+    spare: Decision | None = None
+    for i in range(start, len(base.chain)):
+        hop = base.chain[i]
+        pool = router.pools[hop.pool]
+        if not pool.routable:
+            reason = reason or "no_endpoints"
+            continue
+        requested = base.requested or ""
+        model = pool.model_for(hop, requested)
+        try:
+            # first_turn matters only to pools that route first turns apart.
+            choice = pool.choose(base.key_hash, session=base.session, keyed=base.keyed,
+                                 exclude=exclude, first_turn=base.first_turn, model=model)
+        except NoEndpointsError:
+            reason = reason or "no_endpoints"
+            continue
+        decision = base._replace(pool=pool, choice=choice, model=model, hop=i,
+                                 reason=reason if i else "")
+        if not pool.panic:
+            return decision
+        if spare is None:
+            spare = decision
+        reason = reason or "panic"
+    if spare is not None:
+        return spare
+    names = ", ".join(h.pool for h in base.chain[start:])
+    raise NoEndpointsError(f"no endpoint available in the pools of model "
+                           f"{base.requested!r} ({names})")
+
+
+def next_hop(router: Router, decision: Decision, reason: str) -> Decision:
+    """The request's decision in the next pool of its route's chain that can take it (a
+    fallback); raises NoEndpointsError when none is left."""
+    return _on_chain(router, decision, decision.hop + 1, reason, None)
 
 
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:
@@ -202,7 +287,19 @@ def explain(decision: Decision, walk_limit: int = 8,
         sum(pool.load.get(i, 0) for i in candidates), len(candidates), routing.load_factor,
         routing.min_bound)
     reason = _REASONS[choice.outcome] if strategy == "chwbl" else f"{strategy} ignores the key"
+    route = decision.route
+    routed = {} if route is None else {"route": {
+        "model": route.model,
+        "chain": [h.pool for h in decision.chain],
+        "scores": dict(zip([h.pool for h in route.backends],
+                           [round(x, 4) for x in route.scores(decision.key_hash)],
+                           strict=True)),
+        "pool": pool.name,
+        "served_model": decision.model,
+        "fallback_reason": decision.reason or None,
+    }}
     return {
+        **routed,
         "pool": pool.name,
         "strategy": strategy,
         "key_source": decision.key_source,

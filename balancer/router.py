@@ -27,6 +27,7 @@ from balancer.config import (
     LoadSettings,
     LoadSource,
     PoolSettings,
+    RouteSettings,
     RoutingSettings,
     Settings,
     Strategy,
@@ -37,6 +38,7 @@ from balancer.health import Failure
 from balancer.load import LoadReport
 from balancer.metrics import EndpointMetrics, Metrics, PoolState
 from balancer.ring import HashRing, RingCache
+from balancer.routes import Hop, Route
 from balancer.state import EndpointState
 from balancer.strategy import BoundedLoad, Choice, Chooser, LeastRequest, Random, RoundRobin
 
@@ -356,6 +358,13 @@ class Pool:
                 f"no endpoint available in pool {self.name!r} serves model {model!r}")
         return choice
 
+    def model_for(self, hop: Hop, requested: str) -> str:
+        """The model name to ask this pool for on a route's ``hop``: the hop's own, else the
+        pool's only model, else the name the client asked for."""
+        if hop.model:
+            return hop.model
+        return self.models[0] if len(self.models) == 1 else requested
+
     def ring_for(self, model: str | None) -> HashRing:
         """The ring a key for ``model`` walks: the subset's, or the pool's."""
         subset = self.subsets.get(model) if model is not None else None
@@ -554,12 +563,21 @@ class Pool:
                 return
 
 
+def make_route(settings: RouteSettings) -> Route:
+    return Route(settings.model,
+                 [Hop(b.pool, b.model, b.weight) for b in settings.backends],
+                 [Hop(b.pool, b.model) for b in settings.fallbacks],
+                 settings.expose_backend_model)
+
+
 class Router:
-    """Routing pools by name and by model."""
+    """Routing pools by name and by model, and the routes in front of them."""
 
     def __init__(self, settings: Settings, rng: random.Random | None = None,
                  metrics: Metrics | None = None) -> None:
         self.routing = settings.routing
+        self.rng = rng or random.Random()
+        """Splits a route's requests that have no key (pass-through) by weight."""
         self.pools: dict[str, Pool] = {
             p.name: Pool(p, settings.routing, rng, metrics, settings.load)
             for p in settings.pools
@@ -567,6 +585,10 @@ class Router:
         for pool in self.pools.values():
             pool.panic_threshold = settings.health.panic_threshold
             pool.on_up = self.notify
+        self.routes: dict[str, Route] = {r.model: make_route(r) for r in settings.routes}
+        """Routes by the model name clients ask for (checked before the pools' models)."""
+        self.first_turns = any(p.first_turn_strategy is not None for p in self.pools.values())
+        """Whether a pool routes conversations' first turns apart (bodies must say)."""
         self._change = asyncio.Event()
         self._by_model: dict[str, Pool] = {}
         self.models: tuple[str, ...] = ()
@@ -585,7 +607,7 @@ class Router:
             for model in pool.models:
                 by_model.setdefault(model, pool)
         self._by_model = by_model
-        self.models = tuple(by_model)
+        self.models = (*self.routes, *(m for m in by_model if m not in self.routes))
 
     def set_models(self, name: str, models: Iterable[str]) -> bool:
         """Set the learned models of a pool; returns whether they changed."""

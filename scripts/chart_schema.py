@@ -117,11 +117,20 @@ def _models_schema(schema: dict[str, Any]) -> None:
     models["type"] = ["array", "string"]
 
 
+def _backends_schema(schema: dict[str, Any]) -> None:
+    """A route's backends and fallbacks may also be bare pool names."""
+    route = schema["properties"]["routes"]["items"]
+    for key in ("backends", "fallbacks"):
+        items = route["properties"][key]["items"]
+        route["properties"][key]["items"] = {"anyOf": [{"type": "string"}, items]}
+
+
 def config_schema() -> dict[str, Any]:
     schema = object_schema(config.Settings)
     schema["description"] = ("balancer's configuration file (README, \"Configuration "
                              "reference\"), rendered into the ConfigMap.")
     _models_schema(schema)
+    _backends_schema(schema)
     return schema
 
 
