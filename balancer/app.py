@@ -221,6 +221,7 @@ class Balancer:
         for name, pool in self.router.pools.items():
             shares = pool.ring.shares()
             now = time.monotonic()
+            ramp = pool.ramp(now) or {}
             pools[name] = {
                 "models": list(pool.models),
                 "total_in_flight": pool.total_load,
@@ -236,6 +237,9 @@ class Balancer:
                         "serving": endpoint.serving,
                         "terminating": endpoint.terminating,
                         "out": endpoint.id in pool.out,
+                        # In slow start: the share of the bound it may take now.
+                        "slow_start_share": (round(ramp[endpoint.id], 3)
+                                             if endpoint.id in ramp else None),
                         **endpoint_load(pool, endpoint.id, now),
                         "ring_share": round(shares.get(endpoint.id, 0.0), 6),
                         "health_history": self.health.events(name, endpoint.id),

@@ -405,6 +405,14 @@ class HealthSettings:
     """Fraction of a pool's serving endpoints that may be out; above it (panic mode)
     balancer routes across the whole pool, since the checks are likelier wrong than most
     of the pool dead. 0.5: more than half out means panic."""
+    slow_start: float = 0.0
+    """Seconds over which an endpoint that joins a pool that already serves (a new pod), or
+    returns from being out (ejected, failing checks), ramps from taking one request to its
+    full share of the CHWBL bound, linearly (HAProxy's ``slowstart``). Its keys' requests
+    that do not fit go on along the ring, which for a new pod is the pod that served those
+    keys before it joined, so they keep their cache while the new one fills. 0: off (the
+    default, by measurement: README, "Slow start"). Endpoints present when balancer starts
+    and a pool's first endpoints after having none never ramp."""
     max_ejection_percent: float = 10.0
     """Passive: percent of a pool's serving endpoints that passive ejection may hold out at
     once (Envoy's ``max_ejection_percent``, same default), rounded down but never below one
@@ -941,6 +949,8 @@ def _validate_resilience(settings: Settings) -> None:
     for key in ("unhealthy_threshold", "healthy_threshold", "consecutive_failures"):
         if getattr(h, key) < 1:
             raise ConfigError(f"health.{key}: {getattr(h, key)} must be >= 1")
+    if not (math.isfinite(h.slow_start) and h.slow_start >= 0):
+        raise ConfigError(f"health.slow_start: {h.slow_start} must be >= 0 seconds (0 = off)")
     if not 0.0 <= h.panic_threshold <= 1.0:
         raise ConfigError(f"health.panic_threshold: {h.panic_threshold} must be in 0..1")
     if not (math.isfinite(h.max_ejection_percent) and 0.0 < h.max_ejection_percent <= 100.0):

@@ -165,6 +165,11 @@ class Pool:
     take the pool's own ring. Replaced whole by :meth:`_update_subsets`."""
     _rings: RingCache | None = None
     """The subsets' rings, by member set (made when a pool first has a subset)."""
+    slow_start = 0.0
+    """``health.slow_start``: seconds an endpoint that joins or returns ramps over."""
+    ramping: Mapping[str, float] = MappingProxyType({})
+    """Endpoints in slow start, with the monotonic time each joined (empty almost always,
+    so the request path pays one truth test). Replaced whole, never changed in place."""
 
     def __init__(
         self,
@@ -286,6 +291,8 @@ class Pool:
         routable = (self.serving if self.panic else healthy) or self.terminating
         if routable != self.routable:
             up = bool(routable) and not self.routable
+            if self.slow_start > 0 and not up:
+                self._ramp_joiners(routable)
             self.routable = routable
             self._routable_set = frozenset(routable)
             self.ring.update(routable)
@@ -294,6 +301,29 @@ class Pool:
             self._update_subsets()
             if up and self.on_up is not None:
                 self.on_up()
+
+    def _ramp_joiners(self, routable: tuple[str, ...]) -> None:
+        """Start slow start for endpoints new on the ring (joined, or back from out), unless
+        in panic mode (every endpoint is needed at once); forget those that left it."""
+        before = self._routable_set
+        joined = [e for e in routable if e not in before] if not self.panic else []
+        kept = {e: t for e, t in self.ramping.items() if e in routable}
+        if joined:
+            now = time.monotonic()
+            kept.update(dict.fromkeys(joined, now))
+        self.ramping = kept
+
+    def ramp(self, now: float) -> dict[str, float] | None:
+        """The share of the bound each endpoint in slow start may take at ``now`` (0..1);
+        None when none ramps. Endpoints whose ramp is over are forgotten."""
+        ramping = self.ramping
+        if not ramping:
+            return None
+        period = self.slow_start
+        shares = {e: (now - t) / period for e, t in ramping.items() if now - t < period}
+        if len(shares) != len(ramping):
+            self.ramping = {e: ramping[e] for e in shares}
+        return shares or None
 
     # -- choosing and leasing ----------------------------------------------------------------
 
@@ -316,9 +346,10 @@ class Pool:
             total: float = self.total_load
         else:
             load, total = queues, sum(queues.values())
-        if exclude:
+        ramp = self.ramp(time.monotonic()) if self.ramping else None
+        if exclude or ramp:
             choice = strategy.choose(key_hash, self.routable, load, total,
-                                     session=session, exclude=exclude)
+                                     session=session, exclude=exclude or (), ramp=ramp)
         else:
             choice = strategy.choose(key_hash, self.routable, load, total, session=session)
         if choice is None:
@@ -351,8 +382,9 @@ class Pool:
         strategy, queues = self._strategy(subset, keyed, first_turn)
         load: Mapping[str, float] = self.load if queues is None else queues
         total = sum(load.get(i, 0) for i in members)
+        ramp = self.ramp(time.monotonic()) if self.ramping else None
         choice = strategy.choose(key_hash, members, load, total, session=session,
-                                 exclude=exclude or ())
+                                 exclude=exclude or (), ramp=ramp)
         if choice is None:
             raise NoEndpointsError(
                 f"no endpoint available in pool {self.name!r} serves model {model!r}")
@@ -584,6 +616,7 @@ class Router:
         }
         for pool in self.pools.values():
             pool.panic_threshold = settings.health.panic_threshold
+            pool.slow_start = settings.health.slow_start
             pool.on_up = self.notify
         self.routes: dict[str, Route] = {r.model: make_route(r) for r in settings.routes}
         """Routes by the model name clients ask for (checked before the pools' models)."""

@@ -10,6 +10,7 @@ first whose load after this request stays within
 
     bound = max(min_bound, ceil(c * (total_in_flight + 1) / n))
 
+(an endpoint in slow start, within its share of it, at least one request)
 With c >= 1 some ring endpoint is always within it (``total_in_flight`` counts the ring's
 endpoints only; if every load were >= bound the total would be >= n * bound >= c * (total +
 1) > total), so a request overflows to the next endpoint on the ring only when its first
@@ -80,9 +81,11 @@ class Chooser(Protocol):
         *,
         session: bool = False,
         exclude: Collection[str] = (),
+        ramp: Mapping[str, float] | None = None,
     ) -> Choice | None:
         """Pick one of ``candidates`` (all routable) but none of ``exclude`` (endpoints a
-        retry already tried), or None if there are none."""
+        retry already tried), or None if there are none. ``ramp``: endpoints in slow start,
+        each with the share of the bound it may take now (0..1; only CHWBL reads it)."""
         ...
 
 
@@ -114,6 +117,7 @@ class BoundedLoad:
         *,
         session: bool = False,
         exclude: Collection[str] = (),
+        ramp: Mapping[str, float] | None = None,
     ) -> Choice | None:
         n = len(candidates)
         if n == 0:
@@ -125,7 +129,10 @@ class BoundedLoad:
                 continue
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
-            if current + 1 <= bound:
+            limit = bound
+            if ramp and endpoint in ramp:  # slow start: a share of the bound, at least one
+                limit = max(1, math.floor(ramp[endpoint] * bound))
+            if current + 1 <= limit:
                 if len(probes) == 1:
                     outcome: Outcome = "session" if session else "primary"
                 else:
@@ -156,6 +163,7 @@ class LeastRequest:
         *,
         session: bool = False,
         exclude: Collection[str] = (),
+        ramp: Mapping[str, float] | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -185,6 +193,7 @@ class RoundRobin:
         *,
         session: bool = False,
         exclude: Collection[str] = (),
+        ramp: Mapping[str, float] | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -208,6 +217,7 @@ class Random:
         *,
         session: bool = False,
         exclude: Collection[str] = (),
+        ramp: Mapping[str, float] | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
