@@ -15,9 +15,9 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest request body accepted: long shared documents make big prompts."""
 
 DEFAULT_CROSS_ZONE_RTT_S = 0.001
-"""Seconds a request from another zone waits before it reaches the pod: one network round
-trip between zones of one cloud region, which providers put at about a millisecond (within a
-zone: well under half of that)."""
+"""Seconds a request from another zone waits before it reaches the pod: a typical network
+round trip between zones of one cloud region, which providers quote as low single-digit
+milliseconds at most (within a zone: a fraction of that)."""
 
 CLIENT_ZONE_HEADER = "x-sim-client-zone"
 """Request header naming the zone the client (the app, or its balancer replica) runs in."""
