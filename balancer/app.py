@@ -226,7 +226,7 @@ class Balancer:
                 "total_in_flight": pool.total_load,
                 "load_signal": pool.signal(),
                 "panic": pool.panic,
-                "zone": pool.zone,
+                "zone": pool.routing.zone or None,
                 "prefer_zone": pool.routing.prefer_zone,
                 "local_endpoints": sorted(pool.local),
                 "endpoints": [

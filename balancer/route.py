@@ -317,7 +317,7 @@ def explain(decision: Decision, walk_limit: int = 8,
                     "in_flight" if choice.signal == "in-flight" else "queued": p.load}
                    for p in choice.probes],
     }
-    if pool.zone is not None:
+    if pool.routing.zone:
         result["zone"] = explain_zone(pool, choice, subset)
     return result
 
@@ -337,7 +337,7 @@ def explain_zone(pool: Pool, choice: Choice, subset: Subset | None) -> dict[str,
     else:
         why = "no preference: every endpoint that can serve the request is in the zone"
     return {
-        "zone": pool.zone,
+        "zone": pool.routing.zone,
         "prefer_zone": pool.routing.prefer_zone,
         "preferred": sorted(prefer),
         "local": choice.endpoint in pool.local,

@@ -170,6 +170,13 @@ class Pool:
     take the pool's own ring. Replaced whole by :meth:`_update_subsets`."""
     _rings: RingCache | None = None
     """The subsets' rings, by member set (made when a pool first has a subset)."""
+    local: frozenset[str] = frozenset()
+    """Routable endpoints in ``routing.zone`` (the balancer's zone), recomputed when the
+    routable set or the endpoints change, never per request; empty without a zone."""
+    prefer: frozenset[str] = frozenset()
+    """What keyed CHWBL requests prefer: :attr:`local` with ``routing.prefer_zone``, unless
+    it is empty or the whole routable set (either way a preference would change nothing, and
+    an empty one costs the request path nothing)."""
 
     def __init__(
         self,
@@ -231,15 +238,6 @@ class Pool:
         numerator."""
         self.waiters: deque[asyncio.Future[None]] = deque()
         """Requests waiting for an endpoint under its in-flight limit, oldest first."""
-        self.zone: str | None = routing.zone or None
-        """The zone this balancer runs in (None: unknown, no locality)."""
-        self.local: frozenset[str] = frozenset()
-        """Routable endpoints in :attr:`zone`, recomputed when the routable set or the
-        endpoints change (never per request)."""
-        self.prefer: frozenset[str] = frozenset()
-        """What keyed CHWBL requests prefer: :attr:`local` with ``routing.prefer_zone``,
-        unless it is empty or the whole routable set (either way a preference would change
-        nothing, and an empty one costs the request path nothing)."""
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -269,7 +267,7 @@ class Pool:
         self.serving = serving
         self.terminating = terminating
         self._update_routable()
-        if self.zone is not None and changed:
+        if self.routing.zone and changed:
             self._update_local()  # an endpoint's zone may change while the ring does not
         return changed
 
@@ -307,7 +305,7 @@ class Pool:
             self.ring.update(routable)
             states = self.states
             self.total_load = sum(states[i].in_flight for i in routable)
-            if self.zone is not None:
+            if self.routing.zone:
                 self._update_local()
             self._update_subsets()
             if up and self.on_up is not None:
@@ -315,7 +313,7 @@ class Pool:
 
     def _update_local(self) -> None:
         """Recompute :attr:`local` and :attr:`prefer`, and the subsets' preferences."""
-        zone, endpoints = self.zone, self.endpoints
+        zone, endpoints = self.routing.zone, self.endpoints
         self.local = frozenset(i for i in self.routable
                                if (e := endpoints.get(i)) is not None and e.zone == zone)
         prefer = self.local if self.routing.prefer_zone else frozenset()

@@ -86,7 +86,7 @@ def test_no_preference_when_it_is_off_the_zone_is_empty_or_everything_is_local()
 def test_a_pool_without_a_zone_keeps_no_local_set() -> None:
     pool = Pool(PoolSettings("chat", ("llama",)), RoutingSettings(virtual_nodes=64))
     pool.set_endpoints(ep(i) for i in range(4))
-    assert pool.zone is None and not pool.local and not pool.prefer
+    assert not pool.routing.zone and not pool.local and not pool.prefer
 
 
 def test_idle_keyed_requests_all_stay_in_the_zone() -> None:
