@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from balancer.cli import main
 from balancer.config import ConfigError, as_dict, from_mapping, load, validate
 from balancer.discovery import StaticDiscovery
 
@@ -97,3 +100,24 @@ def test_the_printed_configuration_keeps_the_zones_and_loads_back_the_same() -> 
     assert pool["endpoints"] == ["http://10.0.0.1:8000",
                                  {"url": "http://10.0.0.2:8000", "zone": "zone-b"}]
     assert validate(from_mapping(yaml.safe_load(yaml.safe_dump(plain)))) == settings
+
+
+def test_balancer_route_says_whether_the_request_stays_in_the_zone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`balancer route` against a zoned configuration: the chosen endpoint is in the zone,
+    and the text report has a zone line saying so (the JSON the preferred endpoints)."""
+    config = {"pools": [{"name": "chat", "models": ["llama"], "endpoints": [
+        {"url": f"http://10.0.0.{i}:8000", "zone": "zone-a" if i % 2 else "zone-b"}
+        for i in range(1, 5)]}], "routing": {"zone": "zone-a", "prefer_zone": True}}
+    config_path = tmp_path / "balancer.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    request = tmp_path / "request.json"
+    request.write_text('{"model": "llama", "messages": [{"role": "user", "content": "Hi"}]}')
+    assert main(["route", "--json", "--config", str(config_path), str(request)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["zone"]["preferred"] == ["10.0.0.1:8000", "10.0.0.3:8000"]
+    assert result["endpoint"] in result["zone"]["preferred"]
+    assert main(["route", "--config", str(config_path), str(request)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "zone:      zone-a (local): stayed in the zone: the first zone endpoint on the " \
+           "walk within the bound" in lines
