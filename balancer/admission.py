@@ -149,6 +149,8 @@ class Admission:
             choice = self._avoid(decision, excluded, paused).choice
         if self.limit and pool.load.get(choice.endpoint, 0) >= self.limit:
             choice = (await self._wait(decision, excluded)).choice
+        if pool.routing.zone and decision.key is not None:
+            pool.count_locality(choice.endpoint)
         return pool.acquire(choice)
 
     def _avoid(self, decision: Decision, excluded: frozenset[str],

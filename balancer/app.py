@@ -227,11 +227,15 @@ class Balancer:
                 "total_in_flight": pool.total_load,
                 "load_signal": pool.signal(),
                 "panic": pool.panic,
+                "zone": pool.routing.zone or None,
+                "prefer_zone": pool.routing.prefer_zone,
+                "local_endpoints": sorted(pool.local),
                 "endpoints": [
                     {
                         "id": endpoint.id,
                         "url": endpoint.url,
                         "zone": endpoint.zone,
+                        "local": endpoint.id in pool.local,
                         "node": endpoint.node,
                         "routable": endpoint.id in pool.routable,
                         "serving": endpoint.serving,

@@ -207,6 +207,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"  {i}. {step['endpoint']} ({_load_text(step)}){mark}")
     print(f"endpoint:  {result['endpoint']} {result['url']}")
     print(f"route:     {result['outcome']}: {result['reason']}")
+    zone = result.get("zone")
+    if zone is not None:
+        where = "local" if zone["local"] else "remote"
+        print(f"zone:      {zone['zone']} ({where}): {zone['reason']}")
     return 0
 
 

@@ -177,9 +177,22 @@ class PoolSettings:
     """Model names (the request's ``model`` field) this pool serves. Empty: learned from the
     endpoints' ``/v1/models`` (served names and LoRA adapters), refreshed periodically."""
     endpoints: tuple[str, ...] = ()
-    """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000``."""
+    """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000``. In
+    the file an entry may also be a mapping ``{url: ..., zone: ...}`` naming the server's
+    zone (for ``routing.prefer_zone``); its URL is listed here and its zone in ``zones``."""
     kubernetes: KubernetesPoolSettings | None = None
     """Discover the endpoints from a Service instead of listing them."""
+    zones: tuple[tuple[str, str], ...] = ()
+    """``(url, zone)`` of the static endpoints listed with a zone, in the order listed (the
+    file's ``{url, zone}`` entries); an endpoint not here has no zone. EndpointSlices carry
+    each pod's zone themselves."""
+
+    def zone_of(self, url: str) -> str | None:
+        """The zone a static endpoint was listed with (None: none)."""
+        for listed, zone in self.zones:
+            if listed == url:
+                return zone
+        return None
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,21 @@ class RoutingSettings:
     message after it, from the conversation's second turn on. 0: never."""
     session_header: str = "x-session-id"
     """Request header whose value, when present, is the key (then the body's ``user``)."""
+    zone: str = ""
+    """The zone this balancer runs in, e.g. ``us-east-1a``: endpoints in it are *local*
+    (``balancer_zone_requests_total``, ``/debug/endpoints``) and, with ``prefer_zone``,
+    preferred. Empty: unknown (no locality is counted). In Kubernetes, set it from the pod's
+    ``topology.kubernetes.io/zone`` label through the downward API
+    (``BALANCER_ROUTING_ZONE``; the chart's ``zonePreference`` does it)."""
+    prefer_zone: bool = False
+    """Route keyed requests (CHWBL, on in-flight counts or queues) to endpoints in ``zone``
+    first: the key walks the ring over the zone's endpoints and takes the first within the
+    usual pool-wide bound, and only when every one of them is over it does the request leave
+    the zone (the rest of the ring, as without a preference). Cuts cross-zone traffic (cloud
+    providers charge for it, about $0.01/GB each way) and a network round trip per request,
+    at the price of one cached copy of a hot prefix per zone instead of one per pool. Off by
+    default: it changes where keys live, and a zone with few endpoints concentrates load
+    (within the bound) on them. Pass-through requests and the other strategies ignore it."""
 
 
 @dataclass(frozen=True)
@@ -551,6 +579,8 @@ _SECTION_NAMES = ", ".join(sorted(_SECTIONS))
 _DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?")
+# A zone is a label value (``us-east-1a``, ``europe-west4-b``).
+_ZONE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
@@ -645,13 +675,15 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
         name = item.get("name", f"pool-{i}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name: {name!r} is not a non-empty string")
+        endpoints, zones = _build_endpoints(f"{where}.endpoints", item.get("endpoints"))
         pools.append(
             PoolSettings(
                 name=name,
                 models=_string_list(f"{where}.models", item.get("models")),
-                endpoints=_string_list(f"{where}.endpoints", item.get("endpoints")),
+                endpoints=endpoints,
                 kubernetes=_build_pool_kubernetes(f"{where}.kubernetes",
                                                   item.get("kubernetes")),
+                zones=zones,
             )
         )
     return tuple(pools)
@@ -740,6 +772,41 @@ def _validate_routes(settings: Settings) -> None:
             raise ConfigError(f"{where}.backends: at least one backend needs a weight > 0")
 
 
+def _build_endpoints(where: str, raw: Any
+                     ) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """A pool's ``endpoints``: URL strings, or ``{url, zone}`` mappings for endpoints whose
+    zone routing should know; returns the URLs and the (url, zone) pairs."""
+    if raw is None:
+        return (), ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: {raw!r} is not a list of URLs or {{url, zone}} mappings")
+    urls: list[str] = []
+    zones: list[tuple[str, str]] = []
+    for j, entry in enumerate(raw):
+        key = f"{where}[{j}]"
+        if isinstance(entry, str) and entry:
+            urls.append(entry)
+            continue
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{key}: {entry!r} is neither a URL nor a {{url, zone}} mapping")
+        unknown = sorted(set(entry) - {"url", "zone"})
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}: unknown setting; allowed: url, zone")
+        url, zone = entry.get("url"), entry.get("zone")
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{key}.url: required, a base URL such as http://host:8000")
+        urls.append(url)
+        if zone is None or zone == "":
+            continue  # listed without a zone after all
+        if not isinstance(zone, str) or not _ZONE.fullmatch(zone):
+            raise ConfigError(f"{key}.zone: {zone!r} is not a zone name (up to 63 letters, "
+                              "digits, '-', '_' or '.')")
+        zones.append((url, zone))
+    return tuple(urls), tuple(zones)
+
+
 def _build_pool_kubernetes(where: str, raw: Any) -> KubernetesPoolSettings | None:
     if raw is None:
         return None
@@ -813,6 +880,7 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
         raise ConfigError(f"routing.prefix_chars: {r.prefix_chars} must be >= 1")
     if r.min_key_chars < 0:
         raise ConfigError(f"routing.min_key_chars: {r.min_key_chars} must be >= 0")
+    _validate_zone(r)
     _validate_load(settings.load)
     if lim.max_body_bytes < 1024:
         raise ConfigError(f"limits.max_body_bytes: {lim.max_body_bytes} must be >= 1024")
@@ -896,6 +964,16 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
                     f"pools[{i}].endpoints[{j}]: {url!r} must be a base URL without a path"
                 )
     return settings
+
+
+def _validate_zone(r: RoutingSettings) -> None:
+    if r.zone and not _ZONE.fullmatch(r.zone):
+        raise ConfigError(f"routing.zone: {r.zone!r} is not a zone name (up to 63 letters, "
+                          "digits, '-', '_' or '.', as a topology.kubernetes.io/zone label)")
+    if r.prefer_zone and not r.zone:
+        raise ConfigError("routing.prefer_zone: true needs routing.zone, the zone this "
+                          "balancer runs in (in Kubernetes: BALANCER_ROUTING_ZONE from the "
+                          "pod's topology.kubernetes.io/zone label)")
 
 
 def _validate_host(key: str, host: str) -> None:
@@ -1075,9 +1153,14 @@ def as_dict(settings: Settings) -> dict[str, Any]:
     for route in result.get("routes", ()):
         for hop in route["fallbacks"]:
             del hop["weight"]  # fallbacks take no share of first choices
-    for pool in result["pools"]:
+    for pool, pool_settings in zip(result["pools"], settings.pools, strict=True):
         if pool["kubernetes"] is None:
             del pool["kubernetes"]
+        del pool["zones"]  # written as the endpoints' {url, zone} entries, as in the file
+        if pool_settings.zones:
+            zones = dict(pool_settings.zones)
+            pool["endpoints"] = [{"url": url, "zone": zones[url]} if url in zones else url
+                                 for url in pool_settings.endpoints]
     if all(p.kubernetes is None for p in settings.pools):
         del result["kubernetes"]
     if all(p.models for p in settings.pools):

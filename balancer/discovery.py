@@ -73,7 +73,8 @@ class StaticDiscovery:
 
     def __init__(self, pools: Sequence[PoolSettings]) -> None:
         self._snapshot: Snapshot = {
-            p.name: frozenset(static_endpoint(url) for url in p.endpoints) for p in pools
+            p.name: frozenset(static_endpoint(url, p.zone_of(url)) for url in p.endpoints)
+            for p in pools
         }
 
     def snapshot(self) -> Snapshot:

@@ -55,12 +55,13 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def static_endpoint(url: str) -> Endpoint:
-    """An endpoint from a configured base URL; its id is the URL's host:port."""
+def static_endpoint(url: str, zone: str | None = None) -> Endpoint:
+    """An endpoint from a configured base URL (and the zone it was listed with); its id is
+    the URL's host:port."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     netloc = host_port(parts.hostname or "", port)
-    return Endpoint(id=netloc, url=f"{parts.scheme}://{netloc}")
+    return Endpoint(id=netloc, url=f"{parts.scheme}://{netloc}", zone=zone)
 
 
 # -- EndpointSlice conditions ---------------------------------------------------------------

@@ -222,6 +222,14 @@ class Metrics:
             ["pool", "outcome"],
             registry=registry,
         )
+        self.zone_requests = Counter(
+            "balancer_zone_requests_total",
+            "Keyed requests (each attempt) sent to an endpoint in this balancer's zone "
+            "(locality local) or in another zone or none (remote), by pool; only when "
+            "routing.zone is set. remote / total is the share that crosses zones.",
+            ["pool", "locality"],
+            registry=registry,
+        )
         self.route_queue_decisions = Counter(
             "balancer_route_queue_decisions_total",
             "Keyed routing decisions whose bound was on the pods' reported queues (the rest "
@@ -443,6 +451,9 @@ class Metrics:
             self._child(self.bound, pool).set(bound)
             if signal == "queue":
                 self._child(self.route_queue_decisions, pool, outcome).inc()
+
+    def zone_request(self, pool: str, locality: str) -> None:
+        self._child(self.zone_requests, pool, locality).inc()
 
     def load_report(self, pool: str, source: str) -> None:
         self._child(self.load_reports, pool, source).inc()

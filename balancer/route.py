@@ -15,7 +15,7 @@ from typing import Any, Final, NamedTuple
 from balancer.errors import BadRequestError, NoEndpointsError
 from balancer.prefix import Kind, key_source, model_of, validate
 from balancer.ring import hash_key
-from balancer.router import Pool, Router
+from balancer.router import Pool, Router, Subset
 from balancer.routes import Hop, Route
 from balancer.strategy import Choice, chwbl_bound
 from balancer.summary import KeyRule, Summary, summarize
@@ -298,7 +298,7 @@ def explain(decision: Decision, walk_limit: int = 8,
         "served_model": decision.model,
         "fallback_reason": decision.reason or None,
     }}
-    return {
+    result: dict[str, Any] = {
         **routed,
         "pool": pool.name,
         "strategy": strategy,
@@ -316,6 +316,32 @@ def explain(decision: Decision, walk_limit: int = 8,
         "probes": [{"endpoint": p.endpoint,
                     "in_flight" if choice.signal == "in-flight" else "queued": p.load}
                    for p in choice.probes],
+    }
+    if pool.routing.zone:
+        result["zone"] = explain_zone(pool, choice, subset)
+    return result
+
+
+def explain_zone(pool: Pool, choice: Choice, subset: Subset | None) -> dict[str, Any]:
+    """The zone preference a keyed decision was taken under: the balancer's zone, the
+    endpoints it preferred and whether the request stayed in the zone."""
+    prefer = pool.prefer if subset is None else subset.prefer
+    if choice.preferred is True:
+        why = "stayed in the zone: the first zone endpoint on the walk within the bound"
+    elif choice.preferred is False:
+        why = "left the zone: every zone endpoint was at the load bound (or excluded)"
+    elif not pool.routing.prefer_zone:
+        why = "no preference (routing.prefer_zone is off)"
+    elif not pool.local:
+        why = "no preference: no routable endpoint is in the zone"
+    else:
+        why = "no preference: every endpoint that can serve the request is in the zone"
+    return {
+        "zone": pool.routing.zone,
+        "prefer_zone": pool.routing.prefer_zone,
+        "preferred": sorted(prefer),
+        "local": choice.endpoint in pool.local,
+        "reason": why,
     }
 
 

@@ -139,16 +139,21 @@ class Subset:
     with the same members; the strategies are cheap wrappers around it.
     """
 
-    __slots__ = ("first_turn_strategy", "members", "queue_strategy", "ring", "strategy")
+    __slots__ = ("first_turn_strategy", "members", "prefer", "queue_strategy", "ring",
+                 "strategy")
 
     def __init__(self, members: tuple[str, ...], ring: HashRing, strategy: Chooser,
-                 queue_strategy: Chooser | None, first_turn_strategy: Chooser | None) -> None:
+                 queue_strategy: Chooser | None, first_turn_strategy: Chooser | None,
+                 prefer: frozenset[str] = frozenset()) -> None:
         self.members = members
         """The endpoints serving the model, sorted (the strategies' candidates)."""
         self.ring = ring
         self.strategy = strategy
         self.queue_strategy = queue_strategy
         self.first_turn_strategy = first_turn_strategy
+        self.prefer = prefer
+        """The members in the balancer's zone, preferred by keyed requests (empty: no
+        preference, see :meth:`Pool._prefer_among`)."""
 
 
 class Pool:
@@ -170,6 +175,13 @@ class Pool:
     ramping: Mapping[str, float] = MappingProxyType({})
     """Endpoints in slow start, with the monotonic time each joined (empty almost always,
     so the request path pays one truth test). Replaced whole, never changed in place."""
+    local: frozenset[str] = frozenset()
+    """Routable endpoints in ``routing.zone`` (the balancer's zone), recomputed when the
+    routable set or the endpoints change, never per request; empty without a zone."""
+    prefer: frozenset[str] = frozenset()
+    """What keyed CHWBL requests prefer: :attr:`local` with ``routing.prefer_zone``, unless
+    it is empty or the whole routable set (either way a preference would change nothing, and
+    an empty one costs the request path nothing)."""
 
     def __init__(
         self,
@@ -260,6 +272,8 @@ class Pool:
         self.serving = serving
         self.terminating = terminating
         self._update_routable()
+        if self.routing.zone and changed:
+            self._update_local()  # an endpoint's zone may change while the ring does not
         return changed
 
     def _endpoint_metrics(self, endpoint_id: str) -> EndpointMetrics:
@@ -298,6 +312,8 @@ class Pool:
             self.ring.update(routable)
             states = self.states
             self.total_load = sum(states[i].in_flight for i in routable)
+            if self.routing.zone:
+                self._update_local()
             self._update_subsets()
             if up and self.on_up is not None:
                 self.on_up()
@@ -325,6 +341,30 @@ class Pool:
             self.ramping = {e: ramping[e] for e in shares}
         return shares or None
 
+    def _update_local(self) -> None:
+        """Recompute :attr:`local` and :attr:`prefer`, and the subsets' preferences."""
+        zone, endpoints = self.routing.zone, self.endpoints
+        self.local = frozenset(i for i in self.routable
+                               if (e := endpoints.get(i)) is not None and e.zone == zone)
+        prefer = self.local if self.routing.prefer_zone else frozenset()
+        self.prefer = prefer if len(prefer) < len(self.routable) else frozenset()
+        for subset in self.subsets.values():
+            subset.prefer = self._prefer_among(subset.members)
+
+    def _prefer_among(self, members: tuple[str, ...]) -> frozenset[str]:
+        """The local endpoints among a subset's ``members`` that its keyed requests prefer
+        (empty: none of them is local, or all are)."""
+        if not self.routing.prefer_zone or not self.local:
+            return frozenset()
+        prefer = self.local.intersection(members)
+        return prefer if len(prefer) < len(members) else frozenset()
+
+    def count_locality(self, endpoint_id: str) -> None:
+        """Count a keyed request sent to ``endpoint_id`` as local or remote to the zone."""
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.zone_request(self.name, "local" if endpoint_id in self.local else "remote")
+
     # -- choosing and leasing ----------------------------------------------------------------
 
     def choose(self, key_hash: int, *, session: bool = False, keyed: bool = True,
@@ -347,9 +387,11 @@ class Pool:
         else:
             load, total = queues, sum(queues.values())
         ramp = self.ramp(time.monotonic()) if self.ramping else None
-        if exclude or ramp:
+        prefer = self.prefer if keyed else None
+        if exclude or ramp or prefer:
             choice = strategy.choose(key_hash, self.routable, load, total,
-                                     session=session, exclude=exclude or (), ramp=ramp)
+                                     session=session, exclude=exclude or (), ramp=ramp,
+                                     prefer=prefer or ())
         else:
             choice = strategy.choose(key_hash, self.routable, load, total, session=session)
         if choice is None:
@@ -384,7 +426,8 @@ class Pool:
         total = sum(load.get(i, 0) for i in members)
         ramp = self.ramp(time.monotonic()) if self.ramping else None
         choice = strategy.choose(key_hash, members, load, total, session=session,
-                                 exclude=exclude or (), ramp=ramp)
+                                 exclude=exclude or (), ramp=ramp,
+                                 prefer=subset.prefer if keyed else ())
         if choice is None:
             raise NoEndpointsError(
                 f"no endpoint available in pool {self.name!r} serves model {model!r}")
@@ -486,8 +529,9 @@ class Pool:
             self._rings = RingCache(self.routing.virtual_nodes)
         ring = self._rings.ring(members)
         routing, load = self.routing, self.load_settings
+        ordered = tuple(sorted(members))
         if routing.strategy is not Strategy.CHWBL:
-            return Subset(tuple(sorted(members)), ring, self.strategy, None, None)
+            return Subset(ordered, ring, self.strategy, None, None)
         strategy = BoundedLoad(ring, routing.load_factor, routing.min_bound)
         queue_strategy = first_turn_strategy = None
         if self.queue_strategy is not None:
@@ -496,8 +540,8 @@ class Pool:
             if self.first_turn_strategy is not None:
                 first_turn_strategy = BoundedLoad(ring, load.first_turn_factor,
                                                   load.min_queue, signal="queue")
-        return Subset(tuple(sorted(members)), ring, strategy, queue_strategy,
-                      first_turn_strategy)
+        return Subset(ordered, ring, strategy, queue_strategy, first_turn_strategy,
+                      self._prefer_among(ordered))
 
     def queues(self, now: float | None = None) -> dict[str, float] | None:
         """Each routable endpoint's estimated queue, when routing on queues; None: route on

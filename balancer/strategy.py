@@ -27,7 +27,18 @@ report it (``balancer.load``), bounded with its own factor and floor. On queues 
 lets a key stay on the pod that holds its prefix for as long as that pod does not queue more
 than its share, whatever its batch size, and every replica of a fleet reads the same reports.
 
-Cost: O(log V) to find the key's position and O(k) for the k endpoints probed.
+**Zone preference** (``prefer``, from ``routing.prefer_zone``): walk the ring from the key over
+the preferred endpoints only (the balancer's own zone), taking the first within the bound; only
+when none is within it, walk the whole ring as above (the request leaves the zone). The bound
+is the same pool-wide one, so a zone keeps its keys until its endpoints are busier than c times
+the *pool's* average, not its own: a busy zone spills into an idle one rather than queueing.
+The preferred endpoints are met in the order a ring of just them would give (an endpoint's
+points depend only on its id), so every replica in a zone sends a key to the same endpoint,
+and replicas in different zones each keep it on their own zone's endpoint (one cache copy per
+zone). No preference, or every candidate preferred, decides exactly as without one.
+
+Cost: O(log V) to find the key's position and O(k) for the k endpoints probed (with a
+preference, the endpoints of other zones met before the zone's first are walked past too).
 """
 
 from __future__ import annotations
@@ -67,6 +78,9 @@ class Choice(NamedTuple):
     signal: str = "in-flight"
     """The load the bound was taken on: "in-flight" (this process's requests) or "queue"
     (the pods' reported queues)."""
+    preferred: bool | None = None
+    """With a zone preference: whether the endpoint is one of the preferred (True) or the
+    request spilled to another zone (False); None: no preference was given."""
 
 
 class Chooser(Protocol):
@@ -82,10 +96,13 @@ class Chooser(Protocol):
         session: bool = False,
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
+        prefer: Collection[str] = (),
     ) -> Choice | None:
         """Pick one of ``candidates`` (all routable) but none of ``exclude`` (endpoints a
         retry already tried), or None if there are none. ``ramp``: endpoints in slow start,
-        each with the share of the bound it may take now (0..1; only CHWBL reads it)."""
+        each with the share of the bound it may take now (0..1); ``prefer``: endpoints to
+        favour (the balancer's zone). Only CHWBL reads either; the keyless strategies ignore
+        them."""
         ...
 
 
@@ -118,15 +135,25 @@ class BoundedLoad:
         session: bool = False,
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
+        prefer: Collection[str] = (),
     ) -> Choice | None:
+        """See :class:`Chooser`; ``prefer``: endpoints (on the ring) to try first, within
+        the same bound (the balancer's zone; see the module's docstring)."""
         n = len(candidates)
         if n == 0:
             return None
         bound = chwbl_bound(total_load, n, self.load_factor, self.min_bound)
         probes: list[Probe] = []
+        if prefer:
+            choice = self._walk_preferred(key_hash, load, bound, probes, session, exclude,
+                                          prefer, ramp)
+            if choice is not None:
+                return choice
         for endpoint in self.ring.walk(key_hash):
             if exclude and endpoint in exclude:
                 continue
+            if prefer and endpoint in prefer:
+                continue  # probed above, over the bound
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
             limit = bound
@@ -137,11 +164,41 @@ class BoundedLoad:
                     outcome: Outcome = "session" if session else "primary"
                 else:
                     outcome = "overflow"
-                return Choice(endpoint, outcome, tuple(probes), bound, self.signal)
+                return Choice(endpoint, outcome, tuple(probes), bound, self.signal,
+                              False if prefer else None)
         if not probes:
             return None
         least = min(probes, key=lambda p: p.load)
-        return Choice(least.endpoint, "fallback", tuple(probes), bound, self.signal)
+        return Choice(least.endpoint, "fallback", tuple(probes), bound, self.signal,
+                      (least.endpoint in prefer) if prefer else None)
+
+    def _walk_preferred(self, key_hash: int, load: Mapping[str, float], bound: int,
+                        probes: list[Probe], session: bool, exclude: Collection[str],
+                        prefer: Collection[str],
+                        ramp: Mapping[str, float] | None) -> Choice | None:
+        """The first preferred endpoint on the walk within ``bound``, or None (every one
+        probed is in ``probes``). Stops once every preferred endpoint was met, so a zone
+        whose endpoints are all busy costs one walk over them, not the whole ring twice."""
+        left = len(prefer)
+        for endpoint in self.ring.walk(key_hash):
+            if endpoint not in prefer:
+                continue
+            left -= 1
+            if not (exclude and endpoint in exclude):
+                current = load.get(endpoint, 0)
+                probes.append(Probe(endpoint, current))
+                limit = bound
+                if ramp and endpoint in ramp:
+                    limit = max(1, math.floor(ramp[endpoint] * bound))
+                if current + 1 <= limit:
+                    if len(probes) == 1:
+                        outcome: Outcome = "session" if session else "primary"
+                    else:
+                        outcome = "overflow"
+                    return Choice(endpoint, outcome, tuple(probes), bound, self.signal, True)
+            if not left:
+                break
+        return None
 
 
 class LeastRequest:
@@ -164,6 +221,7 @@ class LeastRequest:
         session: bool = False,
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
+        prefer: Collection[str] = (),
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -194,6 +252,7 @@ class RoundRobin:
         session: bool = False,
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
+        prefer: Collection[str] = (),
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -218,6 +277,7 @@ class Random:
         session: bool = False,
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
+        prefer: Collection[str] = (),
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]

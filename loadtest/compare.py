@@ -31,6 +31,15 @@ What makes the figures honest (see :mod:`loadtest.stats` for the definitions):
 * ``--repeat N`` interleaves the contenders (A B C, A B C, ...) and reports each figure as the
   median with min-max.
 
+Zones (``--zones Z``): pod i runs in zone i mod Z (``zone-a``, ``zone-b``, ...), balancer
+replica r in zone r mod Z (its configuration lists every pod with its zone and sets
+``routing.zone``; the preference itself is ``--set routing.prefer_zone=true`` or a
+``--variant``), and each conversation's client in a zone drawn from ``--zone-weights``
+(seeded). Its requests go to a replica of its own zone and carry ``x-sim-client-zone``; a pod
+in another zone makes such a request wait ``--cross-zone-rtt`` first. Every contender is
+measured the same way: each row gets the share of completed requests served in another zone
+than their client's.
+
 Each contender's pods run in their own process (so a slow pod process never stalls the
 client's clock) and so does each balancer; the client is this process.
 """
@@ -39,11 +48,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import statistics
+import string
 import sys
 import tempfile
 import time
@@ -68,6 +81,7 @@ from loadtest.procs import (
     wait_for_lines,
     wait_ready,
 )
+from loadtest.simserver.config import CLIENT_ZONE_HEADER, DEFAULT_CROSS_ZONE_RTT_S
 from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
 from loadtest.trace import TraceRecord
 from loadtest.workloads import DEFAULT_MODEL, WORKLOADS, generate
@@ -108,6 +122,91 @@ invalid."""
 
 INVALID_EXIT = 3
 """Exit status of ``--strict`` when a run was invalid."""
+
+
+MAX_ZONES = len(string.ascii_lowercase)
+"""Zones are named zone-a to zone-z."""
+
+
+def zone_names(count: int) -> list[str]:
+    """``zone-a``, ``zone-b``, ... (none for a single zone: zones are not simulated)."""
+    if count <= 1:
+        return []
+    return [f"zone-{letter}" for letter in string.ascii_lowercase[:count]]
+
+
+def parse_zone_weights(text: str | None, zones: int) -> tuple[float, ...]:
+    """``--zone-weights 0.7,0.3``: the share of conversations whose client runs in each
+    zone, normalised; None or empty: equal shares."""
+    if zones <= 1:
+        return ()
+    if not text:
+        return (1.0 / zones,) * zones
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--zone-weights {text!r}: expected numbers separated by "
+                         "commas") from None
+    if (len(weights) != zones or any(not (w >= 0 and w < float("inf")) for w in weights)
+            or not sum(weights) > 0):
+        raise SystemExit(f"--zone-weights {text!r}: expected {zones} numbers >= 0 (one per "
+                         "zone) with a positive sum")
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+class ClientZones:
+    """The zone each conversation's client runs in: drawn from the weights, seeded by the run
+    seed and the conversation id alone, so every contender and repeat sees the same
+    clients wherever their conversations fall in the trace."""
+
+    def __init__(self, zones: Sequence[str], weights: Sequence[float], seed: int) -> None:
+        self.zones = list(zones)
+        self._cumulative = list(itertools.accumulate(weights))
+        self._seed = seed
+        self._known: dict[str, str] = {}
+
+    def __call__(self, conversation_id: str) -> str:
+        zone = self._known.get(conversation_id)
+        if zone is None:
+            draw = random.Random(f"zone:{self._seed}:{conversation_id}").random()
+            draw *= self._cumulative[-1]
+            index = min(bisect.bisect_right(self._cumulative, draw), len(self.zones) - 1)
+            zone = self._known[conversation_id] = self.zones[index]
+        return zone
+
+    def headers(self, conversation_id: str) -> dict[str, str]:
+        """What the client sends with each request: its zone."""
+        return {CLIENT_ZONE_HEADER: self(conversation_id)}
+
+
+def zone_spread(urls_by_zone: Mapping[str, Sequence[str]], client_zone: Callable[[str], str],
+                seed: int) -> Callable[[str], str]:
+    """A ``route`` that sends each request to a random replica (seeded) in its client's
+    zone: an app calling the balancer sidecar or gateway replica next to it."""
+    pick = random.Random(seed).choice
+
+    def route(conversation_id: str) -> str:
+        return pick(urls_by_zone[client_zone(conversation_id)])
+
+    return route
+
+
+def cross_zone_share(samples: Sequence[Sample], window: Window, pod_zones: Mapping[str, Any],
+                     client_zone: Callable[[str], str]) -> float | None:
+    """Of the completed requests due in ``window`` whose pod is known (``x-sim-pod``), the
+    share served by a pod in another zone than their client's; None: no such request."""
+    served = crossed = 0
+    for s in samples:
+        if not s.ok or s.pod is None or not window.holds(s.due_s):
+            continue
+        zone = pod_zones.get(s.pod)
+        if zone is None:
+            continue
+        served += 1
+        if zone != client_zone(s.conversation_id):
+            crossed += 1
+    return crossed / served if served else None
 
 
 @dataclass
@@ -178,6 +277,12 @@ class RunOptions:
     """Dotted balancer settings for every balancer contender (``--set``)."""
     variants: dict[str, Variant] = field(default_factory=dict)
     """Named balancer configurations run as contenders of their own (``--variant``)."""
+    zones: int = 1
+    """Simulated zones (1: none); see the module's docstring."""
+    zone_weights: tuple[float, ...] = ()
+    """Share of conversations whose client runs in each zone (empty: equal)."""
+    cross_zone_rtt_s: float = DEFAULT_CROSS_ZONE_RTT_S
+    """What a request served in another zone than its client's waits first."""
 
     def window(self) -> Window:
         return Window(self.warmup_s, max(self.warmup_s, self.duration_s - self.cooldown_s))
@@ -202,6 +307,9 @@ class Outcome:
     """Mean requests in flight per pod over the window (time-weighted): the real imbalance."""
     clock_span_s: float = 0.0
     """Wall seconds from the end of the warm-up to the end of the run."""
+    cross_zone_share: float | None = None
+    """With zones: the share of completed requests in the window served by a pod in another
+    zone than their client's (see :func:`cross_zone_share`); None without zones."""
 
     @property
     def invalid_reasons(self) -> list[str]:
@@ -227,6 +335,8 @@ class Outcome:
             "load_max_over_mean": _max_over_mean(list(self.in_flight.values())),
             "pod_busy_fraction": [round(b, 3) for b in busy],
             "preemptions": sum(p.get("preemptions", 0) for p in self.pods),
+            "cross_zone_share": self.cross_zone_share,
+            "pod_cross_zone_requests": sum(p.get("cross_zone_requests", 0) for p in self.pods),
             "cpu": self.cpu,
             "clock_paused_s": round(self.clock_paused_s, 3),
             "invalid": bool(reasons),
@@ -247,7 +357,7 @@ AGGREGATED_KEYS = (
     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_p99_censored_s", "itl_p50_s", "itl_p99_s",
     "e2e_p50_s", "e2e_p99_s", "offered_per_s", "requests_per_s", "output_tokens_per_s",
     "goodput_per_s", "goodput_share", "hit_rate", "load_max_over_mean",
-    "requests_max_over_mean",
+    "requests_max_over_mean", "cross_zone_share",
 )
 """Figures reported as the median over repeats, with their min and max."""
 
@@ -325,14 +435,22 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def balancer_config(pod_urls: Sequence[str], strategy: str, model: str, port: int,
                     admin_port: int, extra: dict[str, Any],
-                    settings: dict[str, Any] | None = None) -> str:
+                    settings: dict[str, Any] | None = None, *,
+                    pod_zones: Sequence[str] = (), zone: str | None = None) -> str:
     """The configuration of one balancer contender; ``settings`` are dotted overrides
-    (``load.min_queue: 8``) applied last."""
+    (``load.min_queue: 8``) applied last. With ``pod_zones`` (each pod's zone) the endpoints
+    are listed with their zones, and ``zone`` is the replica's own (``routing.zone``)."""
     routing = {"strategy": strategy, **extra}
+    endpoints: list[Any] = list(pod_urls)
+    if pod_zones:
+        endpoints = [{"url": url, "zone": pod_zone}
+                     for url, pod_zone in zip(pod_urls, pod_zones, strict=True)]
+    if zone:
+        routing["zone"] = zone
     config: dict[str, Any] = {
         "server": {"host": HOST, "port": port, "admin_port": admin_port,
                    "log_level": "warning"},
-        "pools": [{"name": "sim", "models": [model], "endpoints": list(pod_urls)}],
+        "pools": [{"name": "sim", "models": [model], "endpoints": endpoints}],
         "routing": routing,
         # Nothing sends traffic once a run is over: no Service needs time to see it leave.
         "drain": {"delay": 0, "timeout": 5},
@@ -430,11 +548,17 @@ async def run_contender(
     pod_args = [python, "-m", "loadtest.simserver", "--pods", str(pods.pods),
                 "--port", "0", "--model", model, "--time-scale", str(pods.time_scale),
                 "--log-level", "warning", *pods.extra]
+    zones = zone_names(run.zones)
+    client_zone: ClientZones | None = None
+    if zones:
+        pod_args += ["--zones", ",".join(zones), "--cross-zone-rtt", str(run.cross_zone_rtt_s)]
+        client_zone = ClientZones(zones, run.zone_weights or (1.0,) * len(zones), run.seed)
     async with contextlib.AsyncExitStack() as stack:
         services = await stack.enter_async_context(Services(log_dir))
         pod_proc = services.start(f"{tag}-pods", pod_args)
         matches = await wait_for_lines(pod_proc, r"listening on (http://\S+)", pods.pods)
         pod_urls = [m.group(1) for m in matches]
+        pod_zones = [zones[i % len(zones)] for i in range(len(pod_urls))] if zones else []
         for url in pod_urls:
             await wait_ready(pod_proc, url + "/health")
         session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -477,20 +601,28 @@ async def run_contender(
             await wait_ready(proc, f"http://{HOST}:{port}/v1/models")
         else:
             urls = []
+            by_zone: dict[str, list[str]] = {}
             for replica in range(run.replicas):
                 port, admin_port = free_port(), free_port()
                 config = log_dir / f"{tag}-{replica}.yaml"
                 variant = run.variants.get(name, Variant(name, {}))
+                replica_zone = zones[replica % len(zones)] if zones else None
                 config.write_text(balancer_config(
                     pod_urls, variant.strategy, model, port, admin_port, routing,
-                    {**run.settings, **variant.settings}))
+                    {**run.settings, **variant.settings}, pod_zones=pod_zones,
+                    zone=replica_zone))
                 proc = services.start(f"{tag}-balancer-{replica}",
                                       [python, "-m", "balancer", "serve", "--config", str(config)])
                 pids["balancer" if run.replicas == 1 else f"balancer-{replica}"] = proc.pid
                 await wait_ready(proc, f"http://{HOST}:{admin_port}/readyz")
                 urls.append(f"http://{HOST}:{port}/v1")
+                if replica_zone is not None:
+                    by_zone.setdefault(replica_zone, []).append(urls[-1])
             base_url = urls[0]
-            route = random_spread(urls, run.seed)
+            if client_zone is not None:
+                route = zone_spread(by_zone, client_zone, run.seed)
+            else:
+                route = random_spread(urls, run.seed)
 
         shown = label(name, run.replicas)
         progress = Progress(shown, run.duration_s)
@@ -504,6 +636,7 @@ async def run_contender(
                 concurrency=run.concurrency, route=route, session_header=session_header,
                 on_sample=progress.on_sample, grace_s=run.grace_s, request_timeout_s=120.0,
                 body_overrides=run.body_overrides,
+                conversation_headers=None if client_zone is None else client_zone.headers,
             )
         finally:
             ticker.cancel()
@@ -522,9 +655,14 @@ async def run_contender(
         pod_stats = await _pod_stats(session, pod_urls)
     summary = summarize(result, warmup_s=run.warmup_s, cooldown_s=run.cooldown_s, slo=run.slo)
     window = result.window(run.warmup_s, run.cooldown_s)
+    crossed = None
+    if client_zone is not None:
+        # The pods say their zones (``/stats``); the samples which pod served them.
+        pod_zone_of = {str(s.get("pod")): s.get("zone") for s in pod_stats}
+        crossed = cross_zone_share(result.samples, window, pod_zone_of, client_zone)
     return Outcome(shown, repeat, result, summary, pod_stats, cpu,
                    _paused_s(pod_stats) - paused_at_warmup,
-                   mean_in_flight(result.samples, window), ended - since)
+                   mean_in_flight(result.samples, window), ended - since, crossed)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -551,26 +689,30 @@ TABLE_NOTE = (
     "in *TTFT p99 censored*. Latencies otherwise cover completed requests. *goodput*: "
     "completed requests/s within the SLO. *pod load*: max/mean of the time-weighted requests "
     "in flight per pod. With repeats: median (min-max). *valid*: no: the host, not the "
-    "modelled GPUs, was the bottleneck (reasons in the JSON)."
+    "modelled GPUs, was the bottleneck (reasons in the JSON). *cross-zone* (with --zones): "
+    "share of completed requests served by a pod in another zone than their client's."
 )
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per contender (aggregated rows, see :func:`aggregate`)."""
+    """One line per contender (aggregated rows, see :func:`aggregate`); a *cross-zone*
+    column when the rows have zones."""
+    zoned = any(r.get("cross_zone_share") is not None for r in rows)
     header = ("| contender | offered | completed | failed | unfinished | TTFT p50 (s) "
               "| TTFT p99 (s) | TTFT p99 censored (s) | ITL p50 (s) | E2E p50 (s) "
               "| output tok/s | goodput (req/s) | prefix-cache hit rate | pod load max/mean "
-              "| valid |")
-    lines = [header, "|" + "---|" * 15]
+              + ("| cross-zone " if zoned else "") + "| valid |")
+    lines = [header, "|" + "---|" * (16 if zoned else 15)]
     for r in rows:
         valid = "yes" if not r.get("invalid_runs") else f"no ({r['invalid_runs']})"
+        cross = f"| {_spread(r, 'cross_zone_share')} " if zoned else ""
         lines.append(
             f"| {r['contender']} | {r['offered']} | {r['completed']} | {_failures(r)} "
             f"| {r['unfinished']} | {_spread(r, 'ttft_p50_s')} | {_spread(r, 'ttft_p99_s')} "
             f"| ≥ {_spread(r, 'ttft_p99_censored_s')} | {_spread(r, 'itl_p50_s')} "
             f"| {_spread(r, 'e2e_p50_s')} | {_spread(r, 'output_tokens_per_s', 0)} "
             f"| {_spread(r, 'goodput_per_s', 2)} | {_spread(r, 'hit_rate')} "
-            f"| {_spread(r, 'load_max_over_mean', 2)} | {valid} |")
+            f"| {_spread(r, 'load_max_over_mean', 2)} {cross}| {valid} |")
     return "\n".join(lines)
 
 
@@ -594,6 +736,8 @@ def subtitle(args: argparse.Namespace, trace_size: int) -> str:
     """The run's parameters in one line, for plots and tables."""
     rate = "default rate" if args.rate is None else f"{args.rate:g}/s"
     replicas = f", {args.replicas} replicas" if args.replicas > 1 else ""
+    if args.zones > 1:
+        replicas += f" in {args.zones} zones"
     return (f"{args.workload} (seed {args.seed}, {rate}, {trace_size} requests in the trace), "
             f"{args.pods} pods{replicas}, {args.duration:g} s per run "
             f"({args.warmup:g} s warm-up, {args.cooldown:g} s cool-down), "
@@ -623,6 +767,9 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
         "pods": args.pods,
         "pod_args": list(args.pod_arg),
         "replicas": args.replicas,
+        "zones": zone_names(args.zones),
+        "zone_weights": list(run_options.zone_weights),
+        "cross_zone_rtt_s": args.cross_zone_rtt if args.zones > 1 else None,
         "repeats": args.repeat,
         "routing": parse_routing(args.routing),
         "shape": list(args.shape),
@@ -693,6 +840,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replicas", type=int, default=1,
                         help="balancer processes per balancer contender; each request goes to "
                              "one at random (a fleet of sidecars)")
+    parser.add_argument("--zones", type=int, default=1,
+                        help="simulated zones: pod i in zone i mod Z, balancer replica r in "
+                             "zone r mod Z (needs --replicas >= Z), each conversation's "
+                             "client in a zone drawn from --zone-weights; 1: no zones")
+    parser.add_argument("--zone-weights", default=None, metavar="W,...",
+                        help="share of conversations whose client runs in each zone, e.g. "
+                             "0.7,0.3 (default: equal)")
+    parser.add_argument("--cross-zone-rtt", type=float, default=DEFAULT_CROSS_ZONE_RTT_S,
+                        help="simulated seconds a request served in another zone than its "
+                             "client's waits first: one round trip between zones of a region "
+                             "(default: %(default)s)")
     Slo.add_arguments(parser)
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {INVALID_EXIT} when any run was invalid (host-limited)")
@@ -750,11 +908,22 @@ def run_options_from(args: argparse.Namespace) -> RunOptions:
         raise SystemExit("--warmup and --cooldown must be >= 0 and leave part of --duration")
     if args.repeat < 1 or args.replicas < 1:
         raise SystemExit("--repeat and --replicas must be >= 1")
+    if not 1 <= args.zones <= MAX_ZONES:
+        raise SystemExit(f"--zones must be in 1..{MAX_ZONES}")
+    if args.zones > 1 and args.replicas < args.zones:
+        raise SystemExit(f"--zones {args.zones} needs --replicas >= {args.zones}: every zone "
+                         "needs a balancer replica for its clients")
+    if args.zone_weights and args.zones <= 1:
+        raise SystemExit("--zone-weights needs --zones >= 2")
+    if not args.cross_zone_rtt >= 0:
+        raise SystemExit("--cross-zone-rtt must be >= 0 seconds")
     return RunOptions(
         duration_s=args.duration, warmup_s=args.warmup, cooldown_s=args.cooldown,
         grace_s=args.grace, slo=Slo.from_arguments(args), concurrency=args.concurrency,
         replicas=args.replicas, seed=args.seed, settings=parse_settings(args.settings),
-        variants=dict(parse_variant(v) for v in args.variant))
+        variants=dict(parse_variant(v) for v in args.variant), zones=args.zones,
+        zone_weights=parse_zone_weights(args.zone_weights, args.zones),
+        cross_zone_rtt_s=args.cross_zone_rtt)
 
 
 def contenders_from(spec: str, variants: Sequence[str] = ()) -> list[str]:

@@ -308,8 +308,10 @@ class _Player:
         on_sample: Callable[[Sample], None] | None,
         route: Callable[[str], str] | None = None,
         body_overrides: Mapping[str, Any] | None = None,
+        conversation_headers: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self._session = session
+        self._conversation_headers = conversation_headers
         self._base_url = base_url
         self._route = route
         self._model = model
@@ -448,6 +450,8 @@ class _Player:
         headers = dict(self._headers)
         if self._session_header:
             headers[self._session_header] = sample.conversation_id
+        if self._conversation_headers is not None:
+            headers.update(self._conversation_headers(sample.conversation_id))
         recorder = StreamRecorder(sample, due)
         base_url = self._base_url if self._route is None else self._route(sample.conversation_id)
         sample.target = base_url
@@ -504,6 +508,7 @@ async def play(
     on_sample: Callable[[Sample], None] | None = None,
     route: Callable[[str], str] | None = None,
     body_overrides: Mapping[str, Any] | None = None,
+    conversation_headers: Callable[[str], Mapping[str, str]] | None = None,
 ) -> RunResult:
     """Play ``trace`` against the OpenAI-compatible ``base_url`` and return every sample.
 
@@ -523,7 +528,8 @@ async def play(
     connector limits apply). ``on_sample`` is called with each sample as it completes.
     ``route``: a base URL (with ``/v1``) for each request, given its conversation id,
     overriding ``base_url``: a sticky oracle pins each conversation to one server, a fleet
-    picks one of several balancer replicas per request.
+    picks one of several balancer replicas per request. ``conversation_headers``: more
+    headers for each request, given its conversation id (e.g. the zone its client runs in).
     """
     if duration_s is not None and duration_s <= 0:
         raise ValueError("duration_s must be > 0")
@@ -555,6 +561,7 @@ async def play(
         on_sample=on_sample,
         route=route,
         body_overrides=body_overrides,
+        conversation_headers=conversation_headers,
     )
     if max_requests == 0:
         player.stop("max-requests")

@@ -49,7 +49,8 @@ contenders over 6 rates takes about 18 minutes on 2 cores."""
 
 POINT_KEYS = ("offered", "completed", "failed", "unfinished", "offered_per_s", "ttft_p50_s",
               "ttft_p99_s", "ttft_p99_censored_s", "itl_p50_s", "output_tokens_per_s",
-              "goodput_per_s", "goodput_share", "hit_rate", "load_max_over_mean")
+              "goodput_per_s", "goodput_share", "hit_rate", "load_max_over_mean",
+              "cross_zone_share")
 
 
 def build_parser() -> argparse.ArgumentParser:

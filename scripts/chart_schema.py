@@ -125,12 +125,29 @@ def _backends_schema(schema: dict[str, Any]) -> None:
         route["properties"][key]["items"] = {"anyOf": [{"type": "string"}, items]}
 
 
+def _endpoints_schema(schema: dict[str, Any]) -> None:
+    """A pool's ``endpoints`` are URLs or ``{url, zone}`` mappings; the zones they give are
+    kept in ``PoolSettings.zones``, which is no key of the file."""
+    pool = schema["properties"]["pools"]["items"]
+    del pool["properties"]["zones"]
+    endpoints = pool["properties"]["endpoints"]
+    endpoints["items"] = {"anyOf": [
+        {"type": "string"},
+        {"type": "object", "additionalProperties": False, "required": ["url"],
+         "properties": {"url": {"type": "string"},
+                        "zone": {"description": "The endpoint's zone (routing.zone, "
+                                                "routing.prefer_zone).",
+                                 "type": "string"}}},
+    ]}
+
+
 def config_schema() -> dict[str, Any]:
     schema = object_schema(config.Settings)
     schema["description"] = ("balancer's configuration file (README, \"Configuration "
                              "reference\"), rendered into the ConfigMap.")
     _models_schema(schema)
     _backends_schema(schema)
+    _endpoints_schema(schema)
     return schema
 
 

@@ -12,9 +12,10 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from typing import Any
 
-from .config import DEFAULT_MODEL, SimConfig
+from .config import DEFAULT_CROSS_ZONE_RTT_S, DEFAULT_MODEL, SimConfig
 from .engine import (
     DEFAULT_ATTN_MS_PER_MILLION_PAIRS,
     DEFAULT_KV_CACHE_BLOCKS,
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall seconds per simulated second (0.1 runs ten times faster than the GPU)",
     )
     pods.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    pods.add_argument(
+        "--zones",
+        default="",
+        metavar="ZONE,...",
+        help="zones of the pods, in turn: pod i runs in the (i mod count)-th (empty: zones are"
+        " not simulated); a request whose x-sim-client-zone header names another zone pays"
+        " --cross-zone-rtt and is counted in /stats (cross_zone_requests)",
+    )
+    pods.add_argument(
+        "--cross-zone-rtt",
+        type=float,
+        default=DEFAULT_CROSS_ZONE_RTT_S,
+        help="simulated seconds a request from another zone waits before the pod sees it:"
+        " one round trip between zones of a region (about 1 ms)",
+    )
 
     reports = parser.add_argument_group("load reports")
     reports.add_argument(
@@ -251,8 +267,17 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         orca_running=args.orca_running,
         orca_streams=args.orca_streams,
         metrics_flavor=args.metrics_flavor,
+        cross_zone_rtt=args.cross_zone_rtt,
     )
-    return pod_configs(base, args.pods)
+    return with_zones(pod_configs(base, args.pods), args.zones)
+
+
+def with_zones(configs: Sequence[SimConfig], zones: str) -> list[SimConfig]:
+    """Pod i in the (i mod count)-th of the comma-separated ``zones`` (none: unchanged)."""
+    names = [z.strip() for z in zones.split(",") if z.strip()]
+    if not names:
+        return list(configs)
+    return [replace(c, zone=names[i % len(names)]) for i, c in enumerate(configs)]
 
 
 async def _serve(args: argparse.Namespace, configs: Sequence[SimConfig]) -> None:

@@ -14,6 +14,14 @@ DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest request body accepted: long shared documents make big prompts."""
 
+DEFAULT_CROSS_ZONE_RTT_S = 0.001
+"""Seconds a request from another zone waits before it reaches the pod: a typical network
+round trip between zones of one cloud region, which providers quote as low single-digit
+milliseconds at most (within a zone: a fraction of that)."""
+
+CLIENT_ZONE_HEADER = "x-sim-client-zone"
+"""Request header naming the zone the client (the app, or its balancer replica) runs in."""
+
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
@@ -42,6 +50,12 @@ class SimConfig:
     """Report on streamed answers too, read when the stream's head is sent (the request was
     just queued, so it counts itself as waiting). Off by default because vLLM puts the report
     on non-streamed answers only."""
+    zone: str | None = None
+    """The zone the pod runs in; None: zones are not simulated."""
+    cross_zone_rtt: float = DEFAULT_CROSS_ZONE_RTT_S
+    """Simulated seconds (scaled by ``time_scale`` like everything else) added before the
+    first byte of a completion request whose ``x-sim-client-zone`` names another zone; such
+    requests are counted in ``/stats`` (``cross_zone_requests``)."""
     metrics_flavor: MetricsFlavor = "vllm"
     """``/metrics`` under vLLM's names (``vllm:num_requests_waiting``...), SGLang's
     (``sglang:num_queue_reqs``...), or ``none``: no ``/metrics`` (404), a server that reports
@@ -52,6 +66,8 @@ class SimConfig:
             raise ValueError("a pod serves at least one model")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if self.cross_zone_rtt < 0:
+            raise ValueError("cross_zone_rtt must be >= 0")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
         if self.metrics_flavor not in METRICS_FLAVORS:

@@ -45,7 +45,7 @@ from typing import Any, Literal, NoReturn
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .config import SimConfig
+from .config import CLIENT_ZONE_HEADER, SimConfig
 from .driver import EngineDriver, Submission
 from .engine import Engine, EngineError, TokenOutput
 from .engine import Sequence as EngineSequence
@@ -127,6 +127,10 @@ class ServerCounters:
     """Completion requests whose client went away before the end; their sequences were aborted."""
     injected_errors: int = 0
     injected_hangs: int = 0
+    client_zone_requests: int = 0
+    """Completion requests that named their client's zone (``x-sim-client-zone``)."""
+    cross_zone_requests: int = 0
+    """Of those, requests from another zone than the pod's (each paid ``cross_zone_rtt``)."""
     slow_start_rejections: int = 0
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
     e2e_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
@@ -242,6 +246,9 @@ class SimPod:
             "injected_errors": counters.injected_errors,
             "injected_hangs": counters.injected_hangs,
             "slow_start_rejections": counters.slow_start_rejections,
+            "zone": self.config.zone,
+            "client_zone_requests": counters.client_zone_requests,
+            "cross_zone_requests": counters.cross_zone_requests,
             "prompt_tokens": window.prompt_tokens,
             "cached_tokens": window.prefix_cache_hits,
             "prefill_tokens": window.prefill_tokens,
@@ -527,9 +534,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _completion(request, "text")
 
 
+async def _cross_zone(pod: SimPod, request: web.Request) -> None:
+    """A request from a client in another zone: count it and make it pay the round trip
+    between zones before anything happens (so before its first byte)."""
+    client_zone = request.headers.get(CLIENT_ZONE_HEADER)
+    zone = pod.config.zone
+    if not client_zone or zone is None:
+        return
+    pod.counters.client_zone_requests += 1
+    if client_zone != zone:
+        pod.counters.cross_zone_requests += 1
+        delay = pod.config.cross_zone_rtt * pod.config.time_scale
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
     pod = request.app[POD_KEY]
     pod.counters.requests_received += 1
+    await _cross_zone(pod, request)
     try:
         req = _parse_completion(pod, kind, await _read_json(request))
     except ApiError:

@@ -319,7 +319,7 @@ BAD_VALUES = [
     ("pool-models-empty-name", {"pools": [{**POOL, "models": ["llama", ""]}]},
      ["pools[0].models", "''"]),
     ("pool-endpoints-numbers", {"pools": [{**POOL, "endpoints": [8000]}]},
-     ["pools[0].endpoints", "[8000]"]),
+     ["pools[0].endpoints[0]", "8000"]),
     ("duplicate-pool-names", {"pools": [POOL, {**POOL, "models": ["bge"]}]},
      ["pools[1].name", "'chat'", "another pool"]),
     ("duplicate-models", {"pools": [POOL, {"name": "other", "models": ["llama"]}]},

@@ -97,10 +97,39 @@ digest alone drops the tag, which would only mislead.
 {{- end }}
 
 {{/*
-The container's environment besides the sidecar's listen addresses: `env`, then `extraEnv`.
+The container's environment besides the sidecar's listen addresses: the zone preference
+(`zonePreference`), then `env`, then `extraEnv`. A zone variable the user sets in `env` or
+`extraEnv` wins.
 */}}
 {{- define "balancer.env" -}}
-{{- toYaml (concat (.Values.env | default list) (.Values.extraEnv | default list)) }}
+{{- $user := concat (.Values.env | default list) (.Values.extraEnv | default list) }}
+{{- toYaml (concat (include "balancer.zoneEnv" (dict "root" . "user" $user) | fromYamlArray) $user) }}
+{{- end }}
+
+{{/*
+BALANCER_ROUTING_PREFER_ZONE and BALANCER_ROUTING_ZONE when `zonePreference.enabled`: the zone
+as given, else the pod's topology.kubernetes.io/zone label (downward API). Call with (dict
+"root" $ "user" the user's variables); names the user sets are left to them.
+*/}}
+{{- define "balancer.zoneEnv" -}}
+{{- $named := list }}
+{{- range .user }}{{ $named = append $named .name }}{{ end }}
+{{- $env := list }}
+{{- $zone := .root.Values.zonePreference | default dict }}
+{{- if $zone.enabled }}
+{{- if not (has "BALANCER_ROUTING_PREFER_ZONE" $named) }}
+{{- $env = append $env (dict "name" "BALANCER_ROUTING_PREFER_ZONE" "value" "true") }}
+{{- end }}
+{{- if not (has "BALANCER_ROUTING_ZONE" $named) }}
+{{- if $zone.zone }}
+{{- $env = append $env (dict "name" "BALANCER_ROUTING_ZONE" "value" $zone.zone) }}
+{{- else }}
+{{- $label := dict "fieldPath" "metadata.labels['topology.kubernetes.io/zone']" }}
+{{- $env = append $env (dict "name" "BALANCER_ROUTING_ZONE" "valueFrom" (dict "fieldRef" $label)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $env }}
 {{- end }}
 
 {{- define "balancer.port" -}}
@@ -208,7 +237,7 @@ args: ["serve", "--config", "/etc/balancer/balancer.yaml"]
 {{- if .sidecar }}
 env:
   {{- include "balancer.sidecar.env" $root | nindent 2 }}
-{{- else if or $root.Values.env $root.Values.extraEnv }}
+{{- else if or $root.Values.env $root.Values.extraEnv ($root.Values.zonePreference | default dict).enabled }}
 env:
   {{- include "balancer.env" $root | nindent 2 }}
 {{- end }}
