@@ -185,7 +185,15 @@ class _Connection(asyncio.Protocol):
         # With no high-water mark, pause_writing says that some request bytes wait in the
         # transport, and resume_writing that they all went out: a connection is reused only
         # once its whole request did (a server may answer before reading all of the body).
-        self.transport.set_write_buffer_limits(high=0)
+        if self._pool.secure:
+            # A TLS transport pauses at a buffer size >= high, a plain one at > high: 1 is
+            # the same rule there. (Its size counts the bytes not yet encrypted or handed to
+            # the socket's transport, which buffers up to its own high-water mark, 64 KiB,
+            # unseen: a TLS connection may be judged sent that much early.) With 0 it would
+            # pause at once, with nothing buffered, and never be reused.
+            self.transport.set_write_buffer_limits(high=1, low=0)
+        else:
+            self.transport.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
         if self._head_waiter is None:
