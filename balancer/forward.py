@@ -709,7 +709,8 @@ class Forwarder:
             lease.state.metrics.upstream_error(reason)
             self._log_failure(logging.INFO, request, lease, detail, rid)
             record.status = -1
-            return Retryable(reason, error_response(error, rid))
+            # A failed handshake sent nothing either: retried as a connect error.
+            return Retryable("connect" if connect else reason, error_response(error, rid))
         record.status = 502
         return self._answer_failure(request, lease, record, error, reason, detail)
 
