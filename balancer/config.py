@@ -935,18 +935,6 @@ def header_value_problem(value: str) -> str | None:
     return None
 
 
-def read_header_file(path: str) -> str:
-    """The value in a header file: its text without trailing whitespace (a Secret written
-    with ``echo`` ends in a newline). Raises OSError or UnicodeDecodeError."""
-    with open(path, encoding="utf-8") as f:
-        return f.read(_HEADER_FILE_MAX + 1).rstrip()
-
-
-_HEADER_FILE_MAX: Final = 16 * 1024
-"""Bytes of a header file read; longer is refused (a token is far shorter; a file that
-size is the wrong file)."""
-
-
 def _validate_pool_upstream(where: str, pool: PoolSettings) -> None:
     """A pool's TLS files, injected headers, timeouts and checks."""
     https = any(url.startswith("https:") for url in pool.endpoints)
@@ -968,7 +956,7 @@ def _validate_pool_upstream(where: str, pool: PoolSettings) -> None:
         if lower in names:
             raise ConfigError(f"{key}.name: {header.name!r} is injected twice in this pool")
         names.add(lower)
-        resolve_header(key, header)
+        check_header_sources(key, header)
     t = pool.timeouts
     for name in ("connect", "first_byte", "idle"):
         value = getattr(t, name)
@@ -981,10 +969,11 @@ def _validate_pool_upstream(where: str, pool: PoolSettings) -> None:
         raise ConfigError(f"{where}.health.path: {pool.health.path!r} must start with '/'")
 
 
-def resolve_header(key: str, header: PoolHeader,
-                   environ: Mapping[str, str] | None = None) -> str:
-    """The value of an injected header now (``prefix`` included); raises ConfigError naming
-    ``key`` when it cannot be had. No message quotes the value."""
+def check_header_sources(key: str, header: PoolHeader) -> None:
+    """An injected header names exactly one source, and a literal value is fit for a
+    header line. Reading the environment variable or the file is left to the start
+    (``outbound``), so ``balancer route`` and ``tune`` read a production configuration on
+    a laptop without its Secrets. No message quotes the value."""
     sources = [name for name in ("value", "value_from_env", "value_from_file")
                if getattr(header, name)]
     if len(sources) != 1:
@@ -993,44 +982,15 @@ def resolve_header(key: str, header: PoolHeader,
     if header.value:
         if header.prefix:
             raise ConfigError(f"{key}.prefix: only with value_from_env or value_from_file")
-        where, value = f"{key}.value", header.value
-    elif header.value_from_env:
-        where = f"{key}.value_from_env"
-        env = os.environ if environ is None else environ
-        if header.value_from_env not in env:
-            raise ConfigError(f"{where}: environment variable {header.value_from_env!r} is "
-                              "not set")
-        value = header.prefix + env[header.value_from_env].strip()
-    else:
-        where = f"{key}.value_from_file"
-        try:
-            text = read_header_file(header.value_from_file)
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read {header.value_from_file!r}: "
-                              f"{e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}: {header.value_from_file!r} is not UTF-8 text") \
-                from None
-        if len(text) > _HEADER_FILE_MAX:
-            raise ConfigError(f"{where}: {header.value_from_file!r} is over "
-                              f"{_HEADER_FILE_MAX} bytes")
-        value = header.prefix + text
-    problem = header_value_problem(value)
-    if problem is not None:
-        raise ConfigError(f"{where}: the value {problem}")
-    return value
+        problem = header_value_problem(header.value)
+        if problem is not None:
+            raise ConfigError(f"{key}.value: the value {problem}")
+    elif (problem := header_value_problem(header.prefix or "x")) is not None:
+        raise ConfigError(f"{key}.prefix: the prefix {problem}")
 
 
 def _validate_tls(where: str, tls: PoolTLSSettings) -> None:
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(tls, name)
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as e:
-                raise ConfigError(f"{where}.{name}: cannot read {path!r}: "
-                                  f"{e.strerror or e}") from None
+    """The TLS settings' shape; their files are loaded at start (``outbound``)."""
     if tls.key_file and not tls.cert_file:
         raise ConfigError(f"{where}.key_file: needs cert_file (the client certificate)")
     if tls.server_name and not re.fullmatch(

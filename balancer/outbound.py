@@ -36,8 +36,6 @@ from balancer.config import (
     PoolTLSSettings,
     Settings,
     header_value_problem,
-    read_header_file,
-    resolve_header,
 )
 from balancer.upstream import Connector
 
@@ -45,6 +43,60 @@ log = logging.getLogger("balancer.outbound")
 
 HEADER_FILE_CHECK_INTERVAL: Final = 1.0
 """Seconds between two looks at a header file's identity (see the module's docstring)."""
+
+
+HEADER_FILE_MAX: Final = 16 * 1024
+"""Characters of a header file read; a longer file is refused (a token is far shorter; a
+file that size is the wrong file)."""
+
+
+def read_header_file(path: str) -> str:
+    """The value in a header file: its text without trailing whitespace (a Secret written
+    with ``echo`` ends in a newline). Raises OSError, UnicodeDecodeError, or ValueError
+    for a file over :data:`HEADER_FILE_MAX`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(HEADER_FILE_MAX + 1)
+    if len(text) > HEADER_FILE_MAX:
+        raise ValueError(f"over {HEADER_FILE_MAX} characters")
+    return text.rstrip()
+
+
+def resolve_header(key: str, header: PoolHeader) -> str:
+    """The value of an injected header now (``prefix`` included), from its setting, the
+    environment or its file; raises ConfigError naming ``key`` when it cannot be had (the
+    sources were checked by ``config.validate``). No message quotes the value."""
+    if header.value:
+        return header.value
+    if header.value_from_env:
+        where = f"{key}.value_from_env"
+        raw = os.environ.get(header.value_from_env)
+        if raw is None:
+            raise ConfigError(f"{where}: environment variable {header.value_from_env!r} is "
+                              "not set")
+        value = header.prefix + raw.strip()
+    else:
+        where, path = f"{key}.value_from_file", header.value_from_file
+        try:
+            value = header.prefix + read_header_file(path)
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {path!r}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {path!r} is not UTF-8 text") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}: {path!r} is {e}") from None
+    problem = header_value_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{where}: the value {problem}")
+    return value
+
+
+def _file_problem(exc: Exception) -> str:
+    """Why a TLS file did not load, in a few words."""
+    if isinstance(exc, ssl.SSLError):
+        return f"not usable PEM: {exc.reason or exc}"
+    if isinstance(exc, OSError):
+        return f"cannot read it: {exc.strerror or exc}"
+    return str(exc)
 
 
 def ssl_context(where: str, tls: PoolTLSSettings | None) -> ssl.SSLContext:
@@ -56,9 +108,7 @@ def ssl_context(where: str, tls: PoolTLSSettings | None) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=tls.ca_file or None)
     except (ssl.SSLError, OSError) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise ConfigError(f"{where}.ca_file: {tls.ca_file!r} holds no usable PEM CA "
-                          f"certificate: {reason}") from None
+        raise ConfigError(f"{where}.ca_file: {tls.ca_file!r}: {_file_problem(e)}") from None
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -68,10 +118,10 @@ def ssl_context(where: str, tls: PoolTLSSettings | None) -> ssl.SSLContext:
             # prompting on the terminal.
             context.load_cert_chain(tls.cert_file, tls.key_file or None, password=lambda: "")
         except (ssl.SSLError, OSError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-            raise ConfigError(f"{where}.cert_file: {tls.cert_file!r} with key "
-                              f"{tls.key_file or tls.cert_file!r} is not a usable PEM "
-                              f"certificate and unencrypted private key: {reason}") from None
+            key = f"key {tls.key_file!r}" if tls.key_file else "its key"
+            raise ConfigError(f"{where}.cert_file: {tls.cert_file!r} with {key}: "
+                              f"{_file_problem(e)} (a PEM certificate chain and an "
+                              "unencrypted private key that belongs to it)") from None
     return context
 
 
@@ -124,9 +174,11 @@ class InjectedHeader:
         path = self.setting.value_from_file
         try:
             value = self.setting.prefix + read_header_file(path)
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or too long
+            reason = (e.strerror if isinstance(e, OSError) else None) or \
+                ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e))
             log.warning("%s.value_from_file: cannot read %r (%s); still sending the last value",
-                        self.key, path, getattr(e, "strerror", None) or type(e).__name__)
+                        self.key, path, reason)
             return
         problem = header_value_problem(value)
         if problem is not None:
