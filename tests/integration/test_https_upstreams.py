@@ -314,3 +314,40 @@ async def test_tls_connections_are_reused_after_a_large_body(certs, tls_server):
     finally:
         pool.close()
     assert len(set(server.peers)) == 1
+
+
+async def test_a_server_that_never_finishes_the_handshake_times_out_and_is_retried(
+        certs, tls_server, start_balancer):
+    """The pool's connect timeout covers the TLS handshake: an endpoint that accepts the
+    connection and never answers the ClientHello fails after it, and the request is
+    retried on the pool's other endpoint."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # until balancer gives up and closes
+
+    hole = await asyncio.start_server(silent, "127.0.0.1", 0)
+    server = await tls_server()
+    try:
+        hole_port = hole.sockets[0].getsockname()[1]
+        run = await start_balancer(settings_for(PoolSettings(
+            "hosted", (MODEL,), (f"https://localhost:{hole_port}", server.url()),
+            tls=PoolTLSSettings(ca_file=str(certs.ca)), timeouts=PoolTimeouts(connect=0.3))))
+        started = asyncio.get_running_loop().time()
+        for i in range(10):  # distinct keys: some land on the silent endpoint first
+            async with run.http.post(run.url + "/v1/chat/completions",
+                                     json=chat_body(f"conversation {i}")) as r:
+                assert r.status == 200
+        elapsed = asyncio.get_running_loop().time() - started
+        assert accepted  # the silent endpoint was tried ...
+        assert len(server.upstream.requests) == 10  # ... and every request answered
+        # One timed-out handshake (then the endpoint is ejected); generous upper bound.
+        assert 0.3 <= elapsed < 5.0
+        assert await run.metric("balancer_upstream_errors_total", pool="hosted",
+                                reason="connect") >= 1
+    finally:
+        for writer in accepted:
+            writer.close()
+        hole.close()
+        await hole.wait_closed()
