@@ -343,6 +343,9 @@ def test_a_value_judged_fit_makes_exactly_one_header_line(value: str) -> None:
                 seen.append((name, v))
 
         httptools.HttpRequestParser(Sink()).feed_data(head)
-        assert seen == [(b"Host", b"h"), (b"X-Key", value.strip(" \t").encode())]
+        # One line for X-Key, holding the value (a parser may trim the whitespace around
+        # it, which is not part of a field value: RFC 9110 section 5.5).
+        assert [name for name, _ in seen] == [b"Host", b"X-Key"]
+        assert seen[1][1].strip(b" \t") == value.strip(" \t").encode()
     else:
         assert not value or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value)
