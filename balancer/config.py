@@ -206,8 +206,8 @@ class PoolHeader:
     value: str = field(default="", repr=False)
     """The value itself, for headers that are no secret (e.g. ``OpenAI-Organization``)."""
     value_from_env: str = ""
-    """Name of an environment variable holding the value, read once at start (an env var
-    cannot change under a running process)."""
+    """Name of an environment variable holding the value (surrounding whitespace dropped),
+    read once at start: a process's environment cannot change under it."""
     value_from_file: str = ""
     """Path of a file holding the value (a mounted Secret's key); trailing whitespace and
     newlines are dropped. Re-read when the file changes (checked at most once a second), so
