@@ -31,11 +31,11 @@ from balancer.metrics import Metrics
 from balancer.models import ModelLearner
 from balancer.monitor import HealthMonitor
 from balancer.offload import ParsePool
+from balancer.outbound import outbounds
 from balancer.proxy import Proxy
 from balancer.record import AccessLog, Reporter
 from balancer.route import KEYED_PATHS, decide, endpoint_load, explain, keyed_view, kind_for
 from balancer.router import Router
-from balancer.upstream import Connector
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,12 @@ class Balancer:
     async def _connections(self, app: web.Application) -> AsyncIterator[None]:
         """Endpoints open their connection pools while the app runs; all close after."""
         forwarder = self.proxy.forwarder
-        forwarder.connector = Connector(self.settings.limits.connect_timeout)
+        forwarder.connectors = {name: out.connector()
+                                for name, out in forwarder.outbound.items()}
         try:
             yield
         finally:
-            forwarder.connector = None
+            forwarder.connectors = None
             self.router.close_connections()
             self.proxy.reporter.access.flush()
             await asyncio.sleep(0)  # let transports run their close callbacks
@@ -355,27 +356,31 @@ def build(
     registry: CollectorRegistry | None = None,
 ) -> Balancer:
     """Build a balancer from settings; endpoints come from ``source`` when given, else from
-    the configuration (static URLs, or Services watched in Kubernetes)."""
+    the configuration (static URLs, or Services watched in Kubernetes). Raises ConfigError
+    when a pool's TLS files do not load or an injected header's value cannot be had."""
     metrics = Metrics(registry or CollectorRegistry())
+    outbound = outbounds(settings)
     router = Router(settings, metrics=metrics)
     metrics.collect_state(router.in_flight_rows)
     metrics.track_pools(lambda: _pool_readiness(router))
-    health = HealthMonitor(settings.health, router.pools, metrics)
+    health = HealthMonitor(settings.health, router.pools, metrics, outbound=outbound)
     admission = Admission(settings.limits, settings.retries, observe=health.observe,
                           metrics=metrics)
     reporter = Reporter(metrics, AccessLog())
-    learner = ModelLearner(router, settings.model_discovery, metrics)
+    learner = ModelLearner(router, settings.model_discovery, metrics, outbound)
     router.on_models_stale = learner.stale
     return Balancer(
         settings=settings,
         router=router,
         metrics=metrics,
-        proxy=Proxy(settings, router, metrics, admission, Forwarder(settings, metrics),
+        proxy=Proxy(settings, router, metrics, admission,
+                    Forwarder(settings, metrics, outbound),
                     reporter, ParsePool(settings.limits, metrics)),
         source=source or discovery.from_settings(settings, metrics),
         learner=learner,
         health=health,
-        poller=LoadPoller(router.pools, metrics, on_adapters=learner.adapters_seen),
+        poller=LoadPoller(router.pools, metrics, on_adapters=learner.adapters_seen,
+                          outbound=outbound),
     )
 
 

@@ -119,7 +119,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from balancer.outbound import outbounds
+
     settings = settings_from_args(args)
+    outbounds(settings)  # the pools' TLS files load, their headers' values can be had
     sys.stdout.write(yaml.safe_dump(as_dict(settings), sort_keys=False))
     return 0
 

@@ -15,11 +15,12 @@ import ipaddress
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -170,6 +171,83 @@ class KubernetesPoolSettings:
 
 
 @dataclass(frozen=True)
+class PoolTLSSettings:
+    """TLS to a pool's ``https://`` endpoints (a hosted provider, a model server behind a
+    TLS-terminating gateway). Certificates are always verified unless ``verify`` is off."""
+
+    ca_file: str = ""
+    """PEM file of the CA certificates the endpoints' certificates must chain to. Empty:
+    the system's CA store (right for public providers)."""
+    cert_file: str = ""
+    """PEM file of the client certificate chain presented to the endpoints (mutual TLS);
+    empty: none. Needs ``key_file`` unless the key is in the same file."""
+    key_file: str = ""
+    """PEM file of the client certificate's private key (unencrypted: nothing could type
+    its passphrase); empty: in ``cert_file``."""
+    server_name: str = ""
+    """Name sent as SNI and checked against the endpoints' certificates. Empty: each
+    endpoint URL's host, as a browser does; set it when endpoints are listed by address."""
+    verify: bool = True
+    """Verify the endpoints' certificates and names. Off only for a test rig: anyone on the
+    path could read the requests and the injected credentials (a warning says so at start)."""
+
+
+@dataclass(frozen=True)
+class PoolHeader:
+    """One request header balancer adds to everything it sends a pool (requests, health
+    checks, model and metrics reads), e.g. a provider's ``Authorization``. Exactly one of
+    ``value``, ``value_from_env`` and ``value_from_file`` gives its value; the value is never
+    logged nor shown (``/debug/config`` and ``check-config`` print ``<redacted>``)."""
+
+    name: str
+    """Header name, e.g. ``Authorization``. It replaces a client's header of the same name.
+    Hop-by-hop headers, ``Host``, ``Content-Length`` and the ones balancer sets itself
+    (``X-Forwarded-*``, ``X-Request-Id``) are refused."""
+    value: str = field(default="", repr=False)
+    """The value itself, for headers that are no secret (e.g. ``OpenAI-Organization``)."""
+    value_from_env: str = ""
+    """Name of an environment variable holding the value (surrounding whitespace dropped),
+    read once at start: a process's environment cannot change under it."""
+    value_from_file: str = ""
+    """Path of a file holding the value (a mounted Secret's key); trailing whitespace and
+    newlines are dropped. Re-read when the file changes (checked at most once a second), so
+    a rotated Secret is used without a restart."""
+    prefix: str = ""
+    """Text put before the value from the environment or the file, e.g. ``"Bearer "`` when
+    the Secret holds only the API key."""
+
+
+@dataclass(frozen=True)
+class PoolTimeouts:
+    """Timeouts of one pool, each overriding the ``limits`` setting of the same meaning for
+    that pool only (left out: the ``limits`` value). A hosted provider is farther away
+    (longer connects) and queues elsewhere (a shorter first byte fails over sooner)."""
+
+    connect: float | None = None
+    """Seconds to open a connection, TLS handshake included (``limits.connect_timeout``)."""
+    first_byte: float | None = None
+    """Seconds from sending a request to the first response byte
+    (``limits.first_byte_timeout``)."""
+    idle: float | None = None
+    """Seconds the server may keep a started response waiting for its next chunk
+    (``limits.idle_timeout``; a stalled client is still cut after ``limits.idle_timeout``)."""
+    total: float | None = None
+    """Seconds for a whole request across retries, 0 = off (``limits.total_timeout``)."""
+
+
+@dataclass(frozen=True)
+class PoolHealthSettings:
+    """A pool's own active checks, overriding the ``health`` section's (left out: as there).
+    A hosted provider has no ``/health``: turn ``active`` off, or point ``path`` at one it
+    answers (``/v1/models``), so its endpoint is not checked into ejection."""
+
+    active: bool | None = None
+    """Probe the pool's endpoints (``health.active``)."""
+    path: str | None = None
+    """Path of the check (``health.path``); any 2xx passes."""
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     name: str
     """Pool name, used in metrics labels and logs."""
@@ -177,15 +255,31 @@ class PoolSettings:
     """Model names (the request's ``model`` field) this pool serves. Empty: learned from the
     endpoints' ``/v1/models`` (served names and LoRA adapters), refreshed periodically."""
     endpoints: tuple[str, ...] = ()
-    """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000``. In
-    the file an entry may also be a mapping ``{url: ..., zone: ...}`` naming the server's
-    zone (for ``routing.prefer_zone``); its URL is listed here and its zone in ``zones``."""
+    """Static base URLs of the model servers, e.g. ``http://vllm-0.vllm.llm.svc:8000`` or
+    ``https://api.example.com``. A path after the host (``https://gateway/openai``) is put
+    before every path sent there: ``/v1/chat/completions`` goes to
+    ``/openai/v1/chat/completions``. It must not end in ``/v1``: balancer forwards the
+    ``/v1/...`` path as is. In the file an entry may also be a mapping ``{url: ..., zone:
+    ...}`` naming the server's zone (for ``routing.prefer_zone``); its URL is listed here
+    and its zone in ``zones``."""
     kubernetes: KubernetesPoolSettings | None = None
     """Discover the endpoints from a Service instead of listing them."""
     zones: tuple[tuple[str, str], ...] = ()
     """``(url, zone)`` of the static endpoints listed with a zone, in the order listed (the
     file's ``{url, zone}`` entries); an endpoint not here has no zone. EndpointSlices carry
     each pod's zone themselves."""
+    tls: PoolTLSSettings | None = None
+    """TLS to the ``https://`` endpoints; left out: the system's CAs, no client certificate,
+    verification on."""
+    headers: tuple[PoolHeader, ...] = ()
+    """Headers added to every request sent to the pool, e.g. an API key from a Secret."""
+    timeouts: PoolTimeouts = field(default_factory=PoolTimeouts)
+    """The pool's own connect, first-byte, idle and total timeouts."""
+    health: PoolHealthSettings = field(default_factory=PoolHealthSettings)
+    """The pool's own active checks."""
+    load_poll: bool = True
+    """Poll the endpoints' ``load.poll_path`` for load reports (with ``load.poll_interval``);
+    off for servers without Prometheus metrics, such as hosted providers."""
 
     def zone_of(self, url: str) -> str | None:
         """The zone a static endpoint was listed with (None: none)."""
@@ -585,6 +679,10 @@ _ZONE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
     """Coerce one scalar from YAML or a string (env, flags) to the field's type."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        # ``X | None``: None (or null in YAML) stays None, anything else is an X.
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return None if value is None else _convert(key, value, inner[0])
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         try:
             return annotation(value)
@@ -636,14 +734,21 @@ def _build_section(name: str, cls: type[Any], raw: Any) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{name}: expected a mapping of settings, got {raw!r}")
+        # A header's value may be a secret: say what was wrong, not what was written.
+        shown = "" if cls is PoolHeader else f", got {raw!r}"
+        raise ConfigError(f"{name}: expected a mapping of settings{shown}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
             f"{name}.{unknown[0]}: unknown setting; allowed: {', '.join(sorted(known))}"
         )
+    for f in fields:
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+                and raw.get(f.name) is None:
+            raise ConfigError(f"{name}.{f.name}: required")
     values = {k: _convert(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
     return cls(**values)
 
@@ -668,10 +773,10 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
         where = f"pools[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{where}: expected a mapping with name, models, endpoints")
-        unknown = sorted(set(item) - {"name", "models", "endpoints", "kubernetes"})
+        unknown = sorted(set(item) - _POOL_KEYS)
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown setting; allowed: "
-                              "endpoints, kubernetes, models, name")
+                              f"{', '.join(sorted(_POOL_KEYS))}")
         name = item.get("name", f"pool-{i}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name: {name!r} is not a non-empty string")
@@ -684,6 +789,7 @@ def _build_pools(raw: Any) -> tuple[PoolSettings, ...]:
                 kubernetes=_build_pool_kubernetes(f"{where}.kubernetes",
                                                   item.get("kubernetes")),
                 zones=zones,
+                **_build_pool_upstream(where, item),
             )
         )
     return tuple(pools)
@@ -805,6 +911,31 @@ def _build_endpoints(where: str, raw: Any
                               "digits, '-', '_' or '.')")
         zones.append((url, zone))
     return tuple(urls), tuple(zones)
+
+
+_POOL_KEYS = frozenset({"name", "models", "endpoints", "kubernetes", "tls", "headers",
+                        "timeouts", "health", "load_poll"})
+
+
+def _build_pool_upstream(where: str, item: Mapping[str, Any]) -> dict[str, Any]:
+    """A pool's settings for talking to its endpoints: ``tls``, ``headers``, ``timeouts``,
+    ``health``, ``load_poll`` (only those given, so the dataclass defaults apply)."""
+    out: dict[str, Any] = {}
+    if item.get("tls") is not None:
+        out["tls"] = _build_section(f"{where}.tls", PoolTLSSettings, item["tls"])
+    for key, cls in (("timeouts", PoolTimeouts), ("health", PoolHealthSettings)):
+        if item.get(key) is not None:
+            out[key] = _build_section(f"{where}.{key}", cls, item[key])
+    if item.get("load_poll") is not None:
+        out["load_poll"] = _convert(f"{where}.load_poll", item["load_poll"], bool)
+    raw = item.get("headers")
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{where}.headers: expected a list of {{name, value | "
+                              "value_from_env | value_from_file}}")
+        out["headers"] = tuple(_build_section(f"{where}.headers[{j}]", PoolHeader, h)
+                               for j, h in enumerate(raw))
+    return out
 
 
 def _build_pool_kubernetes(where: str, raw: Any) -> KubernetesPoolSettings | None:
@@ -948,21 +1079,8 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
                 )
             models[model] = pool.name
         for j, url in enumerate(pool.endpoints):
-            parts = urlsplit(url)
-            if parts.scheme not in {"http", "https"} or not parts.hostname:
-                raise ConfigError(
-                    f"pools[{i}].endpoints[{j}]: {url!r} is not an http(s)://host:port URL"
-                )
-            try:
-                parts.port  # noqa: B018 - raises on a malformed port
-            except ValueError:
-                raise ConfigError(
-                    f"pools[{i}].endpoints[{j}]: {url!r} has an invalid port"
-                ) from None
-            if parts.path not in {"", "/"} or parts.query:
-                raise ConfigError(
-                    f"pools[{i}].endpoints[{j}]: {url!r} must be a base URL without a path"
-                )
+            _validate_endpoint_url(f"pools[{i}].endpoints[{j}]", url)
+        _validate_pool_upstream(f"pools[{i}]", pool)
     return settings
 
 
@@ -974,6 +1092,119 @@ def _validate_zone(r: RoutingSettings) -> None:
         raise ConfigError("routing.prefer_zone: true needs routing.zone, the zone this "
                           "balancer runs in (in Kubernetes: BALANCER_ROUTING_ZONE from the "
                           "pod's topology.kubernetes.io/zone label)")
+
+
+def _validate_endpoint_url(where: str, url: str) -> None:
+    """An ``http(s)://host[:port][/prefix]`` base URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} is not an http(s)://host:port URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r} has an invalid port") from None
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: {url!r} must be a base URL without a query, a fragment "
+                          "or credentials (put credentials in pools[].headers)")
+    prefix = parts.path.rstrip("/")
+    if not prefix:
+        return
+    for segment in prefix[1:].split("/"):
+        if segment in (".", "..") or not _LITERAL_SEGMENT.fullmatch(segment):
+            raise ConfigError(f"{where}: {url!r} has a path segment {segment!r} that is not "
+                              "a plain name (no empty, dot or percent-encoded segments)")
+    if prefix == "/v1" or prefix.endswith("/v1"):
+        root = url[:len(url) - len(parts.path)] + prefix[:-3]
+        raise ConfigError(f"{where}: {url!r} ends in /v1, but balancer forwards the /v1/... "
+                          f"path as is: give the URL before /v1 ({root!r})")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP field name (RFC 9110 section 5.1: a token)."""
+
+RESERVED_HEADERS: Final = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection", "host", "content-length",
+    "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+    "endpoint-load-metrics-format",
+})
+"""Request headers a pool may not inject: hop-by-hop ones and those balancer sets itself
+for the upstream hop (the forwarder's ``_NOT_FORWARDED_REQUEST``; a test keeps the two
+alike)."""
+
+
+def header_value_problem(value: str) -> str | None:
+    """What makes ``value`` unfit for a header line (a control character, such as a
+    newline that would start another header), or None. Never quotes the value."""
+    if not value:
+        return "is empty"
+    for at, char in enumerate(value):
+        if (ord(char) < 32 and char != "\t") or ord(char) == 127:
+            return f"has a control character (code {ord(char)}) at position {at}"
+    return None
+
+
+def _validate_pool_upstream(where: str, pool: PoolSettings) -> None:
+    """A pool's TLS files, injected headers, timeouts and checks."""
+    https = any(url.startswith("https:") for url in pool.endpoints)
+    if pool.tls is not None:
+        if not https:
+            raise ConfigError(f"{where}.tls: the pool has no https:// endpoint to use it on"
+                              + (" (endpoints from a Service are reached over http)"
+                                 if pool.kubernetes is not None else ""))
+        _validate_tls(f"{where}.tls", pool.tls)
+    names: set[str] = set()
+    for j, header in enumerate(pool.headers):
+        key = f"{where}.headers[{j}]"
+        if not _TOKEN.fullmatch(header.name):
+            raise ConfigError(f"{key}.name: {header.name!r} is not a header name")
+        lower = header.name.lower()
+        if lower in RESERVED_HEADERS:
+            raise ConfigError(f"{key}.name: {header.name!r} is hop-by-hop or set by balancer "
+                              "itself; it cannot be injected")
+        if lower in names:
+            raise ConfigError(f"{key}.name: {header.name!r} is injected twice in this pool")
+        names.add(lower)
+        check_header_sources(key, header)
+    t = pool.timeouts
+    for name in ("connect", "first_byte", "idle"):
+        value = getattr(t, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{where}.timeouts.{name}: {value} must be a number of "
+                              "seconds > 0")
+    if t.total is not None and not (math.isfinite(t.total) and t.total >= 0):
+        raise ConfigError(f"{where}.timeouts.total: {t.total} must be >= 0 (0 = off)")
+    if pool.health.path is not None and not pool.health.path.startswith("/"):
+        raise ConfigError(f"{where}.health.path: {pool.health.path!r} must start with '/'")
+
+
+def check_header_sources(key: str, header: PoolHeader) -> None:
+    """An injected header names exactly one source, and a literal value is fit for a
+    header line. Reading the environment variable or the file is left to the start
+    (``outbound``), so ``balancer route`` and ``tune`` read a production configuration on
+    a laptop without its Secrets. No message quotes the value."""
+    sources = [name for name in ("value", "value_from_env", "value_from_file")
+               if getattr(header, name)]
+    if len(sources) != 1:
+        raise ConfigError(f"{key}: give exactly one of value, value_from_env, value_from_file"
+                          + (f" (got {', '.join(sources)})" if sources else ""))
+    if header.value:
+        if header.prefix:
+            raise ConfigError(f"{key}.prefix: only with value_from_env or value_from_file")
+        problem = header_value_problem(header.value)
+        if problem is not None:
+            raise ConfigError(f"{key}.value: the value {problem}")
+    elif (problem := header_value_problem(header.prefix or "x")) is not None:
+        raise ConfigError(f"{key}.prefix: the prefix {problem}")
+
+
+def _validate_tls(where: str, tls: PoolTLSSettings) -> None:
+    """The TLS settings' shape; their files are loaded at start (``outbound``)."""
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{where}.key_file: needs cert_file (the client certificate)")
+    if tls.server_name and not re.fullmatch(
+            r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", tls.server_name):
+        raise ConfigError(f"{where}.server_name: {tls.server_name!r} is not a host name")
 
 
 def _validate_host(key: str, host: str) -> None:
@@ -1129,8 +1360,16 @@ def load(
     return validate(settings, require_pools=require_pools)
 
 
+REDACTED: Final = "<redacted>"
+"""What a printed configuration shows for an injected header's literal value."""
+
+
 def as_dict(settings: Settings) -> dict[str, Any]:
     """The effective configuration in the file's shape (enums as their strings).
+
+    Injected headers' literal values show as :data:`REDACTED` (they may be credentials, and
+    ``/debug/config`` serves this); the names of the variables and files holding the others
+    show as they are.
 
     Settings that nothing uses are left out, so the printout shows what matters: the
     ``kubernetes`` section (and a pool's ``kubernetes`` key) only when a pool names a Service,
@@ -1161,6 +1400,11 @@ def as_dict(settings: Settings) -> dict[str, Any]:
             zones = dict(pool_settings.zones)
             pool["endpoints"] = [{"url": url, "zone": zones[url]} if url in zones else url
                                  for url in pool_settings.endpoints]
+        if pool["tls"] is None:
+            del pool["tls"]
+        for header in pool["headers"]:
+            if header["value"]:
+                header["value"] = REDACTED
     if all(p.kubernetes is None for p in settings.pools):
         del result["kubernetes"]
     if all(p.models for p in settings.pools):

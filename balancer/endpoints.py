@@ -39,7 +39,8 @@ class Endpoint:
 
     id: str
     url: str
-    """Base URL without a path, e.g. ``http://10.0.0.7:8000``."""
+    """Base URL, e.g. ``http://10.0.0.7:8000``; a static endpoint's may end in a path
+    prefix (``https://gateway:443/openai``), put before every path sent there."""
     zone: str | None = None
     serving: bool = True
     """False while the endpoint drains: it takes no new requests but finishes its own."""
@@ -57,10 +58,11 @@ def host_port(host: str, port: int) -> str:
 
 def static_endpoint(url: str, zone: str | None = None) -> Endpoint:
     """An endpoint from a configured base URL (and the zone it was listed with); its id is
-    the URL's host:port."""
+    the URL's host:port, followed by its path prefix if it has one (two prefixes on one host
+    are two endpoints)."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    netloc = host_port(parts.hostname or "", port)
+    netloc = host_port(parts.hostname or "", port) + parts.path.rstrip("/")
     return Endpoint(id=netloc, url=f"{parts.scheme}://{netloc}", zone=zone)
 
 

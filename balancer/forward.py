@@ -65,6 +65,7 @@ from balancer.httpserver import (
 )
 from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
+from balancer.outbound import Outbound, outbounds
 from balancer.record import RequestRecord
 from balancer.retry import RETRY_STATUSES, parse_retry_after
 from balancer.router import Lease
@@ -75,6 +76,7 @@ from balancer.upstream import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeoutError,
+    UpstreamTLSError,
     serialize_head,
 )
 
@@ -441,19 +443,26 @@ class _StallGuard:
 class Forwarder:
     """Runs attempts: one request on one leased endpoint."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        limits = settings.limits
-        self.first_byte_timeout = limits.first_byte_timeout
-        self.idle_timeout = limits.idle_timeout
-        self.total_timeout = limits.total_timeout
+    def __init__(self, settings: Settings, metrics: Metrics,
+                 outbound: Mapping[str, Outbound] | None = None) -> None:
+        self.outbound = outbounds(settings) if outbound is None else outbound
+        """Each pool's TLS, injected headers and timeouts, by pool name."""
+        self.idle_timeout = settings.limits.idle_timeout
+        """How long a client may take no data while a write to it waits (the pools'
+        ``idle_timeout`` is the model servers' share)."""
         self.route_headers = settings.server.route_headers
         self.trusted_proxies = parse_networks(settings.server.trusted_proxies)
         self.retry_after_default = settings.retries.retry_after_default
         self.retry_after_max = settings.retries.retry_after_max
         self.pass_reports = settings.load.pass_reports
         self.metrics = metrics
-        self.connector: Connector | None = None
-        """Set by the app while it runs: opens each endpoint's connection pool."""
+        self.connectors: Mapping[str, Connector] | None = None
+        """Set by the app while it runs, one per pool: opens each endpoint's connection
+        pool."""
+
+    def total_timeout(self, pool: str) -> float:
+        """The pool's ``total_timeout`` in seconds (0: none)."""
+        return self.outbound[pool].total_timeout
 
     async def attempt(self, request: web.Request, lease: Lease, body: bytes,
                       record: RequestRecord, *, stream: bool, retry_possible: bool,
@@ -462,16 +471,17 @@ class Forwarder:
         endpoint may try (only when nothing reached the client). ``target`` is the checked
         origin-form target (never the client's raw one); a request that is not
         ``replayable`` is never re-sent on a fresh connection."""
-        connector = self.connector
-        if connector is None:
+        connectors = self.connectors
+        if connectors is None:
             raise ShuttingDownError("balancer is shutting down")
         choice = lease.choice
-        connections = lease.state.open(connector)
-        head = self._head(request, target, connections.host_header, record.request_id,
-                          len(body))
+        out = self.outbound[lease.pool.name]
+        connections = lease.state.open(connectors[lease.pool.name])
+        head = self._head(request, connections.prefix + target, connections.host_header,
+                          record.request_id, len(body), out)
         self.metrics.route(lease.pool.name, choice.outcome, len(choice.probes), choice.bound,
                            choice.signal)
-        deadline = min(connections.loop.time() + self.first_byte_timeout, record.total_at)
+        deadline = min(connections.loop.time() + out.first_byte_timeout, record.total_at)
         upstream: Response | None = None
         try:
             upstream = await connections.request(
@@ -490,8 +500,14 @@ class Forwarder:
                 upstream.release()
 
     def _head(self, request: web.Request, target: str, host: str, request_id: str,
-              body_length: int) -> bytes:
+              body_length: int, out: Outbound) -> bytes:
         headers = filter_request_headers(request.headers)
+        if out.headers:
+            # The pool's own headers win over a client's of the same name (a client must
+            # not pick the credentials sent to a provider).
+            names = out.header_names
+            headers = [(n, v) for n, v in headers if n.lower() not in names]
+            headers.extend(out.header_items())
         peer = request.remote or ""
         chain = forwarded_for(request)
         # The peer is always appended; what the client sent stays in the chain for the model
@@ -601,11 +617,13 @@ class Forwarder:
         guard = None if transport is None else _StallGuard(loop, transport, self.idle_timeout)
         try:
             await response.prepare(request)
-            tail = await self._relay_chunks(response, record, upstream, chunk, guard)
+            tail = await self._relay_chunks(response, record, upstream, chunk, guard,
+                                            self.outbound[lease.pool.name].idle_timeout)
             if tail is None:
                 await self._break_stream(request, response, lease, record,
                                          f"request exceeded the total timeout of "
-                                         f"{self.total_timeout:g} s", None, None)
+                                         f"{self.total_timeout(lease.pool.name):g} s",
+                                         None, None)
                 return response
             await response.write_eof()
             if upstream.status == 200 and _is_event_stream(upstream.header(b"content-type")):
@@ -627,11 +645,12 @@ class Forwarder:
 
     async def _relay_chunks(self, response: web.StreamResponse, record: RequestRecord,
                             upstream: Response, chunk: bytes,
-                            guard: _StallGuard | None) -> bytes | None:
-        """Write chunks until the body ends; returns the last two chunks (where a usage
-        event would be), or None when the total timeout ran out while writing."""
+                            guard: _StallGuard | None, idle: float) -> bytes | None:
+        """Write chunks until the body ends, waiting at most ``idle`` seconds for each
+        (the pool's idle timeout); returns the last two chunks (where a usage event would
+        be), or None when the total timeout ran out while writing."""
         loop = asyncio.get_running_loop()
-        idle, total_at = self.idle_timeout, record.total_at
+        total_at = record.total_at
         # The last two chunks are kept (references, not copies) so the usage event at the
         # end of a stream can be read once it ends, without parsing any chunk.
         before = last = b""
@@ -666,30 +685,40 @@ class Forwarder:
         if isinstance(exc, UpstreamTimeoutError):
             lease.failure = Failure.TIMEOUT
             record.status = 504
+            out = self.outbound[lease.pool.name]
             if asyncio.get_running_loop().time() >= record.total_at:
                 detail = said = (f"request exceeded the total timeout of "
-                                 f"{self.total_timeout:g} s")
+                                 f"{out.total_timeout:g} s")
             else:
                 said = (f"the model server sent no response within "
-                        f"{self.first_byte_timeout:g} s")
-                detail = f"no response within {self.first_byte_timeout:g} s: {exc}"
+                        f"{out.first_byte_timeout:g} s")
+                detail = f"no response within {out.first_byte_timeout:g} s: {exc}"
             return self._answer_failure(request, lease, record,
                                         GatewayTimeoutError(f"{said} (request {rid})"),
                                         "timeout", detail)
         connect = isinstance(exc, UpstreamConnectError)
         lease.failure = Failure.CONNECT if connect else Failure.RESET
-        reason = "connect" if connect else "reset"
-        detail = f"cannot connect: {exc}" if connect else f"failed before responding: {exc}"
-        error = BadGatewayError(
-            f"cannot connect to the model server (request {rid})" if connect
-            else f"the model server failed before responding (request {rid})")
+        if isinstance(exc, UpstreamTLSError):
+            # The certificate did not verify, or the server refused ours: as unreachable
+            # as a refused connection, but the operator must hear which.
+            reason, detail = "tls", str(exc)
+            error = BadGatewayError(f"cannot open a trusted TLS connection to the model "
+                                    f"server (request {rid})")
+        else:
+            reason = "connect" if connect else "reset"
+            detail = (f"cannot connect: {exc}" if connect
+                      else f"failed before responding: {exc}")
+            error = BadGatewayError(
+                f"cannot connect to the model server (request {rid})" if connect
+                else f"the model server failed before responding (request {rid})")
         if retry:
             # Nothing came back before the connection failed: retry elsewhere. (A body that
             # broke after the head is not retried.)
             lease.state.metrics.upstream_error(reason)
             self._log_failure(logging.INFO, request, lease, detail, rid)
             record.status = -1
-            return Retryable(reason, error_response(error, rid))
+            # A failed handshake sent nothing either: retried as a connect error.
+            return Retryable("connect" if connect else reason, error_response(error, rid))
         record.status = 502
         return self._answer_failure(request, lease, record, error, reason, detail)
 
@@ -715,7 +744,8 @@ class Forwarder:
                 # fault, as when the budget runs out during a write.
                 await self._break_stream(request, response, lease, record,
                                          f"request exceeded the total timeout of "
-                                         f"{self.total_timeout:g} s", None, None)
+                                         f"{self.total_timeout(lease.pool.name):g} s",
+                                         None, None)
                 return
             await self._break_stream(request, response, lease, record,
                                      "upstream idle timeout after the response started",

@@ -55,13 +55,14 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 
 from balancer.config import LoadSource
 from balancer.load import EMPTY, LoadReport
 from balancer.metrics import Metrics
+from balancer.outbound import Outbound
 from balancer.router import Pool
 from balancer.state import EndpointState
 
@@ -264,9 +265,11 @@ class LoadPoller:
 
     def __init__(self, pools: Mapping[str, Pool], metrics: Metrics | None = None,
                  rng: random.Random | None = None,
-                 on_adapters: Callable[[Pool, str, frozenset[str]], None] | None = None
-                 ) -> None:
+                 on_adapters: Callable[[Pool, str, frozenset[str]], None] | None = None,
+                 outbound: Mapping[str, Outbound] | None = None) -> None:
         self.pools = pools
+        self.outbound = outbound or {}
+        """Pools' TLS, injected headers and ``load_poll`` (a pool not here is polled)."""
         self.metrics = metrics
         self.on_adapters = on_adapters
         """Told the LoRA adapters a poll saw loaded on an endpoint (:func:`lora_adapters`),
@@ -285,7 +288,12 @@ class LoadPoller:
 
     @property
     def enabled(self) -> bool:
-        return any(polled(p) for p in self.pools.values())
+        return any(self._polled(p) for p in self.pools.values())
+
+    def _polled(self, pool: Pool) -> bool:
+        """:func:`polled`, unless the pool turned polling off (``pools[].load_poll``)."""
+        out = self.outbound.get(pool.name)
+        return polled(pool) and (out is None or out.load_poll)
 
     def endpoints_changed(self) -> None:
         """Endpoints came, went or changed: poll new ones soon, stop polling departed ones."""
@@ -296,7 +304,7 @@ class LoadPoller:
         """Start polling (nothing happens when every pool's ``poll_interval`` is 0)."""
         if not self.enabled or self._task is not None:
             return
-        for s in {p.load_settings for p in self.pools.values() if polled(p)}:
+        for s in {p.load_settings for p in self.pools.values() if self._polled(p)}:
             slowest = s.poll_interval * JITTER[1] + s.poll_timeout
             if s.poll_interval > 0 and slowest > s.max_age:
                 log.warning("load.poll_interval %g s (up to %g s with jitter) plus "
@@ -361,7 +369,7 @@ class LoadPoller:
         of the interval, departed ones are dropped (a poll under way is cancelled)."""
         targets: dict[tuple[str, str], _Target] = {}
         for pool in self.pools.values():
-            if not polled(pool):
+            if not self._polled(pool):
                 continue
             interval = pool.load_settings.poll_interval
             for endpoint_id in pool.serving:
@@ -406,9 +414,11 @@ class LoadPoller:
         adapters: frozenset[str] = frozenset()
         try:
             report: LoadReport | PollFailed
+            out = self.outbound.get(pool.name)
             report, adapters = await self._fetch(
                 state.endpoint.url.rstrip("/") + settings.poll_path,
-                aiohttp.ClientTimeout(total=settings.poll_timeout), pool.name)
+                aiohttp.ClientTimeout(total=settings.poll_timeout), pool.name,
+                {} if out is None else out.client_options())
         except PollFailed as exc:
             report = exc
         finally:
@@ -443,16 +453,16 @@ class LoadPoller:
                 pool.name, state.id, failure, wait,
                 ", backing off" if failure.lasting else "")
 
-    async def _fetch(self, url: str, limit: aiohttp.ClientTimeout,
-                     pool: str) -> tuple[LoadReport, frozenset[str]]:
+    async def _fetch(self, url: str, limit: aiohttp.ClientTimeout, pool: str,
+                     options: Mapping[str, Any]) -> tuple[LoadReport, frozenset[str]]:
         """GET one metrics page and read it (the load report and the LoRA adapters it shows);
         raises :class:`PollFailed`."""
         session = self._session
         assert session is not None
         try:
-            async with session.get(url, timeout=limit,
-                                   allow_redirects=False,
-                                   headers={"Accept": "text/plain"}) as response:
+            headers = {"Accept": "text/plain", **options.get("headers", {})}
+            async with session.get(url, timeout=limit, allow_redirects=False,
+                                   **{**options, "headers": headers}) as response:
                 if response.status != 200:
                     raise PollFailed(f"HTTP {response.status}", lasting=response.status < 500)
                 body = await _read_capped(response, MAX_BODY_BYTES)

@@ -23,13 +23,15 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 import aiohttp
 
 from balancer.config import ModelDiscoverySettings
 from balancer.endpoints import Endpoint
 from balancer.metrics import Metrics
+from balancer.outbound import Outbound
 from balancer.router import Pool, Router
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,11 @@ class ModelLearner:
     """Keeps the models of the router's learning pools current."""
 
     def __init__(self, router: Router, settings: ModelDiscoverySettings,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 outbound: Mapping[str, Outbound] | None = None) -> None:
         self._router = router
+        self._outbound = outbound or {}
+        """Pools' TLS and injected headers, used on ``/v1/models`` as on requests."""
         self._settings = settings
         self._metrics = metrics
         self._pools = [p for p in router.pools.values() if p.learns_models]
@@ -124,8 +129,11 @@ class ModelLearner:
             targets = [pool.states[i] for i in pool.routable
                        if not (only_new and pool.states[i].models is not None
                                and (pool.name, i) not in stale)]
+            out = self._outbound.get(pool.name)
+            options = {} if out is None else out.client_options()
             answers = await asyncio.gather(
-                *(self._ask(session, limit, pool, state.endpoint) for state in targets))
+                *(self._ask(session, limit, pool, state.endpoint, options)
+                  for state in targets))
             pool.set_endpoints_models({
                 state.id: frozenset(models)
                 for state, models in zip(targets, answers, strict=True)
@@ -140,11 +148,11 @@ class ModelLearner:
             log.info("pool %s: serving models %s", pool.name, ", ".join(pool.models))
 
     async def _ask(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore, pool: Pool,
-                   endpoint: Endpoint) -> set[str] | None:
+                   endpoint: Endpoint, options: Mapping[str, Any]) -> set[str] | None:
         async with limit:
             try:
-                async with session.get(endpoint.url + "/v1/models",
-                                       allow_redirects=False) as response:
+                async with session.get(endpoint.url + "/v1/models", allow_redirects=False,
+                                       **options) as response:
                     response.raise_for_status()
                     names = model_names(await response.json(content_type=None))
                 if names is None:

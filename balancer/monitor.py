@@ -26,6 +26,7 @@ from balancer.config import HealthSettings
 from balancer.health import Capped, Failure, ejection_cap
 from balancer.logs import Throttle
 from balancer.metrics import Metrics
+from balancer.outbound import Outbound
 from balancer.router import Lease, Pool
 from balancer.state import EndpointState
 
@@ -40,9 +41,12 @@ class HealthMonitor:
     """Runs the checks and timers of every pool's endpoints."""
 
     def __init__(self, settings: HealthSettings, pools: Mapping[str, Pool],
-                 metrics: Metrics | None = None, rng: random.Random | None = None) -> None:
+                 metrics: Metrics | None = None, rng: random.Random | None = None,
+                 outbound: Mapping[str, Outbound] | None = None) -> None:
         self.settings = settings
         self.pools = pools
+        self.outbound = outbound or {}
+        """Pools' own check settings, TLS and headers (a pool not here: the section's)."""
         self.metrics = metrics
         self._rng = rng or random.Random()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -136,7 +140,9 @@ class HealthMonitor:
 
     def follow(self, pool: Pool) -> None:
         """Follow a pool's endpoint set: check serving endpoints, stop checking the others."""
-        active = self.settings.active and self._session is not None
+        out = self.outbound.get(pool.name)
+        active = (self.settings.active if out is None else out.health_active) \
+            and self._session is not None
         for state in pool.states.values():
             serving = state.present and state.endpoint.serving
             if serving and active and state.probe is None:
@@ -150,10 +156,14 @@ class HealthMonitor:
     async def _probe_loop(self, pool: Pool, state: EndpointState) -> None:
         s = self.settings
         timeout = aiohttp.ClientTimeout(total=s.timeout)
+        out = self.outbound.get(pool.name)
+        path = s.path if out is None else out.health_path
         # A random phase spreads the probes of many endpoints over the interval.
         await asyncio.sleep(self._rng.uniform(0, s.interval))
         while True:
-            ok = await self._probe(state.endpoint.url.rstrip("/") + s.path, timeout)
+            # Asked each time: an injected header read from a file may have changed.
+            options = {} if out is None else out.client_options()
+            ok = await self._probe(state.endpoint.url.rstrip("/") + path, timeout, options)
             if state.health.checked(ok, s):
                 log.warning("pool %s: %s %s its health checks", pool.name, state.id,
                             "passes" if ok else "fails")
@@ -161,10 +171,12 @@ class HealthMonitor:
                 self._publish(pool)
             await asyncio.sleep(s.interval * self._rng.uniform(0.9, 1.1))
 
-    async def _probe(self, url: str, limit: aiohttp.ClientTimeout) -> bool:
+    async def _probe(self, url: str, limit: aiohttp.ClientTimeout,
+                     options: Mapping[str, Any]) -> bool:
         assert self._session is not None
         try:
-            async with self._session.get(url, timeout=limit, allow_redirects=False) as r:
+            async with self._session.get(url, timeout=limit, allow_redirects=False,
+                                         **options) as r:
                 return 200 <= r.status < 300
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False

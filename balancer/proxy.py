@@ -141,7 +141,6 @@ class Proxy:
         self.idle.set()
         self._session_header = settings.routing.session_header
         self.allowed = AllowList(settings.server.forward_paths)
-        self._total_timeout = settings.limits.total_timeout
         retries = settings.retries
         self._max_attempts = retries.max_attempts
         self._max_fallbacks = retries.max_fallbacks
@@ -350,10 +349,10 @@ class Proxy:
         not ``replayable`` is retried only after a connect error, which sent nothing, or a
         model-not-found 404, which the endpoint refused. ``started``: when its body had
         arrived (a wait for a worker process to read it counts against the total timeout)."""
-        if self.forwarder.connector is None:
+        if self.forwarder.connectors is None:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
-        total = self._total_timeout
+        total = self.forwarder.total_timeout(decision.pool.name)
         record = RequestRecord(request_id, request.method, request.path, model,
                                decision.key_hash if decision.keyed else None, started,
                                started + total if total > 0 else math.inf)

@@ -96,6 +96,20 @@ class UpstreamConnectError(UpstreamError):
     """No connection could be made: nothing was sent."""
 
 
+class UpstreamTLSError(UpstreamConnectError):
+    """The TLS handshake failed (the certificate did not verify, the server refused ours):
+    nothing was sent."""
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """An SSL error in a few words: the verification message when there is one (``self
+    signed certificate in certificate chain``, ``Hostname mismatch...``), else the
+    library's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    return exc.reason or str(exc)
+
+
 class UpstreamResetError(UpstreamError):
     """The connection failed after the request was sent, before the response head."""
 
@@ -171,7 +185,15 @@ class _Connection(asyncio.Protocol):
         # With no high-water mark, pause_writing says that some request bytes wait in the
         # transport, and resume_writing that they all went out: a connection is reused only
         # once its whole request did (a server may answer before reading all of the body).
-        self.transport.set_write_buffer_limits(high=0)
+        if self._pool.secure:
+            # A TLS transport pauses at a buffer size >= high, a plain one at > high: 1 is
+            # the same rule there. (Its size counts the bytes not yet encrypted or handed to
+            # the socket's transport, which buffers up to its own high-water mark, 64 KiB,
+            # unseen: a TLS connection may be judged sent that much early.) With 0 it would
+            # pause at once, with nothing buffered, and never be reused.
+            self.transport.set_write_buffer_limits(high=1, low=0)
+        else:
+            self.transport.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
         if self._head_waiter is None:
@@ -587,20 +609,28 @@ class Response:
 
 
 class ConnectionPool:
-    """Keep-alive connections to one endpoint (one URL)."""
+    """Keep-alive connections to one endpoint (one URL).
+
+    An ``https`` URL is reached over TLS with ``ssl_context`` (the system's CAs when None),
+    sending ``server_name`` as SNI and checking the certificate against it (the URL's host
+    when empty). A path after the host is the endpoint's :attr:`prefix`: the caller puts it
+    before the paths it sends."""
 
     def __init__(self, url: str, connect_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, server_name: str = "") -> None:
         parts = urlsplit(url)
         self.url = url
         self.host = parts.hostname or ""
         self.secure = parts.scheme == "https"
         self.port = parts.port or (443 if self.secure else 80)
+        self.prefix = parts.path.rstrip("/")
+        """The URL's path (``/openai`` in ``https://gateway/openai``; usually empty)."""
         default_port = 443 if self.secure else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.connect_timeout = connect_timeout
         self.ssl_context = (ssl_context or ssl.create_default_context()) if self.secure else None
+        self.server_name = (server_name or self.host) if self.secure else None
         self.loop = asyncio.get_running_loop()
         self._idle: collections.deque[_Connection] = collections.deque()
         self._all: set[_Connection] = set()
@@ -630,13 +660,17 @@ class ConnectionPool:
             async with asyncio.timeout_at(min(limit, deadline)):
                 _, protocol = await self.loop.create_connection(
                     lambda: _Connection(self), self.host, self.port, ssl=self.ssl_context,
-                    server_hostname=self.host if self.ssl_context else None,
+                    server_hostname=self.server_name,
                 )
         except TimeoutError:
             if deadline < limit:
                 raise UpstreamTimeoutError("the deadline passed while connecting") from None
             raise UpstreamConnectError(
                 f"connect timed out after {self.connect_timeout:g} s") from None
+        except ssl.SSLError as exc:
+            # Before OSError, of which it is one: a certificate that does not verify, a
+            # handshake the server refused. Nothing was sent.
+            raise UpstreamTLSError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         except OSError as exc:
             raise UpstreamConnectError(exc.strerror or str(exc)) from None
         self._all.add(protocol)
@@ -731,14 +765,18 @@ def serialize_head(method: str, target: str, host: str,
 
 
 class Connector:
-    """Opens connection pools: the settings they share (connect timeout, TLS context)."""
+    """Opens connection pools: the settings they share (connect timeout, TLS context and
+    server name), one connector per routing pool."""
 
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None,
+                 server_name: str = "") -> None:
         self.connect_timeout = connect_timeout
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
+        self.server_name = server_name
 
     def open(self, url: str) -> ConnectionPool:
         """A new, empty pool for ``url`` (needs a running loop)."""
         if url.startswith("https:") and self._ssl is None:
+            # Built once, on the first https endpoint (loading the system CAs takes ms).
             self._ssl = ssl.create_default_context()
-        return ConnectionPool(url, self.connect_timeout, self._ssl)
+        return ConnectionPool(url, self.connect_timeout, self._ssl, self.server_name)

@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     "memory": 0, "routes": 0,
     # pure logic over the core, and the aiohttp server adapter
     "health": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1, "paths": 1,
+    "outbound": 1,
     "state": 2, "tune": 2, "summary": 2,
     "router": 3,
     "route": 4, "monitor": 4, "models": 4, "loadpoll": 4,
