@@ -59,10 +59,11 @@ class ResponseMap:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def learn(self, response_id: str, pin: Pin, now: float) -> None:
-        """Remember that ``pin`` holds ``response_id`` (from ``now`` for ``ttl`` seconds)."""
+    def learn(self, response_id: str, pin: Pin, now: float) -> bool:
+        """Remember that ``pin`` holds ``response_id`` (from ``now`` for ``ttl`` seconds);
+        returns whether it did (not when the map is off)."""
         if self.capacity <= 0:
-            return
+            return False
         entries = self._entries
         entries[response_id] = (pin, now + self.ttl)
         entries.move_to_end(response_id)
@@ -73,6 +74,7 @@ class ResponseMap:
             entries.popitem(last=False)
         while len(entries) > self.capacity:
             entries.popitem(last=False)
+        return True
 
     def get(self, response_id: str, now: float) -> Pin | None:
         """Where ``response_id`` lives, if known and not expired."""

@@ -50,6 +50,7 @@ class KeyMode(enum.StrEnum):
 
 
 DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
+    "POST /v1/responses",
     "GET /v1/responses/{id}",
     "POST /v1/responses/{id}/cancel",
     "POST /v1/audio/transcriptions retry",
@@ -61,8 +62,10 @@ DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
 )
 """The OpenAI-compatible paths vLLM and SGLang serve under /v1 besides the keyed ones (chat
 completions, completions, embeddings, responses) and ``GET /v1/models`` (answered by
-balancer). The two by response id are routed to the endpoint holding the response
-(``routing.response_affinity_entries``)."""
+balancer). ``POST /v1/responses`` is routed by key like the keyed ones whatever this list
+says; its entry here says only whether it may run twice (not by default: it may store a
+response or start a background job; add ``retry`` when the model servers store none). The
+requests by response id go to the endpoint holding it (``routing.response_affinity_*``)."""
 
 
 class ForwardPath(NamedTuple):

@@ -618,9 +618,9 @@ class Forwarder:
 
     def _learn(self, lease: Lease, response_id: str | None) -> None:
         """Remember the endpoint that stored a new response (its id from the answer)."""
-        if response_id is not None:
-            self.responses.learn(response_id, Pin(lease.pool.name, lease.endpoint.id),
-                                 asyncio.get_running_loop().time())
+        if response_id is not None and self.responses.learn(
+                response_id, Pin(lease.pool.name, lease.endpoint.id),
+                asyncio.get_running_loop().time()):
             self.metrics.response_affinity_outcome("learned")
 
     async def _relay_stream(self, request: web.Request, lease: Lease, record: RequestRecord,

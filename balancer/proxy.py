@@ -151,6 +151,10 @@ class Proxy:
         self._max_fallbacks = retries.max_fallbacks
         self.budget = RetryBudget(retries.budget_ratio, retries.budget_window,
                                   retries.budget_min_retries)
+        # POST /v1/responses is keyed, yet may run twice only when its forward_paths entry
+        # says ``retry``: with ``store`` the pod keeps each run, with ``background`` it starts
+        # a job per run.
+        self._responses_replayable = self.allowed.match("POST", "/v1/responses").replayable
         self.responses = forwarder.responses
         """Response id -> the endpoint that stored it (learned by the forwarder)."""
         metrics.track_response_affinity(lambda: len(self.responses))
@@ -199,6 +203,7 @@ class Proxy:
             return self._method_not_allowed(request, (hdrs.METH_POST,), request_id)
         try:
             kind = KEYED_PATHS[request.path]
+            responses = kind is Kind.RESPONSES
             self._check_content_type(request)
             body = await self._read_body(request)
             started = asyncio.get_running_loop().time()
@@ -221,8 +226,8 @@ class Proxy:
             self._count_lookup(pinned, decision)
         return await self._forward(request, decision, body, request_id, forward,
                                    model=summary.model, stream=summary.stream, started=started,
-                                   response_ref=ref,
-                                   learns=kind is Kind.RESPONSES and summary.store)
+                                   response_ref=ref, learns=responses and summary.store,
+                                   replayable=not responses or self._responses_replayable)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
