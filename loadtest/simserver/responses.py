@@ -243,10 +243,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             response = web.json_response(
                 turn.body("completed", submission.seqs[0].text, submission.seqs[0]),
                 headers=pod.load_report_headers(request, stream=False))
-    except ConnectionResetError:
-        pod.counters.requests_disconnected += 1
-        raise
-    except asyncio.CancelledError:
+    except (ConnectionResetError, asyncio.CancelledError):
         pod.counters.requests_disconnected += 1
         raise
     finally:
