@@ -87,9 +87,13 @@ class ResponseMap:
         self._entries.move_to_end(response_id)
         return entry[0]
 
-    def forget(self, response_id: str) -> None:
-        """The endpoint said it does not have it (restarted, or the entry was wrong)."""
-        self._entries.pop(response_id, None)
+    def forget(self, response_id: str, pin: Pin) -> None:
+        """``pin`` said it does not have ``response_id`` (restarted, or the entry was
+        wrong): drop the entry if it names ``pin`` (a probe's 404 from another endpoint
+        says nothing about the one the map knows)."""
+        entry = self._entries.get(response_id)
+        if entry is not None and entry[0] == pin:
+            del self._entries[response_id]
 
 
 _ID: Final = rb'"id"\s*:\s*"([A-Za-z0-9_.:-]{1,256})"'

@@ -604,7 +604,7 @@ class Forwarder:
                 return Retryable("model_not_found", answer)
             ref = record.response_ref
             if ref is not None and response_not_found(payload, ref):
-                self.responses.forget(ref)
+                self.responses.forget(ref, Pin(lease.pool.name, lease.endpoint.id))
                 record.status = -1
                 return Retryable("response_not_found", answer)
         if record.rename is not None:

@@ -106,6 +106,10 @@ def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:
     if "prompt" in body:
         return Kind.COMPLETIONS
     if "input" in body:
+        value = body["input"]
+        if ("previous_response_id" in body or "instructions" in body
+                or (isinstance(value, list) and value and isinstance(value[0], dict))):
+            return Kind.RESPONSES  # input items, or fields only the Responses API has
         return Kind.EMBEDDINGS
     raise BadRequestError("cannot tell the request kind: no messages, prompt or input field")
 

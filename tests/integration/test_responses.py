@@ -93,14 +93,14 @@ async def test_a_replica_that_never_saw_the_response_finds_it_by_probing(
     a, b = await start_balancer(settings), await start_balancer(settings)
     answer, stored_on = await create(a, body("Summarise the history of Rome."))
     follow_up = elsewhere(b, pods, stored_on, answer["id"])
-    second, pod = await create(b, follow_up)
+    _, pod = await create(b, follow_up)
     assert pod == stored_on
     assert await b.metric("balancer_response_affinity_total", outcome="miss") == 1
     assert await b.metric("balancer_response_affinity_total", outcome="probe") >= 1
     assert await b.metric("balancer_response_affinity_total", outcome="found") == 1
     assert await b.metric("balancer_retries_total", reason="response_not_found",
                           result="retried") >= 1
-    third, pod = await create(b, body("more, please", answer["id"]))
+    _, pod = await create(b, body("more, please", answer["id"]))
     assert pod == stored_on
     assert await b.metric("balancer_response_affinity_total", outcome="hit") == 1
     # GET by id through A, which knows it, and through a fresh replica, which probes.

@@ -61,11 +61,13 @@ def test_learning_drops_expired_entries_from_the_front():
 
 
 def test_forget_and_a_disabled_map():
-    """An endpoint's 404 forgets the id; capacity 0 remembers nothing."""
+    """The known endpoint's 404 forgets the id; capacity 0 remembers nothing."""
     responses = ResponseMap(10, 60.0)
     responses.learn("resp_1", A, 0.0)
-    responses.forget("resp_1")
-    responses.forget("resp_unknown")
+    responses.forget("resp_1", B)  # another endpoint's 404 says nothing about A
+    assert responses.get("resp_1", 0.0) == A
+    responses.forget("resp_1", A)
+    responses.forget("resp_unknown", A)
     assert responses.get("resp_1", 0.0) is None
     off = ResponseMap(0, 60.0)
     off.learn("resp_1", A, 0.0)
@@ -104,8 +106,9 @@ def test_the_map_agrees_with_a_plain_reference_model(ops, capacity, ttl):
                 del model[key]
             assert responses.get(key, now) == expected
         else:
-            responses.forget(key)
-            model.pop(key, None)
+            responses.forget(key, pin)
+            if key in model and model[key][0] == pin:
+                del model[key]
         assert len(responses) <= capacity
 
 
