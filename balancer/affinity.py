@@ -134,6 +134,11 @@ response id: the ``response.created`` event comes first, its id within its first
 bytes (the echoed instructions and tools follow it)."""
 
 
+HEAD_BYTES: Final = 512
+"""How much of a JSON answer's head :class:`CreatedSniffer` reads for its ``id`` (an id is at
+most 256 characters)."""
+
+
 class CreatedSniffer:
     """Finds the response id at the start of a Responses event stream, then stops.
 
@@ -141,17 +146,29 @@ class CreatedSniffer:
     start (at most :data:`SNIFF_BYTES`), in case the first event arrives in pieces. The id
     is the first ``"response": {"id": "..."`` (every event that carries the response object
     carries the same id); failing that, the first complete ``data:`` line is parsed for
-    ``response.id`` (a server that orders fields differently)."""
+    ``response.id`` (a server that orders fields differently). With ``whole``, the stream is
+    a JSON answer relayed in chunks, whose ``id`` is read from its head only."""
 
-    __slots__ = ("_buffer", "done")
+    __slots__ = ("_buffer", "_whole", "done")
 
-    def __init__(self) -> None:
+    def __init__(self, *, whole: bool = False) -> None:
         self._buffer = b""
+        self._whole = whole
+        """A JSON answer relayed in chunks (too large, or no length), not an event stream:
+        its id is at its head or not read."""
         self.done = False
 
     def feed(self, chunk: bytes) -> str | None:
         """The id if this chunk completes it; sets :attr:`done` when found or given up."""
         buffer = self._buffer + chunk if self._buffer else chunk
+        if self._whole:
+            found = _HEAD_ID.match(buffer)
+            if found is not None or len(buffer) >= HEAD_BYTES:
+                self.done = True
+                self._buffer = b""
+                return None if found is None else found.group(1).decode("ascii")
+            self._buffer = buffer
+            return None
         found = _CREATED_ID.search(buffer)
         if found is not None:
             self.done = True

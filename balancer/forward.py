@@ -637,9 +637,12 @@ class Forwarder:
         transport = request.transport
         guard = None if transport is None else _StallGuard(loop, transport, self.idle_timeout)
         sniffer = None
-        if (record.learns and upstream.status == 200
-                and _is_event_stream(upstream.header(b"content-type"))):
-            sniffer = CreatedSniffer()
+        if record.learns and upstream.status == 200:
+            content_type = upstream.header(b"content-type")
+            if _is_event_stream(content_type):
+                sniffer = CreatedSniffer()
+            elif _is_json(content_type):
+                sniffer = CreatedSniffer(whole=True)  # over 1 MiB, or of unknown length
         try:
             await response.prepare(request)
             tail = await self._relay_chunks(response, record, upstream, chunk, guard,

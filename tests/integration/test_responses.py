@@ -9,6 +9,8 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from balancer.config import RoutingSettings
 from balancer.prefix import Kind
@@ -220,3 +222,30 @@ async def test_the_openai_client_chains_responses_through_the_proxy(pods, start_
         await client.close()
     assert holder(pods, first.id) == holder(pods, second.id)
     assert await run.metric("balancer_response_affinity_total", outcome="hit") == 3
+
+
+async def test_a_json_answer_of_unknown_length_teaches_its_id(start_balancer):
+    """A whole answer sent chunked (no Content-Length; so is one over 1 MiB) is relayed as it
+    comes, and its id is read from its head on the way."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b'{"id": "resp_')
+        await response.write(b'chunked", "object": "response", "output": []}')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        run = await start_balancer(make_settings([f"http://127.0.0.1:{server.port}"],
+                                                 models=(DEFAULT_MODEL,)))
+        async with run.http.post(run.url + "/v1/responses", json=body("hi")) as r:
+            assert (await r.json())["id"] == "resp_chunked"
+        pin = run.balancer.proxy.responses.get("resp_chunked", 0.0)
+        assert pin is not None and pin.endpoint == f"127.0.0.1:{server.port}"
+    finally:
+        await server.close()

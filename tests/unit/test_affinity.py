@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from balancer.affinity import (
     ENTRY_BYTES,
+    HEAD_BYTES,
     SNIFF_BYTES,
     WHOLE_PARSE_MAX,
     CreatedSniffer,
@@ -193,6 +194,24 @@ def test_a_stream_with_its_id_elsewhere_or_none():
     assert other.feed(b'data: {"choices": []}\n\n') is None and other.done
     endless = CreatedSniffer()
     assert endless.feed(b": " + b"x" * SNIFF_BYTES) is None and endless.done
+
+
+@settings(max_examples=100)
+@given(cut=st.integers(1, 60))
+def test_a_json_answer_relayed_in_chunks_gives_its_head_id(cut):
+    """A whole answer too large to read at once is relayed in chunks; its id is read from
+    its head however the head is cut, and one without an id there is given up on."""
+    answer = json.dumps({"id": "resp_big", "object": "response", "pad": "x" * 2000}).encode()
+    sniffer = CreatedSniffer(whole=True)
+    found = None
+    for at in range(0, len(answer), cut):
+        found = sniffer.feed(answer[at:at + cut])
+        if sniffer.done:
+            break
+    assert found == "resp_big"
+    late = CreatedSniffer(whole=True)
+    assert late.feed(b'{"object": "response", "pad": "' + b"x" * HEAD_BYTES) is None
+    assert late.done
 
 
 VLLM_404 = json.dumps({"error": {"message": "Response with id 'resp_9' not found.",
