@@ -308,9 +308,9 @@ class Metrics:
         self.retries = Counter(
             "balancer_retries_total",
             "Failed attempts that could be retried, by pool, reason (connect, reset, 429, "
-            "502, 503, 504) and result (retried; budget: the retry budget was spent; "
-            "no_endpoint: no untried endpoint was left; not_replayable: the request must "
-            "not run twice).",
+            "502, 503, 504, model_not_found, response_not_found) and result (retried; "
+            "budget: the retry budget was spent; no_endpoint: no untried endpoint was left; "
+            "not_replayable: the request must not run twice).",
             ["pool", "reason", "result"],
             registry=registry,
         )
