@@ -404,8 +404,9 @@ class Proxy:
         route = decision.route
         if route is not None:
             self.metrics.route_request(route.model, decision.pool.name)
-            if decision.hop:
-                # The chain's first pools could not take it when it was decided.
+            if decision.hop and decision.choice.outcome != "affinity":
+                # The chain's first pools could not take it when it was decided (not a
+                # request sent to the pool holding its stored response).
                 self.metrics.fallback(route.model, decision.chain[0].pool, decision.pool.name,
                                       decision.reason)
         self.in_flight += 1
@@ -446,7 +447,8 @@ class Proxy:
             try:
                 record.pool = lease.pool.name
                 record.state = lease.state
-                record.outcome = (lease.choice.outcome if not decision.hop
+                record.outcome = (lease.choice.outcome
+                                  if not decision.hop or lease.choice.outcome == "affinity"
                                   else f"fallback:{lease.pool.name}")
                 record.status = -1
                 result = await self.forwarder.attempt(

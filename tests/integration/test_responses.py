@@ -5,6 +5,7 @@ must reach the pod that stored the response, from any replica."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -12,7 +13,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from balancer.config import RoutingSettings
+from balancer.config import (
+    BackendSettings,
+    PoolSettings,
+    RouteSettings,
+    RoutingSettings,
+    Settings,
+    validate,
+)
 from balancer.prefix import Kind
 from balancer.route import decide, keyed_view
 from loadtest.simserver import DEFAULT_MODEL, SimConfig, pod_configs, run_pods
@@ -249,3 +257,25 @@ async def test_a_json_answer_of_unknown_length_teaches_its_id(start_balancer):
         assert pin is not None and pin.endpoint == f"127.0.0.1:{server.port}"
     finally:
         await server.close()
+
+
+async def test_a_conversation_on_a_route_stays_in_its_pool(start_balancer):
+    """A route splits conversations over two pools by key; each follow-up, whatever its own
+    key ranks first, goes to the pod of the pool holding its previous response, and its
+    answer names the route's model."""
+    configs = [replace(POD, models=(model,)) for model in ("llama-a",) * 2 + ("llama-b",) * 2]
+    async with run_pods(configs) as four:
+        urls = [p.url for p in four]
+        run = await start_balancer(validate(Settings(
+            pools=(PoolSettings("a", ("llama-a",), tuple(urls[:2])),
+                   PoolSettings("b", ("llama-b",), tuple(urls[2:]))),
+            routes=(RouteSettings("chat", (BackendSettings("a"), BackendSettings("b"))),))))
+        answer, stored_on = await create(run, body("Start a story.", model="chat"))
+        assert answer["model"] == "chat"
+        for turn in range(4):
+            async with run.http.post(run.url + "/v1/responses", json=body(
+                    f"continue with twist {turn}", answer["id"], model="chat")) as r:
+                assert r.status == 200
+                assert r.headers["x-sim-pod"] == stored_on
+                assert r.headers["x-balancer-route"] == "affinity"
+                answer = await r.json()

@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from balancer.affinity import Pin
-from balancer.config import KeyMode, PoolSettings, RoutingSettings, Settings, validate
+from balancer.config import (
+    BackendSettings,
+    KeyMode,
+    PoolSettings,
+    RouteSettings,
+    RoutingSettings,
+    Settings,
+    validate,
+)
 from balancer.discovery import StaticDiscovery
 from balancer.errors import BadRequestError, ModelNotFoundError, NoEndpointsError
 from balancer.prefix import Kind, routing_key
@@ -232,3 +240,28 @@ def test_a_pinned_pass_through_request_picks_its_pool_without_a_model() -> None:
     assert decision.choice.outcome == "affinity"
     with pytest.raises(BadRequestError, match="several pools"):
         decide(passthrough_view(None, "/v1/responses/resp_1"), routed)
+
+
+def test_a_pinned_request_for_a_route_goes_to_the_pool_of_the_chain_holding_it() -> None:
+    """A route's conversation may live in any pool of its chain: the pinned endpoint's pool
+    takes it (with the model name that pool serves), whatever the key's ranking; a pin
+    outside the chain leaves the ranking to decide."""
+    settings = validate(Settings(
+        pools=(PoolSettings("a", ("llama-a",), ("http://10.0.0.1:8000",)),
+               PoolSettings("b", ("llama-b",), ("http://10.0.1.1:8000",
+                                                "http://10.0.1.2:8000"))),
+        routes=(RouteSettings("chat", (BackendSettings("a"),), (BackendSettings("b"),)),),
+        routing=RoutingSettings(virtual_nodes=64)))
+    routed = Router(settings)
+    routed.apply(StaticDiscovery(settings.pools).snapshot())
+    view = keyed_view(Kind.RESPONSES, {**FOLLOW_UP, "model": "chat"}, None)
+    assert decide(view, routed).pool.name == "a"
+    pinned = decide(view._replace(pinned=Pin("b", "10.0.1.2:8000")), routed)
+    assert (pinned.pool.name, pinned.choice.endpoint, pinned.choice.outcome) == (
+        "b", "10.0.1.2:8000", "affinity")
+    assert pinned.model == "llama-b" and pinned.hop == 1
+    elsewhere = decide(view._replace(pinned=Pin("c", "10.0.9.9:8000")), routed)
+    assert elsewhere.pool.name == "a" and elsewhere.choice.outcome != "affinity"
+    get = decide(passthrough_view("chat", "/v1/responses/resp_1", Pin("b", "10.0.1.1:8000")),
+                 routed)
+    assert (get.pool.name, get.choice.endpoint) == ("b", "10.0.1.1:8000")
