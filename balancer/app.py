@@ -252,7 +252,11 @@ class Balancer:
                     for endpoint in sorted(pool.endpoints.values(), key=lambda e: e.id)
                 ],
             }
-        return web.json_response({"pools": pools}, dumps=lambda o: json.dumps(o, indent=2))
+        responses = self.proxy.responses
+        affinity = {"entries": len(responses), "capacity": responses.capacity,
+                    "ttl_s": responses.ttl}
+        return web.json_response({"pools": pools, "response_affinity": affinity},
+                                 dumps=lambda o: json.dumps(o, indent=2))
 
     async def _debug_route(self, request: web.Request) -> web.Response:
         """POST a request body: its key, ring walk and choice against the live endpoints and

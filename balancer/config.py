@@ -62,7 +62,11 @@ DEFAULT_FORWARD_PATHS: tuple[str, ...] = (
     "POST /v1/detokenize retry",
 )
 """The OpenAI-compatible paths vLLM and SGLang serve under /v1 besides the keyed ones (chat
-completions, completions, embeddings) and ``GET /v1/models`` (answered by balancer)."""
+completions, completions, embeddings, responses) and ``GET /v1/models`` (answered by
+balancer). ``POST /v1/responses`` is routed by key like the keyed ones whatever this list
+says; its entry here says only whether it may run twice (not by default: it may store a
+response or start a background job; add ``retry`` when the model servers store none). The
+requests by response id go to the endpoint holding it (``routing.response_affinity_*``)."""
 
 
 class ForwardPath(NamedTuple):
@@ -372,6 +376,19 @@ class RoutingSettings:
     at the price of one cached copy of a hot prefix per zone instead of one per pool. Off by
     default: it changes where keys live, and a zone with few endpoints concentrates load
     (within the bound) on them. Pass-through requests and the other strategies ignore it."""
+    # -- Responses API affinity (balancer.affinity) --
+    response_affinity_entries: int = 100_000
+    """Response ids remembered with the endpoint that stored them, so that a request naming
+    one (``previous_response_id``, ``GET /v1/responses/{id}``, ``.../cancel``) goes there.
+    About 300 bytes each (``affinity.ENTRY_BYTES``): 30 MB when full, which a replica
+    reaches only after relaying that many stored responses within
+    ``response_affinity_ttl`` (~28 per second for an hour). The least recently used go
+    first; a request naming a forgotten id still finds its endpoint, by trying the others
+    on a 404 (one quick refusal per wrong endpoint). 0 turns the map off (probing only)."""
+    response_affinity_ttl: float = 3600.0
+    """Seconds an id is remembered after its response was relayed. A conversation's next
+    turn usually comes within minutes; an hour also covers a user who pauses. Past it the
+    probe still finds the endpoint."""
 
 
 @dataclass(frozen=True)
@@ -1012,6 +1029,12 @@ def validate(settings: Settings, *, require_pools: bool = True) -> Settings:
     if r.min_key_chars < 0:
         raise ConfigError(f"routing.min_key_chars: {r.min_key_chars} must be >= 0")
     _validate_zone(r)
+    if not 0 <= r.response_affinity_entries <= 10_000_000:
+        raise ConfigError(f"routing.response_affinity_entries: {r.response_affinity_entries} "
+                          "must be in 0..10000000 (0 = no map, probe only)")
+    if not (math.isfinite(r.response_affinity_ttl) and r.response_affinity_ttl > 0):
+        raise ConfigError(f"routing.response_affinity_ttl: {r.response_affinity_ttl} must be "
+                          "a number of seconds > 0")
     _validate_load(settings.load)
     if lim.max_body_bytes < 1024:
         raise ConfigError(f"limits.max_body_bytes: {lim.max_body_bytes} must be >= 1024")

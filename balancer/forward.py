@@ -47,6 +47,13 @@ from typing import Final
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+from balancer.affinity import (
+    CreatedSniffer,
+    Pin,
+    ResponseMap,
+    body_response_id,
+    response_not_found,
+)
 from balancer.config import Settings
 from balancer.errors import (
     BadGatewayError,
@@ -340,6 +347,12 @@ class Retryable:
     """For a 429: seconds the endpoint asked to be left alone."""
 
     @property
+    def response_missing(self) -> bool:
+        """A 404 saying the endpoint does not hold the stored response the request names
+        (:func:`balancer.affinity.response_not_found`): another endpoint may."""
+        return self.reason == "response_not_found"
+
+    @property
     def model_missing(self) -> bool:
         """A 404 saying the endpoint does not serve the request's model
         (:func:`model_not_found`): its models are out of date, and another endpoint serving
@@ -456,6 +469,11 @@ class Forwarder:
         self.retry_after_max = settings.retries.retry_after_max
         self.pass_reports = settings.load.pass_reports
         self.metrics = metrics
+        routing = settings.routing
+        self.responses = ResponseMap(routing.response_affinity_entries,
+                                     routing.response_affinity_ttl)
+        """Response id -> the endpoint that stored it, learned from the answers relayed
+        here (``balancer.affinity``); the proxy routes by it."""
         self.connectors: Mapping[str, Connector] | None = None
         """Set by the app while it runs, one per pool: opens each endpoint's connection
         pool."""
@@ -542,6 +560,11 @@ class Forwarder:
         if self.route_headers:
             headers[HEADER_ENDPOINT] = lease.endpoint.id
             headers[HEADER_ROUTE] = record.outcome
+        if code == 200 and record.response_ref is not None:
+            # The endpoint has the stored response the request names (a probe found it, or
+            # the map's entry was right): remember it for the next request naming it.
+            self.responses.learn(record.response_ref, Pin(lease.pool.name, lease.endpoint.id),
+                                 asyncio.get_running_loop().time())
         length = upstream.content_length
         small = length is not None and length <= _BUFFER_LIMIT
         if code in RETRY_STATUSES and retry_possible and (length is None or small):
@@ -591,16 +614,30 @@ class Forwarder:
         self._first_byte(lease, record, asyncio.get_running_loop().time())
         code = upstream.status
         answer = web.Response(body=payload, status=code, headers=headers)
-        if (code == 404 and retry_possible and record.served_model
-                and model_not_found(payload, record.served_model)):
-            record.status = -1
-            return Retryable("model_not_found", answer)
+        if code == 404 and retry_possible:
+            if record.served_model and model_not_found(payload, record.served_model):
+                record.status = -1
+                return Retryable("model_not_found", answer)
+            ref = record.response_ref
+            if ref is not None and response_not_found(payload, ref):
+                self.responses.forget(ref, Pin(lease.pool.name, lease.endpoint.id))
+                record.status = -1
+                return Retryable("response_not_found", answer)
         if record.rename is not None:
             answer.body = payload = record.rename.whole(payload)
         record.status = code
         if code == 200 and _is_json(upstream.header(b"content-type")):
             record.usage = body_usage(payload)
+            if record.learns:
+                self._learn(lease, body_response_id(payload))
         return answer
+
+    def _learn(self, lease: Lease, response_id: str | None) -> None:
+        """Remember the endpoint that stored a new response (its id from the answer)."""
+        if response_id is not None and self.responses.learn(
+                response_id, Pin(lease.pool.name, lease.endpoint.id),
+                asyncio.get_running_loop().time()):
+            self.metrics.response_affinity_outcome("learned")
 
     async def _relay_stream(self, request: web.Request, lease: Lease, record: RequestRecord,
                             upstream: Response, headers: CIMultiDict[str],
@@ -615,10 +652,18 @@ class Forwarder:
         record.status = upstream.status
         transport = request.transport
         guard = None if transport is None else _StallGuard(loop, transport, self.idle_timeout)
+        sniffer = None
+        if record.learns and upstream.status == 200:
+            content_type = upstream.header(b"content-type")
+            if _is_event_stream(content_type):
+                sniffer = CreatedSniffer()
+            elif _is_json(content_type):
+                sniffer = CreatedSniffer(whole=True)  # over 1 MiB, or of unknown length
         try:
             await response.prepare(request)
             tail = await self._relay_chunks(response, record, upstream, chunk, guard,
-                                            self.outbound[lease.pool.name].idle_timeout)
+                                            self.outbound[lease.pool.name].idle_timeout,
+                                            lease if sniffer is not None else None, sniffer)
             if tail is None:
                 await self._break_stream(request, response, lease, record,
                                          f"request exceeded the total timeout of "
@@ -644,11 +689,14 @@ class Forwarder:
         return response
 
     async def _relay_chunks(self, response: web.StreamResponse, record: RequestRecord,
-                            upstream: Response, chunk: bytes,
-                            guard: _StallGuard | None, idle: float) -> bytes | None:
+                            upstream: Response, chunk: bytes, guard: _StallGuard | None,
+                            idle: float, lease: Lease | None = None,
+                            sniffer: CreatedSniffer | None = None) -> bytes | None:
         """Write chunks until the body ends, waiting at most ``idle`` seconds for each
         (the pool's idle timeout); returns the last two chunks (where a usage event would
-        be), or None when the total timeout ran out while writing."""
+        be), or None when the total timeout ran out while writing. A ``sniffer`` (a Responses
+        stream whose id is to be learned for ``lease``'s endpoint) reads the first chunks
+        until it has the id, then is dropped: one test per chunk."""
         loop = asyncio.get_running_loop()
         total_at = record.total_at
         # The last two chunks are kept (references, not copies) so the usage event at the
@@ -658,6 +706,11 @@ class Forwarder:
         while chunk:
             if rename is not None:
                 chunk = rename.feed(chunk)
+            if sniffer is not None and lease is not None:
+                found = sniffer.feed(chunk)
+                if sniffer.done:
+                    self._learn(lease, found)
+                    sniffer = None
             if guard is not None:
                 guard.since = loop.time()
             await response.write(chunk)

@@ -316,9 +316,9 @@ class Metrics:
         self.retries = Counter(
             "balancer_retries_total",
             "Failed attempts that could be retried, by pool, reason (connect, reset, 429, "
-            "502, 503, 504) and result (retried; budget: the retry budget was spent; "
-            "no_endpoint: no untried endpoint was left; not_replayable: the request must "
-            "not run twice).",
+            "502, 503, 504, model_not_found, response_not_found) and result (retried; "
+            "budget: the retry budget was spent; no_endpoint: no untried endpoint was left; "
+            "not_replayable: the request must not run twice).",
             ["pool", "reason", "result"],
             registry=registry,
         )
@@ -387,6 +387,22 @@ class Metrics:
         self.empty_pool_waiting = Gauge(
             "balancer_empty_pool_waiting",
             "Requests waiting for an empty pool right now.",
+            registry=registry,
+        )
+        self.response_affinity = Counter(
+            "balancer_response_affinity_total",
+            "Responses API requests naming a stored response, and what the id map did, by "
+            "outcome: hit (sent to the endpoint that stored it), miss (id unknown: routed by "
+            "key), stale (known, but its endpoint is not routable in the request's pool), "
+            "probe (an endpoint answered 404 for the id: tried the next one), found (a "
+            "probed endpoint had it), lost (no endpoint had it: the 404 was relayed); and "
+            "learned (an answer's response id was stored in the map).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.response_affinity_entries = Gauge(
+            "balancer_response_affinity_entries",
+            "Response ids in this replica's map (routing.response_affinity_entries).",
             registry=registry,
         )
         self.offloaded_parses = Counter(
@@ -481,6 +497,13 @@ class Metrics:
         """Read the bodies waiting for or in the worker processes from ``pending()`` at each
         scrape."""
         self.offload_pending.set_function(pending)
+
+    def response_affinity_outcome(self, outcome: str) -> None:
+        self._child(self.response_affinity, outcome).inc()
+
+    def track_response_affinity(self, entries: Callable[[], float]) -> None:
+        """Read the response map's size from ``entries()`` at each scrape."""
+        self.response_affinity_entries.set_function(entries)
 
     def client_disconnect(self, pool: str) -> None:
         self._child(self.client_disconnects, pool).inc()

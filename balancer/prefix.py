@@ -38,7 +38,7 @@ hash of an attachment the key contains (xxh3, well under a millisecond per megab
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import xxhash
@@ -51,6 +51,7 @@ class Kind(enum.Enum):
     CHAT = "chat"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
 
 
 SEPARATOR = "\x00"
@@ -76,10 +77,13 @@ def _is_object(value: Any) -> bool:
     return type(value) is dict or isinstance(value, Mapping)
 
 
-def _content_text(content: Any, where: str, limit: int) -> str:
+def _content_text(content: Any, where: str, limit: int,
+                  attachment: Callable[[Mapping[str, Any]], str] | None = None) -> str:
     """Text of a message's content (a string, a list of content parts, or null), or a prefix
     of it at least ``limit`` characters long: the key never reads further, and a message may
-    hold megabytes (or a hundred thousand parts)."""
+    hold megabytes (or a hundred thousand parts). ``attachment``: what a non-text part
+    contributes (the Responses API names its references differently from chat)."""
+    reference = _attachment if attachment is None else attachment
     if content is None:
         return ""
     if isinstance(content, str):
@@ -93,7 +97,7 @@ def _content_text(content: Any, where: str, limit: int) -> str:
             if not _is_object(part):
                 raise BadRequestError(f"{where}[{i}] must be an object", param=f"{where}[{i}]")
             text = part.get("text")
-            piece = text if isinstance(text, str) else _attachment(part)
+            piece = text if isinstance(text, str) else reference(part)
             pieces.append(piece)
             size += len(piece)
         return "".join(pieces)
@@ -258,6 +262,8 @@ def validate(kind: Kind, body: Mapping[str, Any]) -> None:
             budget = _check_content(messages[i].get("content"), i, budget - 1)
     elif kind is Kind.COMPLETIONS:
         _check_prompt(body.get("prompt"), "prompt")
+    elif kind is Kind.RESPONSES:
+        _check_responses(body)
     else:
         _check_prompt(body.get("input"), "input")
 
@@ -274,6 +280,8 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
         return _prompt_text(body.get("prompt"), "prompt", prefix_chars)[:prefix_chars]
     if kind is Kind.EMBEDDINGS:
         return _prompt_text(body.get("input"), "input", prefix_chars)[:prefix_chars]
+    if kind is Kind.RESPONSES:
+        return _responses_key_text(body, mode, prefix_chars, min_key_chars)[:prefix_chars]
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
         found = _first_user(messages, prefix_chars)
@@ -334,6 +342,8 @@ def key_source(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars:
         return f"the prompt's first {prefix_chars} characters"
     if kind is Kind.EMBEDDINGS:
         return f"the input's first {prefix_chars} characters"
+    if kind is Kind.RESPONSES:
+        return _responses_key_source(body, mode, prefix_chars, min_key_chars)
     messages = _messages(body)
     if mode is KeyMode.FIRST_USER_MESSAGE:
         found = _first_user(messages, prefix_chars)
@@ -371,3 +381,185 @@ def session_key(header_value: str | None, body: Mapping[str, Any]) -> str | None
     if isinstance(user, str) and user:
         return f"user{SEPARATOR}{user}"
     return None
+
+
+# -- the Responses API -----------------------------------------------------------------------
+#
+# ``POST /v1/responses`` carries ``input`` (a string: one user message; or a list of input
+# items: messages with a role and content, function calls and their outputs, ...) and
+# ``instructions`` (a system prompt, shared by many conversations like chat's). Its key
+# follows chat's rules: the first user message's text (``min_key_chars`` extended through the
+# two items after it), or in ``prompt-prefix`` mode the rendered start of the whole prompt,
+# instructions first. A follow-up that names ``previous_response_id`` sends only its new
+# items: its key is not its conversation's, which is why such requests are routed by the
+# response id first (``balancer.affinity``).
+
+_RESPONSE_REFERENCES: Final = ("image_url", "file_data", "file_url", "file_id")
+"""Top-level fields of a Responses content part that identify an attachment
+(``input_image``: ``image_url`` or ``file_id``; ``input_file``: ``file_data``, ``file_url``
+or ``file_id``); nested ones (``input_audio.data``) are read as for chat."""
+
+
+def _response_attachment(part: Mapping[str, Any]) -> str:
+    """A non-text Responses content part's contribution to the key: a hash of its whole
+    reference (see :func:`_attachment`)."""
+    for field in _RESPONSE_REFERENCES:
+        reference = part.get(field)
+        if isinstance(reference, str) and reference:
+            return f"<{part.get('type', 'part')}:{_digest(reference)}>"
+    return _attachment(part)
+
+
+def _input_error() -> BadRequestError:
+    return BadRequestError("'input' must be a string or an array of input items",
+                           param="input")
+
+
+def _input_item(items: list[Any], i: int) -> Mapping[str, Any]:
+    """``input[i]``, which must be an object whose ``role``, if any, is a string."""
+    item: Mapping[str, Any] = items[i]
+    if not _is_object(item):
+        raise BadRequestError(f"input[{i}] must be an object", param=f"input[{i}]")
+    role = item.get("role")
+    if role is not None and not isinstance(role, str):
+        raise BadRequestError(f"input[{i}].role must be a string", param=f"input[{i}].role")
+    return item
+
+
+def _check_responses(body: Mapping[str, Any]) -> None:
+    """Validate what routing reads of a Responses request (the first
+    :data:`CHECKED_ITEMS` items and content parts of a list ``input``)."""
+    value = body.get("input")
+    if isinstance(value, list):
+        checked = range(min(len(value), CHECKED_ITEMS))
+        for i in checked:
+            _input_item(value, i)
+        budget = CHECKED_ITEMS
+        for i in checked:
+            if budget <= 0:
+                break
+            content = value[i].get("content")
+            if content is None or isinstance(content, str):
+                budget -= 1
+                continue
+            where = f"input[{i}].content"
+            if not isinstance(content, list):
+                raise _content_error(where)
+            for j, part in enumerate(content[:budget]):
+                if not _is_object(part):
+                    raise BadRequestError(f"{where}[{j}] must be an object",
+                                          param=f"{where}[{j}]")
+            budget -= 1 + len(content)
+    elif not isinstance(value, str):
+        raise _input_error()
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise BadRequestError("'instructions' must be a string", param="instructions")
+    previous = body.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        raise BadRequestError("'previous_response_id' must be a non-empty string",
+                              param="previous_response_id")
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise BadRequestError("'store' must be a boolean", param="store")
+
+
+def _item_text(item: Mapping[str, Any], i: int, limit: int) -> str:
+    """An input item's text (at least its first ``limit`` characters): a message's content,
+    a function call's arguments, a tool result's output."""
+    if "content" in item:
+        return _content_text(item.get("content"), f"input[{i}].content", limit,
+                             _response_attachment)
+    for field in ("output", "arguments"):
+        value = item.get(field)
+        if isinstance(value, str):
+            return value[:limit]
+    return ""
+
+
+def _item_label(item: Mapping[str, Any]) -> str:
+    """A rendered item's label: its role, else its type (``function_call_output``)."""
+    role = item.get("role")
+    if isinstance(role, str):
+        return role
+    kind = item.get("type")
+    return kind if isinstance(kind, str) else "item"
+
+
+def _first_user_item(items: list[Any], limit: int) -> tuple[int, str] | None:
+    """Index and text (at least its first ``limit`` characters) of the first user message
+    among Responses input items, if any."""
+    for i in range(len(items)):
+        item = _input_item(items, i)
+        if item.get("role") == "user":
+            return i, _item_text(item, i, limit)
+    return None
+
+
+def _responses_key_text(body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
+                        min_key_chars: int) -> str:
+    value = body.get("input")
+    if mode is KeyMode.FIRST_USER_MESSAGE:
+        if isinstance(value, str):
+            return value[:prefix_chars]
+        if not isinstance(value, list):
+            raise _input_error()
+        found = _first_user_item(value, prefix_chars)
+        if found is not None:
+            i, text = found
+            if _keys_alone(len(text), prefix_chars, min_key_chars):
+                return text
+            pieces = [text]
+            for j in range(i + 1, min(i + 1 + EXTENDED_MESSAGES, len(value))):
+                item = _input_item(value, j)
+                pieces.append(f"\n{_item_label(item)}:{_item_text(item, j, prefix_chars)}")
+            return "".join(pieces)
+        # No user message (tool results after a previous response): the rendered prompt.
+    return _rendered_responses(body, prefix_chars)
+
+
+def _rendered_responses(body: Mapping[str, Any], limit: int) -> str:
+    """The start of a Responses request's prompt as chat's rendered key has it: the
+    instructions as the system message, then each input item as ``label:text``."""
+    pieces: list[str] = []
+    size = 0
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        piece = f"system:{instructions[:limit]}\n"
+        pieces.append(piece)
+        size += len(piece)
+    value = body.get("input")
+    if isinstance(value, str):
+        pieces.append(f"user:{value[:max(0, limit - size)]}\n")
+    elif isinstance(value, list):
+        for i in range(len(value)):
+            if size >= limit:
+                break
+            item = _input_item(value, i)
+            piece = f"{_item_label(item)}:{_item_text(item, i, limit - size)}\n"
+            pieces.append(piece)
+            size += len(piece)
+    else:
+        raise _input_error()
+    return "".join(pieces)
+
+
+def _responses_key_source(body: Mapping[str, Any], mode: KeyMode, prefix_chars: int,
+                          min_key_chars: int) -> str:
+    value = body.get("input")
+    rendered = (f"the rendered prompt's first {prefix_chars} characters (instructions "
+                "included)")
+    if mode is not KeyMode.FIRST_USER_MESSAGE:
+        return rendered
+    if isinstance(value, str):
+        return f"the input string's first {prefix_chars} characters"
+    if not isinstance(value, list):
+        raise _input_error()
+    found = _first_user_item(value, prefix_chars)
+    if found is None:
+        return f"no user message in the input: {rendered}"
+    i, text = found
+    if _keys_alone(len(text), prefix_chars, min_key_chars):
+        return f"the first user message (input[{i}]), up to {prefix_chars} characters"
+    return (f"the first user message (input[{i}], {len(text)} characters, under "
+            f"min_key_chars {min_key_chars}) and up to {EXTENDED_MESSAGES} items after it")

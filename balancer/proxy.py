@@ -19,12 +19,14 @@ Reading top to bottom, a request goes through:
 5. ``record.Reporter.emit``: the request's metrics and access-log line, once, at its end.
 
 A failed attempt that reached nothing of the client (connect error, reset before the head,
-429/502/503/504, a 404 saying the endpoint does not serve the model) is retried on the next
-distinct endpoint of the ring walk (of the endpoints serving the model), within
-``retries.max_attempts`` and the retry budget (:meth:`Proxy._forward`) -- if the request is
-replayable: a keyed request, a ``retry`` entry of ``server.forward_paths`` or an idempotent
-method. Any other request runs at most once: only a connect error (nothing was sent) is
-retried, and the upstream pool does not re-send it on a fresh connection either.
+429/502/503/504, a 404 saying the endpoint does not serve the model or does not hold the
+stored response the request names) is retried on the next distinct endpoint of the ring
+walk (of the endpoints serving the model), within ``retries.max_attempts`` (for a request
+naming a stored response, up to every endpoint of the pool) and the retry budget
+(:meth:`Proxy._forward`) -- if the request is replayable: a keyed request, a ``retry``
+entry of ``server.forward_paths`` or an idempotent method. Any other request runs at most
+once: only a connect error (nothing was sent) is retried, and the upstream pool does not
+re-send it on a fresh connection either.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Final
 from aiohttp import hdrs, web
 
 from balancer.admission import Admission
+from balancer.affinity import Pin, path_response_id
 from balancer.config import Settings
 from balancer.errors import (
     BadTargetError,
@@ -60,6 +63,7 @@ from balancer.memory import Reclaimer, glibc
 from balancer.metrics import Metrics
 from balancer.offload import ParsePool
 from balancer.paths import AllowList, Target, TargetError, parse_target
+from balancer.prefix import Kind
 from balancer.record import Reporter, RequestRecord
 from balancer.retry import RetryBudget
 from balancer.route import (
@@ -146,6 +150,13 @@ class Proxy:
         self._max_fallbacks = retries.max_fallbacks
         self.budget = RetryBudget(retries.budget_ratio, retries.budget_window,
                                   retries.budget_min_retries)
+        # POST /v1/responses is keyed, yet may run twice only when its forward_paths entry
+        # says ``retry``: with ``store`` the pod keeps each run, with ``background`` it starts
+        # a job per run.
+        self._responses_replayable = self.allowed.match("POST", "/v1/responses").replayable
+        self.responses = forwarder.responses
+        """Response id -> the endpoint that stored it (learned by the forwarder)."""
+        metrics.track_response_affinity(lambda: len(self.responses))
 
     def stop_waiting(self) -> None:
         """At shutdown: answer the requests waiting for an empty pool (503, Retry-After)."""
@@ -191,6 +202,7 @@ class Proxy:
             return self._method_not_allowed(request, (hdrs.METH_POST,), request_id)
         try:
             kind = KEYED_PATHS[request.path]
+            responses = kind is Kind.RESPONSES
             self._check_content_type(request)
             body = await self._read_body(request)
             started = asyncio.get_running_loop().time()
@@ -202,13 +214,19 @@ class Proxy:
             else:
                 summary = await self.parsers.run(read_keyed, kind, body, session,
                                                  self._key_rule, self._first_turns)
-            view = summarized_view(kind, summary, session)
+            ref = summary.response_ref
+            pinned = None if ref is None else self._pin(ref)
+            view = summarized_view(kind, summary, session, pinned)
             decision = (self._decide_now(view)
                         or await self.admission.decide(view, self.router))
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
+        if ref is not None:
+            self._count_lookup(pinned, decision)
         return await self._forward(request, decision, body, request_id, forward,
-                                   model=summary.model, stream=summary.stream, started=started)
+                                   model=summary.model, stream=summary.stream, started=started,
+                                   response_ref=ref, learns=responses and summary.store,
+                                   replayable=not responses or self._responses_replayable)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models, answered from the configured pools."""
@@ -241,18 +259,23 @@ class Proxy:
                 return self._method_not_allowed(request, verdict.allowed, request_id)
             return self._reject(request, PathNotAllowedError(
                 f"{request.path} is not an API path that balancer forwards"), request_id)
+        # GET /v1/responses/{id} and .../cancel go where the response is stored.
+        ref = path_response_id(target.path)
         try:
             body = await self._read_body(request)
             started = asyncio.get_running_loop().time()
             model = await self._passthrough_model(request, body)
-            view = passthrough_view(model, request.path)
+            pinned = None if ref is None else self._pin(ref)
+            view = passthrough_view(model, request.path, pinned)
             decision = (self._decide_now(view)
                         or await self.admission.decide(view, self.router))
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
+        if ref is not None:
+            self._count_lookup(pinned, decision)
         return await self._forward(request, decision, body, request_id, target.forward,
                                    model=decision.model or "", replayable=verdict.replayable,
-                                   started=started)
+                                   started=started, response_ref=ref)
 
     async def handle_not_found(self, request: web.Request) -> web.StreamResponse:
         target = self._check_target(request)
@@ -281,6 +304,20 @@ class Proxy:
         if len(body) >= LARGE_BODY_BYTES:
             self.reclaimer.large_body()
         return body
+
+    def _pin(self, response_id: str) -> Pin | None:
+        """Where the stored response ``response_id`` lives, if this replica learned it."""
+        return self.responses.get(response_id, asyncio.get_running_loop().time())
+
+    def _count_lookup(self, pinned: Pin | None, decision: Decision) -> None:
+        """Count what the response map did for a request naming a stored response."""
+        if pinned is None:
+            outcome = "miss"
+        elif decision.choice.outcome == "affinity":
+            outcome = "hit"
+        else:
+            outcome = "stale"
+        self.metrics.response_affinity_outcome(outcome)
 
     def _decide_now(self, view: RequestView) -> Decision | None:
         """``route.decide`` without a coroutine, the common case; None when the pool has no
@@ -341,14 +378,18 @@ class Proxy:
     async def _forward(self, request: web.Request, decision: Decision, body: bytes,
                        request_id: str, target: str, *, model: str = "",
                        stream: bool = False, replayable: bool = True,
-                       started: float) -> web.StreamResponse:
+                       started: float, response_ref: str | None = None,
+                       learns: bool = False) -> web.StreamResponse:
         """Forward to ``target`` (the checked origin-form target) with retries: an attempt
         that fails before anything reached the client (connect error, reset before the head,
         429/502/503/504, a model-not-found 404) goes to the next distinct endpoint on the
         ring walk, within ``retries.max_attempts`` and the retry budget. A request that is
         not ``replayable`` is retried only after a connect error, which sent nothing, or a
         model-not-found 404, which the endpoint refused. ``started``: when its body had
-        arrived (a wait for a worker process to read it counts against the total timeout)."""
+        arrived (a wait for a worker process to read it counts against the total timeout).
+        ``response_ref``: the stored response the request names (a 404 for it is tried on
+        every endpoint of the pool, one each); ``learns``: remember the id of the response
+        the answer carries."""
         if self.forwarder.connectors is None:
             return self._reject(request, ShuttingDownError("balancer is shutting down"),
                                 request_id)
@@ -356,12 +397,15 @@ class Proxy:
         record = RequestRecord(request_id, request.method, request.path, model,
                                decision.key_hash if decision.keyed else None, started,
                                started + total if total > 0 else math.inf)
+        record.response_ref = response_ref
+        record.learns = learns
         self.budget.request(started)
         route = decision.route
         if route is not None:
             self.metrics.route_request(route.model, decision.pool.name)
-            if decision.hop:
-                # The chain's first pools could not take it when it was decided.
+            if decision.hop and decision.choice.outcome != "affinity":
+                # The chain's first pools could not take it when it was decided (not a
+                # request sent to the pool holding its stored response).
                 self.metrics.fallback(route.model, decision.chain[0].pool, decision.pool.name,
                                       decision.reason)
         self.in_flight += 1
@@ -385,6 +429,7 @@ class Proxy:
         in_pool = 0
         sent = body
         bodies: dict[str, bytes] = {}
+        probes = 0
         while True:
             record.attempts += 1
             in_pool += 1
@@ -401,12 +446,13 @@ class Proxy:
             try:
                 record.pool = lease.pool.name
                 record.state = lease.state
-                record.outcome = (lease.choice.outcome if not decision.hop
+                record.outcome = (lease.choice.outcome
+                                  if not decision.hop or lease.choice.outcome == "affinity"
                                   else f"fallback:{lease.pool.name}")
                 record.status = -1
                 result = await self.forwarder.attempt(
                     request, lease, sent, record, stream=stream,
-                    retry_possible=(in_pool < self._max_attempts
+                    retry_possible=(in_pool < self._attempt_limit(decision, record)
                                     or self._may_fall_back(decision, record)),
                     target=target, replayable=replayable)
             finally:
@@ -415,12 +461,20 @@ class Proxy:
                     self.reporter.emit(record, loop.time())
                 self.admission.release(lease)
             if not isinstance(result, Retryable):
+                if probes:
+                    self.metrics.response_affinity_outcome(
+                        "found" if 200 <= record.status < 300 else "lost")
                 return result
+            if result.response_missing:
+                probes += 1
+                self.metrics.response_affinity_outcome("probe")
             endpoint = lease.state.id
             tried = tried | {endpoint}
             following = self._retry(request, decision, result, endpoint, tried, record,
                                     replayable, in_pool)
             if not isinstance(following, Decision):
+                if probes:
+                    self.metrics.response_affinity_outcome("lost")
                 return following
             if following.hop != decision.hop:
                 tried, in_pool = frozenset(), 0
@@ -451,6 +505,13 @@ class Proxy:
                 renamed = body
             bodies[served] = renamed
         return renamed
+
+    def _attempt_limit(self, decision: Decision, record: RequestRecord) -> int:
+        """Tries in the decision's pool: ``retries.max_attempts``, or for a request naming
+        a stored response, which only one endpoint holds, up to one per endpoint."""
+        if record.response_ref is None:
+            return self._max_attempts
+        return max(self._max_attempts, len(decision.pool.routable))
 
     def _may_fall_back(self, decision: Decision, record: RequestRecord) -> bool:
         """Whether a failed attempt may still go on to a later pool of the route."""
@@ -496,7 +557,8 @@ class Proxy:
         RateLimitedError when every endpoint left asked for a pause. A 404 saying the
         endpoint does not serve the model first takes the model off that endpoint and has
         its models asked again; the endpoint did nothing with the request, so even one that
-        must not run twice may go to another endpoint serving the model. A routed request
+        must not run twice may go to another endpoint serving the model. So may one a 404
+        said the endpoint does not hold the stored response it names. A routed request
         whose pool has no try left (``max_attempts``) or no endpoint left goes on to the
         route's next pool (:meth:`_fall_back`)."""
         pool = decision.pool
@@ -505,12 +567,13 @@ class Proxy:
             pool.pause(endpoint, now + result.retry_after)
         if result.model_missing and decision.model is not None:
             self.router.model_missing(pool, endpoint, decision.model)
-        if not replayable and not (result.reason == "connect" or result.model_missing):
+        if not replayable and not (result.reason == "connect" or result.model_missing
+                                   or result.response_missing):
             # The endpoint may have acted on it (an answer, or a reset after it was sent).
             return self._give_up(result, "not_replayable", record, now)
         excluded = tried | pool.paused(now)
         following: Decision | None = None
-        if in_pool < self._max_attempts:
+        if in_pool < self._attempt_limit(decision, record):
             with contextlib.suppress(NoEndpointsError):
                 following = redecide(decision, excluded)
         if following is None:

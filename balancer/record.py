@@ -27,9 +27,9 @@ class RequestRecord:
     """What happened to one forwarded request."""
 
     __slots__ = (
-        "attempts", "chunks", "fallbacks", "first_byte", "key_hash", "method", "model",
-        "outcome", "path",
-        "pool", "rename", "request_id", "served_model", "size", "started", "state", "status",
+        "attempts", "chunks", "fallbacks", "first_byte", "key_hash", "learns", "method",
+        "model", "outcome", "path", "pool", "rename", "request_id", "response_ref",
+        "served_model", "size", "started", "state", "status",
         "total_at", "usage",
     )
 
@@ -68,6 +68,12 @@ class RequestRecord:
         """(prompt tokens, cached prompt tokens) the endpoint reported."""
         self.chunks = 0
         self.size = 0
+        self.response_ref: str | None = None
+        """The stored response the request names (Responses API): a 404 for it is retried on
+        another endpoint, and the endpoint that answers it is remembered."""
+        self.learns = False
+        """A ``POST /v1/responses`` whose answer is stored: its response id is remembered
+        with the endpoint (``balancer.affinity``)."""
 
     def fields(self, duration: float) -> dict[str, Any]:
         """The access-log fields, in their order."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
+from balancer.affinity import Pin
 from balancer.errors import BadRequestError, NoEndpointsError
 from balancer.prefix import Kind, key_source, model_of, validate
 from balancer.ring import hash_key
@@ -25,6 +26,7 @@ KEYED_PATHS: Final = {
     "/v1/chat/completions": Kind.CHAT,
     "/v1/completions": Kind.COMPLETIONS,
     "/v1/embeddings": Kind.EMBEDDINGS,
+    "/v1/responses": Kind.RESPONSES,
 }
 """API paths routed by a key from their body; every other /v1 path is passed through."""
 
@@ -38,6 +40,7 @@ _REASONS: Final = {
     "session": "explicit session key; its first endpoint is within the load bound",
     "overflow": "earlier endpoints on the ring were at the load bound",
     "fallback": "no endpoint was within the bound; the least loaded was taken",
+    "affinity": "the endpoint that stored the response the request names (no load bound)",
 }
 
 
@@ -65,6 +68,9 @@ class RequestView(NamedTuple):
     """What routing reads of a keyed body, already read (the proxy reads it in a worker
     process for a large body, see :mod:`balancer.summary`); None: :func:`decide` reads it
     from :attr:`body`."""
+    pinned: Pin | None = None
+    """Where the stored response the request names lives (``balancer.affinity``): taken
+    when routable, in that pool and not excluded, whatever its load."""
 
 
 _NO_BODY: Final[Mapping[str, Any]] = {}
@@ -76,14 +82,15 @@ def keyed_view(kind: Kind, body: Mapping[str, Any], session: str | None) -> Requ
     return RequestView(kind, body, model_of(body), session)
 
 
-def summarized_view(kind: Kind, summary: Summary, session: str | None) -> RequestView:
+def summarized_view(kind: Kind, summary: Summary, session: str | None,
+                    pinned: Pin | None = None) -> RequestView:
     """A keyed request's view from its body's summary (:func:`balancer.summary.read_keyed`,
     which has validated the body)."""
-    return RequestView(kind, _NO_BODY, summary.model, session, "", summary)
+    return RequestView(kind, _NO_BODY, summary.model, session, "", summary, pinned)
 
 
-def passthrough_view(model: str | None, path: str) -> RequestView:
-    return RequestView(None, _NO_BODY, model, None, path)
+def passthrough_view(model: str | None, path: str, pinned: Pin | None = None) -> RequestView:
+    return RequestView(None, _NO_BODY, model, None, path, None, pinned)
 
 
 def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:
@@ -99,6 +106,10 @@ def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:
     if "prompt" in body:
         return Kind.COMPLETIONS
     if "input" in body:
+        value = body["input"]
+        if ("previous_response_id" in body or "instructions" in body
+                or (isinstance(value, list) and value and isinstance(value[0], dict))):
+            return Kind.RESPONSES  # input items, or fields only the Responses API has
         return Kind.EMBEDDINGS
     raise BadRequestError("cannot tell the request kind: no messages, prompt or input field")
 
@@ -152,13 +163,16 @@ def decide(view: RequestView, router: Router,
     if view.kind is None:
         if routes and view.model in routes:
             route = routes[view.model]
-            return _on_chain(router, Decision(router.pools[route.backends[0].pool], _NO_CHOICE,
-                                              0, route=route, requested=view.model,
-                                              chain=route.chain(router.rng.getrandbits(64))),
-                             0, "", exclude)
+            base = Decision(router.pools[route.backends[0].pool], _NO_CHOICE, 0, route=route,
+                            requested=view.model,
+                            chain=route.chain(router.rng.getrandbits(64)))
+            pinned_hop = (None if view.pinned is None
+                          else _pinned_on_chain(router, base, view.pinned, exclude))
+            return pinned_hop or _on_chain(router, base, 0, "", exclude)
         pool = _passthrough_pool(view, router)
-        return Decision(pool, pool.choose(0, keyed=False, exclude=exclude, model=view.model),
-                        0, model=view.model)
+        pinned = _pinned(view.pinned, pool, exclude)
+        choice = pinned or pool.choose(0, keyed=False, exclude=exclude, model=view.model)
+        return Decision(pool, choice, 0, model=view.model)
     model = view.model
     if model is None:
         model = model_of(view.body)
@@ -172,8 +186,9 @@ def decide(view: RequestView, router: Router,
     key = summary.routing_key()
     key_hash = hash_key(key)
     first_turn = pool.first_turn_strategy is not None and summary.first_turn
-    choice = pool.choose(key_hash, session=summary.session, exclude=exclude,
-                         first_turn=first_turn, model=model)
+    pinned = _pinned(view.pinned, pool, exclude) if view.pinned is not None else None
+    choice = pinned or pool.choose(key_hash, session=summary.session, exclude=exclude,
+                                   first_turn=first_turn, model=model)
     return Decision(pool, choice, key_hash, key,
                     # KeyMode is a StrEnum: the member is already the string, and reading
                     # ``.value`` through the enum descriptor cost a call per request.
@@ -198,6 +213,10 @@ def _decide_route(view: RequestView, router: Router, route: Route, model: str,
     base = Decision(router.pools[chain[0].pool], _NO_CHOICE, key_hash, key,
                     "session" if summary.session else router.routing.key, summary.first_turn,
                     route=route, chain=chain, requested=model)
+    if view.pinned is not None:
+        pinned = _pinned_on_chain(router, base, view.pinned, exclude)
+        if pinned is not None:
+            return pinned
     return _on_chain(router, base, 0, "", exclude)
 
 
@@ -243,9 +262,37 @@ def next_hop(router: Router, decision: Decision, reason: str) -> Decision:
     return _on_chain(router, decision, decision.hop + 1, reason, None)
 
 
+def _pinned(pin: Pin | None, pool: Pool, exclude: frozenset[str] | None) -> Choice | None:
+    """The affinity choice of the endpoint holding a stored response, if it can take the
+    request: routable in the request's pool and not excluded (tried, paused or full)."""
+    if pin is None or pin.pool != pool.name or pin.endpoint not in pool.routable:
+        return None
+    if exclude and pin.endpoint in exclude:
+        return None
+    return Choice(pin.endpoint, "affinity")
+
+
+def _pinned_on_chain(router: Router, base: Decision, pin: Pin,
+                     exclude: frozenset[str] | None) -> Decision | None:
+    """A routed request's affinity decision: the pool of its route's chain that holds the
+    stored response it names, if that endpoint can take it (any place in the chain: the
+    state is there or nowhere)."""
+    for i, hop in enumerate(base.chain):
+        if hop.pool == pin.pool:
+            pool = router.pools[hop.pool]
+            choice = _pinned(pin, pool, exclude)
+            if choice is None:
+                return None
+            return base._replace(pool=pool, choice=choice,
+                                 model=pool.model_for(hop, base.requested or ""), hop=i)
+    return None
+
+
 def _passthrough_pool(view: RequestView, router: Router) -> Pool:
     if view.model:
         return router.pool_for_model(view.model)
+    if view.pinned is not None and view.pinned.pool in router.pools:
+        return router.pools[view.pinned.pool]
     pool = router.default_pool()
     if pool is None:
         raise BadRequestError(

@@ -50,7 +50,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from balancer.ring import HashRing
 
-Outcome = Literal["primary", "overflow", "session", "fallback"]
+Outcome = Literal["primary", "overflow", "session", "fallback", "affinity"]
 
 # Probe and Choice are named tuples rather than frozen dataclasses: as immutable, but built
 # for every request, and a frozen dataclass's __init__ sets each field through
@@ -72,7 +72,8 @@ class Choice(NamedTuple):
     """primary: the key's own endpoint (or the only pick of a keyless strategy);
     overflow: a later endpoint on the ring because earlier ones were at the bound;
     session: the first choice for an explicit session key;
-    fallback: nothing was within the bound, the least loaded was taken."""
+    fallback: nothing was within the bound, the least loaded was taken;
+    affinity: the endpoint holding the stored response the request names (no bound)."""
     probes: tuple[Probe, ...] = ()
     bound: float | None = None
     signal: str = "in-flight"

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from balancer.config import KeyMode, RoutingSettings
 from balancer.errors import BadRequestError, BalancerError, InvalidJSONError
@@ -74,6 +74,12 @@ class Summary(NamedTuple):
     validation inspects); raised by :meth:`routing_key` only after the model's pool is
     known, so an unknown model is still a 404 first, as when routing read the body."""
     key_error_param: str | None = None
+    response_ref: str | None = None
+    """A Responses request's ``previous_response_id``: the stored response it continues,
+    which only the endpoint that answered it holds (``balancer.affinity``)."""
+    store: bool = True
+    """A Responses request's ``store`` (default true): whether its answer is kept by the
+    endpoint, so that its id is worth remembering."""
 
     def routing_key(self) -> str:
         """The key; raises the BadRequestError it could not be made for."""
@@ -123,6 +129,14 @@ def summarize(kind: Kind, body: Mapping[str, Any], session: str | None, rule: Ke
             key = routing_key(kind, body, rule.mode, rule.prefix_chars, rule.min_key_chars)
         except BadRequestError as exc:
             key, error = "", exc
+    if kind is Kind.RESPONSES:
+        ref = body.get("previous_response_id")
+        return Summary(
+            model_of(body), body.get("stream") is True, key, explicit is not None,
+            first_turn and is_first_response_turn(body),
+            None if error is None else error.message, None if error is None else error.param,
+            ref if isinstance(ref, str) and ref else None, body.get("store") is not False,
+        )
     return Summary(
         model_of(body), body.get("stream") is True, key, explicit is not None,
         first_turn and kind is Kind.CHAT and is_first_turn(body),
@@ -168,6 +182,29 @@ def is_first_turn(body: Mapping[str, Any]) -> bool:
         whole = True
     for message in messages:
         if _is_object(message) and message.get("role") == "assistant":
+            return False
+    return whole
+
+
+_CONTINUED_ITEMS: Final = frozenset({"function_call", "function_call_output", "reasoning",
+                                    "item_reference"})
+"""Responses input item types that only exist after a model answered: a request carrying
+one continues a conversation."""
+
+
+def is_first_response_turn(body: Mapping[str, Any]) -> bool:
+    """A Responses request that starts a conversation: no ``previous_response_id`` and, among
+    its first :data:`~balancer.prefix.CHECKED_ITEMS` input items, no assistant message and no
+    item that follows a model's answer (see :func:`is_first_turn`)."""
+    if body.get("previous_response_id"):
+        return False
+    items = body.get("input")
+    if not isinstance(items, list):
+        return True
+    whole = len(items) <= CHECKED_ITEMS
+    for item in items[:CHECKED_ITEMS] if not whole else items:
+        if _is_object(item) and (item.get("role") == "assistant"
+                                 or item.get("type") in _CONTINUED_ITEMS):
             return False
     return whole
 

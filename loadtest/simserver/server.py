@@ -52,6 +52,7 @@ from .engine import Sequence as EngineSequence
 from .faults import RETRY_AFTER_STATUSES, Fate, FaultConfigError, FaultInjector
 from .metrics import SimMetrics
 from .orca import FORMAT_HEADER, REPORT_HEADER, load_report, named_metrics
+from .responses import add_routes as add_responses
 from .text import (
     PromptError,
     render_chat,
@@ -756,6 +757,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.on_response_prepare.append(_pod_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    add_responses(app)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)

@@ -62,8 +62,14 @@ class Recorder:
             return web.json_response({"error": {"message": "busy"}}, status=503)
         return web.json_response({"target": request.raw_path})
 
+    async def no_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
     async def start(self) -> str:
         app = web.Application()
+        # balancer's load polls (a pool polls /metrics while keyed requests come) are not
+        # forwarded requests: not recorded, and no failure is spent on them.
+        app.router.add_get("/metrics", self.no_metrics)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()

@@ -6,13 +6,23 @@ from typing import Any
 
 import pytest
 
-from balancer.config import KeyMode, PoolSettings, RoutingSettings, Settings, validate
+from balancer.affinity import Pin
+from balancer.config import (
+    BackendSettings,
+    KeyMode,
+    PoolSettings,
+    RouteSettings,
+    RoutingSettings,
+    Settings,
+    validate,
+)
 from balancer.discovery import StaticDiscovery
 from balancer.errors import BadRequestError, ModelNotFoundError, NoEndpointsError
 from balancer.prefix import Kind, routing_key
 from balancer.ring import hash_key
 from balancer.route import (
     KEYED_PATHS,
+    RequestView,
     decide,
     explain,
     keyed_view,
@@ -138,6 +148,9 @@ def test_redecide_walks_on_past_excluded_endpoints() -> None:
         (CHAT, None, Kind.CHAT),
         ({"prompt": "x"}, None, Kind.COMPLETIONS),
         ({"input": "x"}, None, Kind.EMBEDDINGS),
+        ({"input": [{"role": "user", "content": "x"}]}, None, Kind.RESPONSES),
+        ({"input": "x", "instructions": "Be terse."}, None, Kind.RESPONSES),
+        ({"input": "x", "previous_response_id": "resp_1"}, None, Kind.RESPONSES),
         ({"prompt": "x"}, "/v1/chat/completions", Kind.CHAT),
         *((CHAT, path, kind) for path, kind in KEYED_PATHS.items()),
     ],
@@ -180,3 +193,75 @@ def test_a_first_turn_is_a_chat_request_without_an_assistant_message(
     from balancer.route import is_first_turn
 
     assert is_first_turn({"messages": messages}) is first
+
+
+FOLLOW_UP = {"model": "llama", "input": "and then?", "previous_response_id": "resp_1"}
+
+
+def test_a_pinned_request_goes_to_the_endpoint_holding_its_response() -> None:
+    """The endpoint that stored the response takes a request naming it, whatever its load
+    and its key; once tried (or excluded) the key's walk takes over."""
+    routed = router()
+    view = keyed_view(Kind.RESPONSES, FOLLOW_UP, None)
+    by_key = decide(view, routed).choice.endpoint
+    holder = next(e for e in routed.pools["chat"].routable if e != by_key)
+    routed.pools["chat"].assume_load({holder: 50})
+    pinned = view._replace(pinned=Pin("chat", holder))
+    decision = decide(pinned, routed)
+    assert (decision.choice.endpoint, decision.choice.outcome) == (holder, "affinity")
+    assert decision.key == "llama\x00and then?"
+    again = redecide(decision, frozenset({holder}))
+    assert again.choice.endpoint != holder and again.choice.outcome != "affinity"
+    assert decide(pinned, routed, exclude=frozenset({holder})).choice.endpoint != holder
+    explained = explain(decision, view=pinned)
+    assert explained["outcome"] == "affinity" and "stored the response" in explained["reason"]
+
+
+@pytest.mark.parametrize("pin", [Pin("other", "10.0.0.1:8000"), Pin("chat", "10.9.9.9:8000")],
+                         ids=["another-pool", "gone"])
+def test_a_pin_that_cannot_take_the_request_falls_back_to_the_key(pin: Pin) -> None:
+    """A pin in another pool than the model's, or to an endpoint no longer routable, is
+    ignored: the key decides."""
+    routed = router()
+    view = keyed_view(Kind.RESPONSES, FOLLOW_UP, None)
+    assert decide(view._replace(pinned=pin), routed) == decide(view, routed)
+
+
+def test_a_pinned_pass_through_request_picks_its_pool_without_a_model() -> None:
+    """``GET /v1/responses/{id}`` names no model: a known id's pool is the pool, even with
+    several; its endpoint takes it."""
+    routed = router(PoolSettings("a", ("llama",), ("http://10.0.0.1:8000",)),
+                    PoolSettings("b", ("mistral",), ("http://10.0.1.1:8000",
+                                                     "http://10.0.1.2:8000")))
+    view: RequestView = passthrough_view(None, "/v1/responses/resp_1",
+                                         Pin("b", "10.0.1.2:8000"))
+    decision = decide(view, routed)
+    assert (decision.pool.name, decision.choice.endpoint) == ("b", "10.0.1.2:8000")
+    assert decision.choice.outcome == "affinity"
+    with pytest.raises(BadRequestError, match="several pools"):
+        decide(passthrough_view(None, "/v1/responses/resp_1"), routed)
+
+
+def test_a_pinned_request_for_a_route_goes_to_the_pool_of_the_chain_holding_it() -> None:
+    """A route's conversation may live in any pool of its chain: the pinned endpoint's pool
+    takes it (with the model name that pool serves), whatever the key's ranking; a pin
+    outside the chain leaves the ranking to decide."""
+    settings = validate(Settings(
+        pools=(PoolSettings("a", ("llama-a",), ("http://10.0.0.1:8000",)),
+               PoolSettings("b", ("llama-b",), ("http://10.0.1.1:8000",
+                                                "http://10.0.1.2:8000"))),
+        routes=(RouteSettings("chat", (BackendSettings("a"),), (BackendSettings("b"),)),),
+        routing=RoutingSettings(virtual_nodes=64)))
+    routed = Router(settings)
+    routed.apply(StaticDiscovery(settings.pools).snapshot())
+    view = keyed_view(Kind.RESPONSES, {**FOLLOW_UP, "model": "chat"}, None)
+    assert decide(view, routed).pool.name == "a"
+    pinned = decide(view._replace(pinned=Pin("b", "10.0.1.2:8000")), routed)
+    assert (pinned.pool.name, pinned.choice.endpoint, pinned.choice.outcome) == (
+        "b", "10.0.1.2:8000", "affinity")
+    assert pinned.model == "llama-b" and pinned.hop == 1
+    elsewhere = decide(view._replace(pinned=Pin("c", "10.0.9.9:8000")), routed)
+    assert elsewhere.pool.name == "a" and elsewhere.choice.outcome != "affinity"
+    get = decide(passthrough_view("chat", "/v1/responses/resp_1", Pin("b", "10.0.1.1:8000")),
+                 routed)
+    assert (get.pool.name, get.choice.endpoint) == ("b", "10.0.1.1:8000")

@@ -25,7 +25,14 @@ from balancer.prefix import CHECKED_ITEMS, Kind, routing_key, session_key
 from balancer.prefix import validate as validate_body
 from balancer.route import decide, keyed_view, summarized_view
 from balancer.router import Router
-from balancer.summary import KeyRule, Summary, guarded, is_first_turn, read_keyed
+from balancer.summary import (
+    KeyRule,
+    Summary,
+    guarded,
+    is_first_response_turn,
+    is_first_turn,
+    read_keyed,
+)
 
 MODEL = "llama"
 
@@ -76,8 +83,13 @@ def reference(kind: Kind, raw: bytes, session: str | None, rule: KeyRule,
                                       rule.min_key_chars)
     except BadRequestError as exc:
         key = failure(exc)
+    responses = kind is Kind.RESPONSES
+    first = (is_first_turn(data) if kind is Kind.CHAT
+             else responses and is_first_response_turn(data))
     return ("ok", data["model"], data.get("stream") is True, key, explicit is not None,
-            first_turn and kind is Kind.CHAT and is_first_turn(data))
+            first_turn and first,
+            data.get("previous_response_id") if responses else None,
+            not responses or data.get("store") is not False)
 
 
 def outcome(read: Any) -> tuple[Any, ...]:
@@ -91,7 +103,8 @@ def outcome(read: Any) -> tuple[Any, ...]:
         key = read.routing_key()
     except BadRequestError as exc:
         key = failure(exc)
-    return ("ok", read.model, read.stream, key, read.session, read.first_turn)
+    return ("ok", read.model, read.stream, key, read.session, read.first_turn,
+            read.response_ref, read.store)
 
 
 def on_loop(kind: Kind, raw: bytes, session: str | None, rule: KeyRule,
@@ -141,7 +154,10 @@ bodies = st.fixed_dictionaries({}, optional={
     "user": st.one_of(texts, st.none(), st.integers()),
     "messages": st.one_of(st.lists(messages, max_size=5), texts, st.none()),
     "prompt": prompts,
-    "input": prompts,
+    "input": st.one_of(prompts, st.lists(messages, max_size=4)),
+    "instructions": st.one_of(texts, st.none(), st.integers()),
+    "previous_response_id": st.one_of(texts, st.none(), st.integers()),
+    "store": st.one_of(st.booleans(), st.none(), texts),
     "max_tokens": st.integers(0, 10),
 })
 
