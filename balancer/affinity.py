@@ -25,6 +25,8 @@ import re
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
+from balancer.errors import upstream_error_message
+
 
 class Pin(NamedTuple):
     """Where a stored response lives."""
@@ -207,20 +209,10 @@ def response_not_found(payload: bytes, response_id: str) -> bool:
     fields at the top level). Only an answer naming the id counts: any other 404 would be
     the same on every endpoint.
     """
-    if not response_id or len(payload) > NOT_FOUND_MAX_BYTES:
+    if not response_id:
         return False
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(body, dict):
-        return False
-    error = body.get("error")
-    if isinstance(error, dict):
-        body = error
-    message = body.get("message")
-    return (isinstance(message, str) and response_id in message
-            and "not found" in message.lower())
+    message = upstream_error_message(payload, NOT_FOUND_MAX_BYTES)
+    return message is not None and response_id in message and "not found" in message.lower()
 
 
 _NOT_IDS: Final = frozenset({"compact", "input_tokens"})

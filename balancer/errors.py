@@ -3,6 +3,7 @@ one that stops balancer at start (:class:`StartupError`)."""
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 
@@ -174,3 +175,22 @@ class StartupError(Exception):
     """balancer cannot start: a port in use, a Kubernetes configuration that cannot be
     loaded. The message names the problem and the setting; the command line prints it as one
     line and exits with status 2, as for an invalid configuration."""
+
+
+def upstream_error_message(payload: bytes, limit: int) -> str | None:
+    """The ``message`` of a model server's JSON error answer, or None (not JSON, not an
+    error object, longer than ``limit`` bytes). vLLM nests it under ``"error"`` in newer
+    versions and puts it at the top level in older ones; both are read."""
+    if len(payload) > limit:
+        return None
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):
+        body = error
+    message = body.get("message")
+    return message if isinstance(message, str) else None

@@ -61,6 +61,7 @@ from balancer.errors import (
     GatewayTimeoutError,
     ShuttingDownError,
     error_body,
+    upstream_error_message,
 )
 from balancer.health import Failure
 from balancer.httpserver import (
@@ -373,19 +374,10 @@ def model_not_found(payload: bytes, model: str) -> bool:
     (an unknown path, say) would be the same everywhere. The message must name the model, so
     a 404 about something else the request names is not taken for one.
     """
-    if not model or len(payload) > MODEL_NOT_FOUND_MAX_BYTES:
+    if not model:
         return False
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(body, dict):
-        return False
-    error = body.get("error")
-    if isinstance(error, dict):
-        body = error
-    message = body.get("message")
-    if not isinstance(message, str) or model not in message:
+    message = upstream_error_message(payload, MODEL_NOT_FOUND_MAX_BYTES)
+    if message is None or model not in message:
         return False
     lowered = message.lower()
     return "does not exist" in lowered or "not found" in lowered

@@ -115,6 +115,22 @@ def chwbl_bound(total_load: float, endpoints: int, load_factor: float, min_bound
     return max(min_bound, math.ceil(load_factor * (total_load + 1) / endpoints))
 
 
+def _limit(endpoint: str, bound: int, ramp: Mapping[str, float] | None) -> int:
+    """The load ``endpoint`` may hold with this request: the bound, or for an endpoint in
+    slow start its share of it, at least one request."""
+    if ramp and endpoint in ramp:
+        return max(1, math.floor(ramp[endpoint] * bound))
+    return bound
+
+
+def _outcome(probes: list[Probe], session: bool) -> Outcome:
+    """The first endpoint probed took it (primary, or session for a session key), or a
+    later one (overflow)."""
+    if len(probes) == 1:
+        return "session" if session else "primary"
+    return "overflow"
+
+
 class BoundedLoad:
     """CHWBL over a :class:`HashRing` whose members are the routable endpoints."""
 
@@ -157,16 +173,9 @@ class BoundedLoad:
                 continue  # probed above, over the bound
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
-            limit = bound
-            if ramp and endpoint in ramp:  # slow start: a share of the bound, at least one
-                limit = max(1, math.floor(ramp[endpoint] * bound))
-            if current + 1 <= limit:
-                if len(probes) == 1:
-                    outcome: Outcome = "session" if session else "primary"
-                else:
-                    outcome = "overflow"
-                return Choice(endpoint, outcome, tuple(probes), bound, self.signal,
-                              False if prefer else None)
+            if current + 1 <= _limit(endpoint, bound, ramp):
+                return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
+                              self.signal, False if prefer else None)
         if not probes:
             return None
         least = min(probes, key=lambda p: p.load)
@@ -188,15 +197,9 @@ class BoundedLoad:
             if not (exclude and endpoint in exclude):
                 current = load.get(endpoint, 0)
                 probes.append(Probe(endpoint, current))
-                limit = bound
-                if ramp and endpoint in ramp:
-                    limit = max(1, math.floor(ramp[endpoint] * bound))
-                if current + 1 <= limit:
-                    if len(probes) == 1:
-                        outcome: Outcome = "session" if session else "primary"
-                    else:
-                        outcome = "overflow"
-                    return Choice(endpoint, outcome, tuple(probes), bound, self.signal, True)
+                if current + 1 <= _limit(endpoint, bound, ramp):
+                    return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
+                                  self.signal, True)
             if not left:
                 break
         return None

@@ -17,6 +17,7 @@ regenerated.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import enum
 import inspect
@@ -121,7 +122,9 @@ def _backends_schema(schema: dict[str, Any]) -> None:
     """A route's backends and fallbacks may also be bare pool names."""
     route = schema["properties"]["routes"]["items"]
     for key in ("backends", "fallbacks"):
-        items = route["properties"][key]["items"]
+        items = copy.deepcopy(route["properties"][key]["items"])
+        if key == "fallbacks":  # they take no share of first choices
+            del items["properties"]["weight"]
         route["properties"][key]["items"] = {"anyOf": [{"type": "string"}, items]}
 
 
