@@ -31,6 +31,9 @@ What makes the figures honest (see :mod:`loadtest.stats` for the definitions):
 * ``--repeat N`` interleaves the contenders (A B C, A B C, ...) and reports each figure as the
   median with min-max.
 
+``--restart POD@T:DOWN`` restarts a pod at the same moment of every contender's run and adds
+per-phase figures around it (:mod:`loadtest.restarts`).
+
 Each contender's pods run in their own process (so a slow pod process never stalls the
 client's clock) and so does each balancer; the client is this process.
 """
@@ -67,6 +70,15 @@ from loadtest.procs import (
     raise_fd_limit,
     wait_for_lines,
     wait_ready,
+)
+from loadtest.restarts import (
+    DEFAULT_PHASE_WINDOW_S,
+    Restart,
+    aggregate_phases,
+    parse_restart,
+    phase_figures,
+    phase_table,
+    restart_pods,
 )
 from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
 from loadtest.trace import TraceRecord
@@ -178,6 +190,10 @@ class RunOptions:
     """Dotted balancer settings for every balancer contender (``--set``)."""
     variants: dict[str, Variant] = field(default_factory=dict)
     """Named balancer configurations run as contenders of their own (``--variant``)."""
+    restarts: tuple[Restart, ...] = ()
+    """Pods restarted during each run, at the same times for every contender (``--restart``)."""
+    phase_window_s: float = DEFAULT_PHASE_WINDOW_S
+    """Seconds after a restarted pod's return that its "after return" phase covers."""
 
     def window(self) -> Window:
         return Window(self.warmup_s, max(self.warmup_s, self.duration_s - self.cooldown_s))
@@ -202,6 +218,10 @@ class Outcome:
     """Mean requests in flight per pod over the window (time-weighted): the real imbalance."""
     clock_span_s: float = 0.0
     """Wall seconds from the end of the warm-up to the end of the run."""
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    """The pods restarted during the run, as :func:`loadtest.restarts.restart_pods` did it."""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """Figures of the phases around each restart (:func:`loadtest.restarts.phase_figures`)."""
 
     @property
     def invalid_reasons(self) -> list[str]:
@@ -231,6 +251,7 @@ class Outcome:
             "clock_paused_s": round(self.clock_paused_s, 3),
             "invalid": bool(reasons),
             "invalid_reasons": reasons,
+            **({"restarts": self.restarts, "phases": self.phases} if self.restarts else {}),
         }
 
 
@@ -317,6 +338,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["cap_bound"] = any(r.get("cap_bound") for r in rows)
     out["invalid_runs"] = sum(1 for r in rows if r.get("invalid"))
     out["invalid_reasons"] = sorted({reason for r in rows for reason in r["invalid_reasons"]})
+    if any(r.get("phases") for r in rows):
+        out["phases"] = aggregate_phases([r.get("phases") or [] for r in rows])
     return out
 
 
@@ -498,6 +521,8 @@ async def run_contender(
         reset = asyncio.create_task(_reset_after(session, pod_urls, run.warmup_s))
         meter = CpuMeter(pids, "self")
         began = time.perf_counter()
+        restarter = asyncio.create_task(
+            restart_pods(session, pod_urls, run.restarts, began))
         try:
             result = await play(
                 trace, base_url or pod_urls[0] + "/v1", duration_s=run.duration_s,
@@ -519,12 +544,31 @@ async def run_contender(
             with contextlib.suppress(asyncio.CancelledError):
                 await reset
         print(("\r" if progress.tty else "") + progress.line(), flush=True)
+        restarted = await _restarts_done(restarter)
         pod_stats = await _pod_stats(session, pod_urls)
     summary = summarize(result, warmup_s=run.warmup_s, cooldown_s=run.cooldown_s, slo=run.slo)
     window = result.window(run.warmup_s, run.cooldown_s)
+    phases = phase_figures(
+        result.samples, restarted, phase_window_s=run.phase_window_s,
+        end_s=result.window_end_s if result.window_end_s is not None else result.wall_s,
+        slo=run.slo)
     return Outcome(shown, repeat, result, summary, pod_stats, cpu,
                    _paused_s(pod_stats) - paused_at_warmup,
-                   mean_in_flight(result.samples, window), ended - since)
+                   mean_in_flight(result.samples, window), ended - since, restarted, phases)
+
+
+async def _restarts_done(task: asyncio.Task[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The restarts of a run that has ended; one scheduled after the run's end never came."""
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return []
+    records = task.result()
+    for record in records:
+        if "error" in record:
+            print(f"  restart {record['restart']} failed: {record['error']}", flush=True)
+    return [r for r in records if "error" not in r]
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -633,9 +677,14 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
     }
     table = markdown_table(rows)
     ratio_lines = [f"- chwbl {key}: {words}" for key, words in report["ratios"].items()]
+    phases = phase_table(rows, args.pods)
+    if phases:
+        report["restarts"] = {"schedule": list(args.restart),
+                              "phase_window_s": args.phase_window}
     (out_dir / "compare.md").write_text(
         f"# Strategy comparison\n\n`{report['command']}`\n\n{line}\n\n{table}\n\n"
-        f"{TABLE_NOTE}\n\n" + "\n".join(ratio_lines) + "\n")
+        f"{TABLE_NOTE}\n\n" + "\n".join(ratio_lines) + "\n"
+        + (f"\n## Around the restarts\n\n{phases}\n" if phases else ""))
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
     with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
         for o in outcomes:
@@ -644,6 +693,8 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
     print(line)
     print(table)
     print("\n".join(ratio_lines))
+    if phases:
+        print("\n" + phases)
     for r in rows:
         if r["invalid_runs"]:
             print(f"  INVALID {r['contender']}: " + "; ".join(r["invalid_reasons"]))
@@ -716,6 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a balancer contender of its own, e.g. "
                              "--variant chwbl-local=chwbl:load.source=local; name it in "
                              "--contenders")
+    parser.add_argument("--restart", action="append", default=[], metavar="POD@T:DOWN",
+                        help="restart simulated pod POD (an index) T seconds into every "
+                             "contender's run, down DOWN seconds (cut requests, cold cache), "
+                             "e.g. 1@30:5; repeatable. Adds figures for the phases around it")
+    parser.add_argument("--phase-window", type=float,
+                        default=DEFAULT_PHASE_WINDOW_S,
+                        help="seconds after a restarted pod's return that the 'after return' "
+                             "phase covers (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=2048,
                         help="requests in flight at most on the client side (reported when "
                              "it binds)")
@@ -754,7 +813,16 @@ def run_options_from(args: argparse.Namespace) -> RunOptions:
         duration_s=args.duration, warmup_s=args.warmup, cooldown_s=args.cooldown,
         grace_s=args.grace, slo=Slo.from_arguments(args), concurrency=args.concurrency,
         replicas=args.replicas, seed=args.seed, settings=parse_settings(args.settings),
-        variants=dict(parse_variant(v) for v in args.variant))
+        variants=dict(parse_variant(v) for v in args.variant), **restart_options_from(args))
+
+
+def restart_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """``--restart`` and ``--phase-window`` as :class:`RunOptions` fields."""
+    if args.phase_window <= 0:
+        raise SystemExit("--phase-window must be > 0")
+    return {"restarts": tuple(parse_restart(item, pods=args.pods, duration_s=args.duration)
+                              for item in args.restart),
+            "phase_window_s": args.phase_window}
 
 
 def contenders_from(spec: str, variants: Sequence[str] = ()) -> list[str]:
