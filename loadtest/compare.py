@@ -554,7 +554,8 @@ async def run_contender(
         slo=run.slo)
     return Outcome(shown, repeat, result, summary, pod_stats, cpu,
                    _paused_s(pod_stats) - paused_at_warmup,
-                   mean_in_flight(result.samples, window), ended - since, restarted, phases)
+                   mean_in_flight(result.samples, window), ended - since,
+                   restarts=restarted, phases=phases)
 
 
 async def _restarts_done(task: asyncio.Task[list[dict[str, Any]]]) -> list[dict[str, Any]]:
