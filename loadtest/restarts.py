@@ -5,8 +5,12 @@
 ``POST /sim/restart``: in-flight requests are cut, the prefix cache is emptied, the pod
 answers 503 while down). Every contender gets the same schedule, so their runs compare.
 
-Around each restart the report adds two phases, by due time like the measured window:
+Around each restart the report adds three phases, by due time like the measured window:
 
+* **before**: the ``--phase-window`` seconds before the restart (from the run's start at the
+  earliest): the baseline. The balancer hashes the pods' addresses, which differ from run to
+  run, so the restarted pod's share of the keys differs too; read its share after the return
+  against its share here;
 * **down**: from the restart until the pod serves again (``DOWN`` plus the pod's own slow
   start, as the pod reports it);
 * **after return**: the ``--phase-window`` seconds (default 30) after that, cut at the end of
@@ -44,9 +48,10 @@ several times, short enough that most of a 75-s run is left for the steady state
 RESTART_TIMEOUT_S = 10.0
 """Seconds the restart request to a pod may take (it answers at once)."""
 
+BEFORE = "before"
 DOWN = "down"
 AFTER_RETURN = "after return"
-PHASES = (DOWN, AFTER_RETURN)
+PHASES = (BEFORE, DOWN, AFTER_RETURN)
 
 
 
@@ -120,11 +125,13 @@ async def restart_pods(session: aiohttp.ClientSession, pod_urls: Sequence[str],
 def phase_windows(record: Mapping[str, Any], phase_window_s: float, end_s: float
                   ) -> list[tuple[str, Window]]:
     """The phases of one restart (as :func:`restart_pods` records it) as due-time windows,
-    cut at ``end_s``. The pod serves again ``serving_in_s`` after the scheduled time (down
-    plus its own slow start); without an answer, ``down_s`` after it."""
+    ``phase_window_s`` long before it and after the return, cut at ``end_s``. The pod serves
+    again ``serving_in_s`` after the scheduled time (down plus its own slow start); without an
+    answer, ``down_s`` after it."""
     start = float(record["at_s"])
     back = start + float(record.get("serving_in_s", record["down_s"]))
-    return [(DOWN, Window(start, min(back, end_s))),
+    return [(BEFORE, Window(max(0.0, start - phase_window_s), min(start, end_s))),
+            (DOWN, Window(start, min(back, end_s))),
             (AFTER_RETURN, Window(min(back, end_s), min(back + phase_window_s, end_s)))]
 
 
@@ -191,11 +198,12 @@ def aggregate_phases(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[s
 
 
 PHASE_NOTE = (
-    "Phases by due time around each restart `POD@T:DOWN`: *down* from the restart until the "
-    "pod serves again (DOWN plus its own slow start), *after return* the phase window after "
-    "that. *hit rate*: cached / prompt tokens of completed requests; *pod share*: the "
-    "restarted pod's share of completed requests (fair: {fair}); *pod hit rate*: its own. "
-    "With repeats: median (min-max); counts summed."
+    "Phases by due time around each restart `POD@T:DOWN`: *before* the phase window before "
+    "it (the baseline: ring positions follow the pods' addresses, which differ between runs), "
+    "*down* from the restart until the pod serves again (DOWN plus its own slow start), "
+    "*after return* the phase window after that. *hit rate*: cached / prompt tokens of "
+    "completed requests; *pod share*: the restarted pod's share of completed requests (fair: "
+    "{fair}); *pod hit rate*: its own. With repeats: median (min-max); counts summed."
 )
 
 

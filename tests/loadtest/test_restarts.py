@@ -18,6 +18,7 @@ from loadtest.compare import Outcome, aggregate, build_parser, markdown_table, r
 from loadtest.procs import free_port
 from loadtest.restarts import (
     AFTER_RETURN,
+    BEFORE,
     DEFAULT_PHASE_WINDOW_S,
     DOWN,
     Restart,
@@ -110,23 +111,28 @@ def _failed(due: float, cause: str = "http") -> Sample:
 
 
 def test_phase_windows_follow_the_pods_return_and_stop_at_the_end_of_the_run() -> None:
-    """Down lasts until the pod serves again (its slow start included); after-return lasts the
-    phase window; both are cut at the end of the run."""
+    """Before lasts the phase window up to the restart (from the run's start at the earliest);
+    down lasts until the pod serves again (its slow start included); after-return lasts the
+    phase window; all are cut at the end of the run."""
     record = _record(serving_in_s=3.5)
     assert phase_windows(record, 30.0, 100.0) == [
-        (DOWN, Window(10.0, 13.5)), (AFTER_RETURN, Window(13.5, 43.5))]
-    assert phase_windows(record, 30.0, 20.0)[1] == (AFTER_RETURN, Window(13.5, 20.0))
-    assert phase_windows(record, 30.0, 12.0) == [
+        (BEFORE, Window(0.0, 10.0)), (DOWN, Window(10.0, 13.5)),
+        (AFTER_RETURN, Window(13.5, 43.5))]
+    assert phase_windows(record, 4.0, 20.0)[0] == (BEFORE, Window(6.0, 10.0))
+    assert phase_windows(record, 30.0, 20.0)[2] == (AFTER_RETURN, Window(13.5, 20.0))
+    assert phase_windows(record, 30.0, 12.0)[1:] == [
         (DOWN, Window(10.0, 12.0)), (AFTER_RETURN, Window(12.0, 12.0))]
     unanswered = {k: v for k, v in record.items() if k != "serving_in_s"}
-    assert phase_windows(unanswered, 5.0, 100.0)[1] == (AFTER_RETURN, Window(12.0, 17.0))
+    assert phase_windows(unanswered, 5.0, 100.0)[2] == (AFTER_RETURN, Window(12.0, 17.0))
 
 
 def test_phase_figures_count_each_phase_and_the_restarted_pods_share_and_hit_rate() -> None:
     """Requests due before the restart, in the down phase and after the return are counted in
     their own phase; hit rate, the pod's share and its own hit rate come from the replies."""
     samples = [
-        _ok(5.0, "sim-a", 0.1),  # before the restart: in no phase
+        _ok(1.0, "sim-b", 0.1),  # before the restart, and before the phase window
+        _ok(5.0, "sim-a", 0.1),  # before
+        _ok(6.0, "sim-b", 0.3, cached=90),
         _failed(10.5),  # down
         _ok(11.0, "sim-a", 0.2, cached=100),
         _failed(11.5, "stream"),
@@ -136,7 +142,10 @@ def test_phase_figures_count_each_phase_and_the_restarted_pods_share_and_hit_rat
         _ok(15.0, "sim-c", 0.1, cached=100),
         _ok(40.0, "sim-b", 0.1),  # past the phase window
     ]
-    down, after = phase_figures(samples, [_record()], phase_window_s=10.0, end_s=60.0)
+    before, down, after = phase_figures(samples, [_record()], phase_window_s=8.0, end_s=60.0)
+    assert (before["phase"], before["start_s"], before["end_s"]) == (BEFORE, 2.0, 10.0)
+    assert (before["offered"], before["completed"]) == (2, 2)
+    assert before["pod_share"] == 0.5 and before["pod_hit_rate"] == pytest.approx(0.9)
     assert (down["restart"], down["phase"], down["start_s"], down["end_s"]) == (
         "1@10:2", DOWN, 10.0, 12.0)
     assert (down["offered"], down["completed"], down["failed"], down["unfinished"]) == (
@@ -144,7 +153,7 @@ def test_phase_figures_count_each_phase_and_the_restarted_pods_share_and_hit_rat
     assert down["pod_share"] == 0.0 and down["pod_hit_rate"] is None
     assert down["ttft_p50_s"] == pytest.approx(0.2)
 
-    assert (after["phase"], after["start_s"], after["end_s"]) == (AFTER_RETURN, 12.0, 22.0)
+    assert (after["phase"], after["start_s"], after["end_s"]) == (AFTER_RETURN, 12.0, 20.0)
     assert (after["offered"], after["completed"], after["failed"]) == (4, 4, 0)
     assert after["pod_share"] == pytest.approx(2 / 4)
     assert after["hit_rate"] == pytest.approx(200 / 400)
@@ -156,8 +165,9 @@ def test_phase_figures_count_each_phase_and_the_restarted_pods_share_and_hit_rat
 
 def test_phase_figures_of_an_empty_phase_are_missing_not_zero() -> None:
     """A phase with no request due has no latency, hit rate or share."""
-    (down, after) = phase_figures([], [_record()], phase_window_s=10.0, end_s=60.0)
-    for phase in (down, after):
+    phases = phase_figures([], [_record()], phase_window_s=10.0, end_s=60.0)
+    assert [p["phase"] for p in phases] == [BEFORE, DOWN, AFTER_RETURN]
+    for phase in phases:
         assert phase["offered"] == 0
         assert phase["ttft_p50_s"] is None and phase["hit_rate"] is None
         assert phase["pod_share"] is None and phase["pod_hit_rate"] is None
@@ -170,7 +180,7 @@ def test_phases_aggregate_over_repeats_to_medians_and_summed_counts() -> None:
         phase_figures([_ok(12.5, "sim-b", ttft)], [_record()], phase_window_s=5.0, end_s=60.0)
         for ttft in (0.1, 0.3, 0.2)
     ]
-    down, after = aggregate_phases(runs)
+    _, down, after = aggregate_phases(runs)
     assert (down["phase"], down["repeats"], down["offered"]) == (DOWN, 3, 0)
     assert (after["phase"], after["offered"], after["completed"]) == (AFTER_RETURN, 3, 3)
     assert after["ttft_p50_s"] == pytest.approx(0.2)
@@ -191,13 +201,14 @@ def test_rows_carry_phases_only_for_runs_with_restarts() -> None:
     assert phase_table([aggregate([plain.row()])], 4) == ""
 
     row = aggregate([restarted.row(), replace(restarted, repeat=1).row()])
-    assert [p["phase"] for p in row["phases"]] == [DOWN, AFTER_RETURN]
-    assert row["phases"][0]["failed"] == 2
+    assert [p["phase"] for p in row["phases"]] == [BEFORE, DOWN, AFTER_RETURN]
+    assert row["phases"][1]["failed"] == 2
     table = phase_table([row], 4)
     lines = table.splitlines()
     assert lines[0].startswith("| contender | restart | phase |")
-    assert lines[2].startswith("| chwbl | 1@10:2 | down | 10-12 | 2 | 0 | 2 | 0 |")
-    assert lines[3].startswith("| chwbl | 1@10:2 | after return | 12-17 | 2 | 2 | 0 | 0 |")
+    assert lines[2].startswith("| chwbl | 1@10:2 | before | 5-10 | 0 | 0 | 0 | 0 | - |")
+    assert lines[3].startswith("| chwbl | 1@10:2 | down | 10-12 | 2 | 0 | 2 | 0 |")
+    assert lines[4].startswith("| chwbl | 1@10:2 | after return | 12-17 | 2 | 2 | 0 | 0 |")
     assert "fair: 1/4 = 0.250" in table
     assert "| chwbl |" in markdown_table([row])  # the main table is unchanged by phases
 
@@ -231,29 +242,37 @@ FAST_HEALTH = ["--set", "health.interval=0.5", "--set", "health.timeout=0.4",
 
 
 def test_a_comparison_with_a_restart_reports_the_phases_around_it(tmp_path: Path) -> None:
-    """A 5-s run of CHWBL in which pod 1 restarts 1.5 s in, down 1 s: the pod answers the
-    restart, the phases account for their requests, and with fast checks balancer gives the
-    returned pod traffic again within the 2-s after-return phase."""
+    """A 5-s run of CHWBL and the sticky oracle in which pod 1 restarts 1.5 s in, down 1 s:
+    the pod answers the restart in both runs, the phases account for their requests, and
+    the returned pod serves again (the oracle hands it every fourth new conversation; where
+    balancer's ring puts it depends on the pods' ports, so its share is not asserted)."""
     out = tmp_path / "restart"
     code, output = _run_compare(
-        ["--contenders", "chwbl", "--duration", "5", "--warmup", "0.5", "--cooldown", "0",
+        ["--contenders", "chwbl,sticky-oracle", "--duration", "5", "--warmup", "0.5",
+         "--cooldown", "0",
          "--rate", "4", "--time-scale", "0.2", "--restart", "1@1.5:1", "--phase-window", "2",
          "--no-plots", "--out", str(out), *FAST_HEALTH]
     )  # fmt: skip
     assert code == 0, output
     report = json.loads((out / "compare.json").read_text())
     assert report["restarts"] == {"schedule": ["1@1.5:1"], "phase_window_s": 2.0}
-    (run,) = report["runs"]
-    (restart,) = run["restarts"]
-    assert restart["serving_in_s"] == 1.0 and restart["pod_name"].startswith("sim-")
-    assert 1.45 <= restart["called_at_s"] < 3.0, restart  # the loop may wake a little early
-    down, after = run["phases"]
-    assert (down["phase"], down["start_s"], down["end_s"]) == (DOWN, 1.5, 2.5)
-    assert (after["phase"], after["start_s"], after["end_s"]) == (AFTER_RETURN, 2.5, 4.5)
-    for phase in (down, after):
-        assert phase["offered"] == phase["completed"] + phase["failed"] + phase["unfinished"]
-        assert phase["offered"] > 0, phase
-    assert after["pod_share"] > 0, (after, output)
-    assert report["rows"][0]["phases"][1]["phase"] == AFTER_RETURN
+    runs = {run["contender"]: run for run in report["runs"]}
+    assert list(runs) == ["chwbl", "sticky-oracle"]
+    for run in runs.values():
+        (restart,) = run["restarts"]
+        assert restart["serving_in_s"] == 1.0 and restart["pod_name"].startswith("sim-")
+        assert 1.45 <= restart["called_at_s"] < 3.0, restart  # the loop may wake a bit early
+        before, down, after = run["phases"]
+        assert (before["phase"], before["start_s"], before["end_s"]) == (BEFORE, 0.0, 1.5)
+        assert (down["phase"], down["start_s"], down["end_s"]) == (DOWN, 1.5, 2.5)
+        assert (after["phase"], after["start_s"], after["end_s"]) == (AFTER_RETURN, 2.5, 4.5)
+        for phase in (before, down, after):
+            assert phase["offered"] == (
+                phase["completed"] + phase["failed"] + phase["unfinished"]), phase
+            assert phase["offered"] > 0, phase
+        assert after["pod_share"] is not None
+    assert runs["sticky-oracle"]["phases"][2]["pod_share"] > 0, output
+    assert [p["phase"] for p in report["rows"][0]["phases"]] == [BEFORE, DOWN, AFTER_RETURN]
     table = (out / "compare.md").read_text()
-    assert "## Around the restarts" in table and "| chwbl | 1@1.5:1 | after return |" in table
+    assert "## Around the restarts" in table
+    assert "| sticky-oracle | 1@1.5:1 | after return |" in table
