@@ -8,9 +8,9 @@ with an empty cache.
 
 ``POST /sim/restart`` does that to one simulated pod without stopping its listener:
 
-* every completion request in flight (being read, queued or streamed) has its connection
-  closed at once, with nothing more written (:class:`InFlight`), and its sequences are
-  aborted;
+* every model request in flight (a POST under ``/v1/``: being read, queued or streamed) has
+  its connection closed at once, with nothing more written (:class:`InFlight`), and its
+  sequences are aborted;
 * the prefix cache is emptied (:meth:`.engine.Engine.clear_cache`);
 * for ``down`` seconds (then for the pod's own ``slow_start``, as after any start) ``/health``,
   ``/tokenize`` and completions answer 503 with ``Retry-After``, as the pod's slow start
@@ -68,7 +68,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class InFlight:
-    """Middleware that keeps the requests on `paths` in flight, so a restart can kill them.
+    """Middleware that keeps the POST requests under `prefixes` in flight (the model's work:
+    completions, and any endpoint added later that waits on the engine), so a restart can kill
+    them.
 
     Killing one closes its connection (``transport.abort()``: nothing buffered is sent, as
     when a process dies) and cancels its handler, whose clean-up aborts its sequences; the
@@ -79,8 +81,8 @@ class InFlight:
     __middleware_version__ = 1
     """aiohttp's mark of a new-style middleware."""
 
-    def __init__(self, paths: Collection[str]) -> None:
-        self.paths = frozenset(paths)
+    def __init__(self, prefixes: Collection[str]) -> None:
+        self.prefixes = tuple(prefixes)
         self._requests: dict[int, web.Request] = {}
         """By ``id``: a request is a mutable mapping, not hashable."""
 
@@ -88,7 +90,7 @@ class InFlight:
         return len(self._requests)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in self.paths:
+        if request.method != "POST" or not request.path.startswith(self.prefixes):
             return await handler(request)
         key = id(request)
         self._requests[key] = request

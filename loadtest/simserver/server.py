@@ -70,8 +70,8 @@ POD_HEADER = "x-sim-pod"
 CRASH_EXIT_STATUS = 137
 """Exit status of a simulated crash: what a runtime reports for a process killed by SIGKILL."""
 
-COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
-"""Paths whose requests a restart kills."""
+KILLED_PREFIXES = ("/v1/",)
+"""POST requests under these paths are a model's work, which a restart kills."""
 
 SAMPLE_LIMIT = 200_000
 """Latency samples kept for ``/stats`` percentiles (the oldest are dropped beyond this)."""
@@ -138,7 +138,7 @@ class ServerCounters:
     restarts: int = 0
     """Restarts (``POST /sim/restart``)."""
     requests_killed: int = 0
-    """Completion requests in flight whose connection a restart closed (their handlers, being
+    """Model requests in flight whose connection a restart closed (completions' handlers, being
     cancelled, count in `requests_disconnected` too)."""
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
     e2e_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
@@ -186,8 +186,8 @@ class SimPod:
         self.stats_since = clock()
         self.sampler = random.Random(f"replies:{config.faults.seed}")
         """Draws the reply seeds of sampled requests (``temperature`` > 0, no ``seed``)."""
-        self.in_flight = InFlight(COMPLETION_PATHS)
-        """The completion requests in flight (the app's middleware), for a restart to kill."""
+        self.in_flight = InFlight(KILLED_PREFIXES)
+        """The model requests in flight (the app's middleware), for a restart to kill."""
 
     def start(self) -> None:
         """Mark the pod as started now (slow start counts from here)."""
