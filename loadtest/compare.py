@@ -705,11 +705,21 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
         from loadtest.plots import plot_comparison
 
         first = {o.name: o.result.samples for o in outcomes if o.repeat == 0}
-        paths = plot_comparison(first, rows, out_dir, line, window=run_options.window())
+        paths = plot_comparison(first, rows, out_dir, line, window=run_options.window(),
+                                down=down_spans(outcomes))
         print("plots: " + ", ".join(str(p) for p in paths))
     print(f"table: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}; "
           f"samples: {out_dir / 'samples.jsonl'}")
     return report
+
+
+def down_spans(outcomes: Sequence[Outcome]) -> list[tuple[float, float]]:
+    """When restarted pods were down (seconds since the start), as the first run that
+    restarted any recorded it: the schedule is the same in every run."""
+    for o in outcomes:
+        if o.restarts:
+            return [(r["at_s"], r["at_s"] + r["serving_in_s"]) for r in o.restarts]
+    return []
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -14,7 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadtest.compare import Outcome, aggregate, build_parser, markdown_table, run_options_from
+from loadtest.compare import (
+    Outcome,
+    aggregate,
+    build_parser,
+    down_spans,
+    markdown_table,
+    run_options_from,
+)
+from loadtest.plots import plot_comparison
 from loadtest.procs import free_port
 from loadtest.restarts import (
     AFTER_RETURN,
@@ -211,6 +219,21 @@ def test_rows_carry_phases_only_for_runs_with_restarts() -> None:
     assert lines[4].startswith("| chwbl | 1@10:2 | after return | 12-17 | 2 | 2 | 0 | 0 |")
     assert "fair: 1/4 = 0.250" in table
     assert "| chwbl |" in markdown_table([row])  # the main table is unchanged by phases
+
+
+def test_the_plots_mark_when_the_pod_was_down(tmp_path: Path) -> None:
+    """The down spans come from the first run that restarted a pod (the schedule is the same
+    in every run); the time plots are drawn with them."""
+    samples = [_ok(t / 4, f"sim-{'abc'[t % 3]}", 0.1 + t / 400) for t in range(80)]
+    result = RunResult(samples, 20.0, window_end_s=20.0)
+    plain = Outcome("chwbl", 0, result, {}, [], {}, 0.0, {}, 0.0)
+    restarted = replace(plain, name="ss30", restarts=[_record(), _record(at_s=15.0)])
+    assert down_spans([plain]) == []
+    assert down_spans([plain, restarted]) == [(10.0, 12.0), (15.0, 17.0)]
+    paths = plot_comparison({"chwbl": samples}, [{"contender": "chwbl"}], tmp_path, "",
+                            window=Window(2.0, 20.0), down=down_spans([restarted]))
+    assert [p.name for p in paths][:2] == ["pod_load.png", "ttft_over_time.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
 # -- the restart call, against a real simulated pod --------------------------------------------
