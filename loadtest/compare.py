@@ -40,6 +40,9 @@ in another zone makes such a request wait ``--cross-zone-rtt`` first. Every cont
 measured the same way: each row gets the share of completed requests served in another zone
 than their client's.
 
+``--restart POD@T:DOWN`` restarts a pod at the same moment of every contender's run and adds
+per-phase figures around it (:mod:`loadtest.restarts`).
+
 Each contender's pods run in their own process (so a slow pod process never stalls the
 client's clock) and so does each balancer; the client is this process.
 """
@@ -80,6 +83,15 @@ from loadtest.procs import (
     raise_fd_limit,
     wait_for_lines,
     wait_ready,
+)
+from loadtest.restarts import (
+    DEFAULT_PHASE_WINDOW_S,
+    Restart,
+    aggregate_phases,
+    parse_restart,
+    phase_figures,
+    phase_table,
+    restart_pods,
 )
 from loadtest.simserver.config import CLIENT_ZONE_HEADER, DEFAULT_CROSS_ZONE_RTT_S
 from loadtest.stats import RunResult, Sample, Slo, Window, percentile, summarize, write_samples
@@ -283,6 +295,10 @@ class RunOptions:
     """Share of conversations whose client runs in each zone (empty: equal)."""
     cross_zone_rtt_s: float = DEFAULT_CROSS_ZONE_RTT_S
     """What a request served in another zone than its client's waits first."""
+    restarts: tuple[Restart, ...] = ()
+    """Pods restarted during each run, at the same times for every contender (``--restart``)."""
+    phase_window_s: float = DEFAULT_PHASE_WINDOW_S
+    """Seconds after a restarted pod's return that its "after return" phase covers."""
 
     def window(self) -> Window:
         return Window(self.warmup_s, max(self.warmup_s, self.duration_s - self.cooldown_s))
@@ -310,6 +326,10 @@ class Outcome:
     cross_zone_share: float | None = None
     """With zones: the share of completed requests in the window served by a pod in another
     zone than their client's (see :func:`cross_zone_share`); None without zones."""
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    """The pods restarted during the run, as :func:`loadtest.restarts.restart_pods` did it."""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """Figures of the phases around each restart (:func:`loadtest.restarts.phase_figures`)."""
 
     @property
     def invalid_reasons(self) -> list[str]:
@@ -341,6 +361,7 @@ class Outcome:
             "clock_paused_s": round(self.clock_paused_s, 3),
             "invalid": bool(reasons),
             "invalid_reasons": reasons,
+            **({"restarts": self.restarts, "phases": self.phases} if self.restarts else {}),
         }
 
 
@@ -427,6 +448,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["cap_bound"] = any(r.get("cap_bound") for r in rows)
     out["invalid_runs"] = sum(1 for r in rows if r.get("invalid"))
     out["invalid_reasons"] = sorted({reason for r in rows for reason in r["invalid_reasons"]})
+    if any(r.get("phases") for r in rows):
+        out["phases"] = aggregate_phases([r.get("phases") or [] for r in rows])
     return out
 
 
@@ -630,6 +653,8 @@ async def run_contender(
         reset = asyncio.create_task(_reset_after(session, pod_urls, run.warmup_s))
         meter = CpuMeter(pids, "self")
         began = time.perf_counter()
+        restarter = asyncio.create_task(
+            restart_pods(session, pod_urls, run.restarts, began))
         try:
             result = await play(
                 trace, base_url or pod_urls[0] + "/v1", duration_s=run.duration_s,
@@ -652,6 +677,7 @@ async def run_contender(
             with contextlib.suppress(asyncio.CancelledError):
                 await reset
         print(("\r" if progress.tty else "") + progress.line(), flush=True)
+        restarted = await _restarts_done(restarter)
         pod_stats = await _pod_stats(session, pod_urls)
     summary = summarize(result, warmup_s=run.warmup_s, cooldown_s=run.cooldown_s, slo=run.slo)
     window = result.window(run.warmup_s, run.cooldown_s)
@@ -660,9 +686,28 @@ async def run_contender(
         # The pods say their zones (``/stats``); the samples which pod served them.
         pod_zone_of = {str(s.get("pod")): s.get("zone") for s in pod_stats}
         crossed = cross_zone_share(result.samples, window, pod_zone_of, client_zone)
+    phases = phase_figures(
+        result.samples, restarted, phase_window_s=run.phase_window_s,
+        end_s=result.window_end_s if result.window_end_s is not None else result.wall_s,
+        slo=run.slo)
     return Outcome(shown, repeat, result, summary, pod_stats, cpu,
                    _paused_s(pod_stats) - paused_at_warmup,
-                   mean_in_flight(result.samples, window), ended - since, crossed)
+                   mean_in_flight(result.samples, window), ended - since, crossed,
+                   restarts=restarted, phases=phases)
+
+
+async def _restarts_done(task: asyncio.Task[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The restarts of a run that has ended; one scheduled after the run's end never came."""
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return []
+    records = task.result()
+    for record in records:
+        if "error" in record:
+            print(f"  restart {record['restart']} failed: {record['error']}", flush=True)
+    return [r for r in records if "error" not in r]
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -780,9 +825,14 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
     }
     table = markdown_table(rows)
     ratio_lines = [f"- chwbl {key}: {words}" for key, words in report["ratios"].items()]
+    phases = phase_table(rows, args.pods)
+    if phases:
+        report["restarts"] = {"schedule": list(args.restart),
+                              "phase_window_s": args.phase_window}
     (out_dir / "compare.md").write_text(
         f"# Strategy comparison\n\n`{report['command']}`\n\n{line}\n\n{table}\n\n"
-        f"{TABLE_NOTE}\n\n" + "\n".join(ratio_lines) + "\n")
+        f"{TABLE_NOTE}\n\n" + "\n".join(ratio_lines) + "\n"
+        + (f"\n## Around the restarts\n\n{phases}\n" if phases else ""))
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2))
     with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
         for o in outcomes:
@@ -791,6 +841,8 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
     print(line)
     print(table)
     print("\n".join(ratio_lines))
+    if phases:
+        print("\n" + phases)
     for r in rows:
         if r["invalid_runs"]:
             print(f"  INVALID {r['contender']}: " + "; ".join(r["invalid_reasons"]))
@@ -800,11 +852,21 @@ def write_report(args: argparse.Namespace, argv: Sequence[str], outcomes: Sequen
         from loadtest.plots import plot_comparison
 
         first = {o.name: o.result.samples for o in outcomes if o.repeat == 0}
-        paths = plot_comparison(first, rows, out_dir, line, window=run_options.window())
+        paths = plot_comparison(first, rows, out_dir, line, window=run_options.window(),
+                                down=down_spans(outcomes))
         print("plots: " + ", ".join(str(p) for p in paths))
     print(f"table: {out_dir / 'compare.md'}, {out_dir / 'compare.json'}; "
           f"samples: {out_dir / 'samples.jsonl'}")
     return report
+
+
+def down_spans(outcomes: Sequence[Outcome]) -> list[tuple[float, float]]:
+    """When restarted pods were down (seconds since the start), as the first run that
+    restarted any recorded it: the schedule is the same in every run."""
+    for o in outcomes:
+        if o.restarts:
+            return [(r["at_s"], r["at_s"] + r["serving_in_s"]) for r in o.restarts]
+    return []
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -874,6 +936,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a balancer contender of its own, e.g. "
                              "--variant chwbl-local=chwbl:load.source=local; name it in "
                              "--contenders")
+    parser.add_argument("--restart", action="append", default=[], metavar="POD@T:DOWN",
+                        help="restart simulated pod POD (an index) T seconds into every "
+                             "contender's run, down DOWN seconds (cut requests, cold cache), "
+                             "e.g. 1@30:5; repeatable. Adds figures for the phases around it")
+    parser.add_argument("--phase-window", type=float,
+                        default=DEFAULT_PHASE_WINDOW_S,
+                        help="seconds after a restarted pod's return that the 'after return' "
+                             "phase covers (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=2048,
                         help="requests in flight at most on the client side (reported when "
                              "it binds)")
@@ -923,7 +993,17 @@ def run_options_from(args: argparse.Namespace) -> RunOptions:
         replicas=args.replicas, seed=args.seed, settings=parse_settings(args.settings),
         variants=dict(parse_variant(v) for v in args.variant), zones=args.zones,
         zone_weights=parse_zone_weights(args.zone_weights, args.zones),
-        cross_zone_rtt_s=args.cross_zone_rtt)
+        cross_zone_rtt_s=args.cross_zone_rtt,
+        **restart_options_from(args))
+
+
+def restart_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """``--restart`` and ``--phase-window`` as :class:`RunOptions` fields."""
+    if args.phase_window <= 0:
+        raise SystemExit("--phase-window must be > 0")
+    return {"restarts": tuple(parse_restart(item, pods=args.pods, duration_s=args.duration)
+                              for item in args.restart),
+            "phase_window_s": args.phase_window}
 
 
 def contenders_from(spec: str, variants: Sequence[str] = ()) -> list[str]:

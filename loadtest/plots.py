@@ -307,6 +307,15 @@ def _shade_outside(ax: Any, window: Window | None, x_min: float, x_max: float) -
         ax.axvspan(window.end_s, x_max, **style)
 
 
+def _mark_down(ax: Any, down: Sequence[tuple[float, float]]) -> None:
+    """Hatching over each span in which a restarted pod was down (``compare --restart``): no
+    colour, since the contenders have them all."""
+    for start, back in down:
+        ax.axvspan(start, back, facecolor="none", edgecolor="0.45", hatch="//", linewidth=0,
+                   zorder=0)
+        ax.axvline(start, color="0.3", linestyle=":", linewidth=1, zorder=0)
+
+
 def _tick(value: float) -> str:
     return f"{value:g}"
 
@@ -360,6 +369,7 @@ def plot_comparison(
     window: Window | None = None,
     load_bucket_s: float | None = None,
     ttft_bucket_s: float = TTFT_BUCKET_S,
+    down: Sequence[tuple[float, float]] = (),
 ) -> list[Path]:
     """Write ``pod_load.png``, ``ttft_over_time.png``, ``ttft_cdf.png``, ``throughput.png``
     and ``hit_rate.png`` into ``out_dir``; returns their paths.
@@ -368,7 +378,8 @@ def plot_comparison(
     summary rows (``contender``, ``output_tokens_per_s``, ``hit_rate``, optionally
     ``<key>_min`` and ``<key>_max`` over repeats). ``window`` is the measured window: shaded
     outside on the time plots, and the only requests in the CDF. ``load_bucket_s`` defaults to
-    a round length giving at most 150 points per line.
+    a round length giving at most 150 points per line. ``down``: spans (start, end, seconds
+    since the start) in which a restarted pod was down, hatched on the time plots.
     """
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -376,9 +387,9 @@ def plot_comparison(
     colours = contender_colours(names)
     return [
         _plot_pod_load(plt, series, out_dir / "pod_load.png", subtitle, colours, window,
-                       load_bucket_s),
+                       load_bucket_s, down),
         _plot_ttft_over_time(plt, series, out_dir / "ttft_over_time.png", subtitle, colours,
-                             window, ttft_bucket_s),
+                             window, ttft_bucket_s, down),
         _plot_ttft_cdf(plt, series, out_dir / "ttft_cdf.png", subtitle, colours, window),
         _plot_bars(plt, rows, "output_tokens_per_s", out_dir / "throughput.png", subtitle,
                    colours),
@@ -404,6 +415,7 @@ def _busiest_over_mean(
 def _plot_pod_load(
     plt: Any, series: Mapping[str, Sequence[Sample]], path: Path, subtitle: str,
     colours: Mapping[str, str], window: Window | None, bucket_s: float | None,
+    down: Sequence[tuple[float, float]] = (),
 ) -> Path:
     ends = [end for samples in series.values() for s in samples if (end := s.end_s) is not None]
     x_max = max([*ends, window.end_s if window else 0.0, 1.0])
@@ -420,6 +432,7 @@ def _plot_pod_load(
     flat = [ax for row in axes for ax in row]
     for ax, (name, load) in zip(flat, loads.items(), strict=False):
         _shade_outside(ax, window, 0.0, x_max)
+        _mark_down(ax, down)
         starts = sorted({start for points in load.values() for start, _ in points})
         pods = sorted(load, key=_natural)
         for i, pod in enumerate(pods):
@@ -451,14 +464,16 @@ def _plot_pod_load(
     if handles:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=min(6, len(handles)), fontsize="small", frameon=False)
+    hatched = "; hatched: a pod down" if down else ""
     top = _header(fig, f"Load per pod over time (time-weighted requests in flight, "
-                       f"{bucket:g}-s buckets; grey: not measured)", subtitle)
+                       f"{bucket:g}-s buckets; grey: not measured{hatched})", subtitle)
     return _save(plt, fig, path, top)
 
 
 def _plot_ttft_over_time(
     plt: Any, series: Mapping[str, Sequence[Sample]], path: Path, subtitle: str,
     colours: Mapping[str, str], window: Window | None, bucket_s: float,
+    down: Sequence[tuple[float, float]] = (),
 ) -> Path:
     from matplotlib.lines import Line2D
 
@@ -481,6 +496,7 @@ def _plot_ttft_over_time(
     if window is not None:
         x_max = max(x_max, window.end_s)
     _shade_outside(ax, window, 0.0, x_max)
+    _mark_down(ax, down)
     ax.set_xlim(0, x_max)
     if drawn:
         ax.set_yscale("log")
@@ -495,7 +511,9 @@ def _plot_ttft_over_time(
     handles += [Line2D([], [], color="0.3", label="p50"),
                 Line2D([], [], color="0.3", linestyle="--", label="p90")]
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    top = _header(fig, "TTFT over time (p50 solid, p90 dashed; grey: not measured)", subtitle)
+    hatched = "; hatched: a pod down" if down else ""
+    top = _header(fig, f"TTFT over time (p50 solid, p90 dashed; grey: not measured{hatched})",
+                  subtitle)
     return _save(plt, fig, path, top)
 
 

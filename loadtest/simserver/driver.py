@@ -108,6 +108,13 @@ class EngineDriver:
                 aborted += 1
         return aborted
 
+    def abort_all(self) -> int:
+        """Abort every sequence the engine runs or queues (its process was killed): their
+        tokens go nowhere any more; returns how many were aborted."""
+        self._sinks.clear()
+        engine = self.engine
+        return sum(engine.abort(seq) for seq in [*engine.running, *engine.waiting])
+
     async def run(self) -> None:
         """Step the engine forever (until cancelled)."""
         try:

@@ -505,6 +505,13 @@ class Engine:
         self.totals.requests_aborted += 1
         return True
 
+    def clear_cache(self) -> None:
+        """Forget every cached block, as a restarted process has lost its GPU memory. Only an
+        engine without work may: running sequences hold blocks (abort them first)."""
+        if self.has_work:
+            raise EngineError("the engine still has sequences; abort them before a restart")
+        self.cache = PrefixCache(self.config.kv_cache_blocks)
+
     # -- scheduling ----------------------------------------------------------------------------
 
     def _cached_blocks_for(self, seq: Sequence) -> int:

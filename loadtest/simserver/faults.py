@@ -148,8 +148,14 @@ class FaultInjector:
             self._rng = random.Random(self.config.seed)
         return self.config
 
+    def restart(self, now: float, down: float) -> float:
+        """The pod restarts at `now` and starts again `down` seconds later: until then, and
+        for `slow_start` seconds after, it is starting. Returns the seconds until it serves."""
+        self.started_at = now + down
+        return down + self.config.slow_start
+
     def starting(self, now: float) -> bool:
-        """True while the slow-start window lasts."""
+        """True while the slow-start window lasts (and while down after a restart)."""
         return now - self.started_at < self.config.slow_start
 
     def decide(self, now: float) -> Fate:

@@ -58,6 +58,12 @@ class ResponseStore:
     def get(self, response_id: str) -> Stored | None:
         return self._items.get(response_id)
 
+    def clear(self) -> int:
+        """Forget every response (the process restarted); returns how many there were."""
+        count = len(self._items)
+        self._items.clear()
+        return count
+
     def put(self, response_id: str, stored: Stored) -> None:
         self._items[response_id] = stored
         while len(self._items) > self.limit:
@@ -193,6 +199,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     pod = request.app[POD_KEY]
     store = request.app[RESPONSES_KEY]
     pod.counters.requests_received += 1
+    if pod.faults.starting(pod.clock()):  # starting, or down after a restart
+        pod.counters.slow_start_rejections += 1
+        return _error(503, "the model server is starting", None)
     try:
         body = await _read_json(request)
         model = _model(pod, body)

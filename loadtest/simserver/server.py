@@ -10,7 +10,8 @@ Endpoints:
 * ``POST /tokenize``: vLLM's tokenizer endpoint, with pseudo-token ids;
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (vLLM's names, SGLang's, or none);
 * ``GET /stats``, ``POST /stats/reset``: counters for benchmarks;
-* ``GET /sim/faults``, ``POST /sim/faults``: read or change fault injection live.
+* ``GET /sim/faults``, ``POST /sim/faults``: read or change fault injection live;
+* ``POST /sim/restart``: kill and restart the pod (see :mod:`.restart`).
 
 Replies follow the request's sampling fields, as a model's would: without ``temperature`` (or
 with 0) a prompt always gets the same reply (greedy decoding); with a ``seed`` the reply is
@@ -52,7 +53,9 @@ from .engine import Sequence as EngineSequence
 from .faults import RETRY_AFTER_STATUSES, Fate, FaultConfigError, FaultInjector
 from .metrics import SimMetrics
 from .orca import FORMAT_HEADER, REPORT_HEADER, load_report, named_metrics
+from .responses import RESPONSES_KEY
 from .responses import add_routes as add_responses
+from .restart import InFlight, RestartError, parse_down
 from .text import (
     PromptError,
     render_chat,
@@ -68,6 +71,9 @@ POD_HEADER = "x-sim-pod"
 
 CRASH_EXIT_STATUS = 137
 """Exit status of a simulated crash: what a runtime reports for a process killed by SIGKILL."""
+
+KILLED_PREFIXES = ("/v1/",)
+"""POST requests under these paths are a model's work, which a restart kills."""
 
 SAMPLE_LIMIT = 200_000
 """Latency samples kept for ``/stats`` percentiles (the oldest are dropped beyond this)."""
@@ -133,6 +139,13 @@ class ServerCounters:
     cross_zone_requests: int = 0
     """Of those, requests from another zone than the pod's (each paid ``cross_zone_rtt``)."""
     slow_start_rejections: int = 0
+    """Completion requests refused with 503 while starting (slow start, or down after a
+    restart)."""
+    restarts: int = 0
+    """Restarts (``POST /sim/restart``)."""
+    requests_killed: int = 0
+    """Model requests in flight whose connection a restart closed (completions' handlers, being
+    cancelled, count in `requests_disconnected` too)."""
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
     e2e_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLE_LIMIT))
 
@@ -179,6 +192,8 @@ class SimPod:
         self.stats_since = clock()
         self.sampler = random.Random(f"replies:{config.faults.seed}")
         """Draws the reply seeds of sampled requests (``temperature`` > 0, no ``seed``)."""
+        self.in_flight = InFlight(KILLED_PREFIXES)
+        """The model requests in flight (the app's middleware), for a restart to kill."""
 
     def start(self) -> None:
         """Mark the pod as started now (slow start counts from here)."""
@@ -222,6 +237,31 @@ class SimPod:
         self.driver.host_cpu_s = config.host_cpu_ms / 1000.0
         return config.to_json()
 
+    def restart(self, down: float) -> dict[str, Any]:
+        """Kill the pod's work and empty its cache now, and refuse service for `down` seconds
+        (plus the configured slow start): a restarted process (see :mod:`.restart`)."""
+        now = self.clock()
+        killed = self.in_flight.kill()
+        aborted = self.driver.abort_all()
+        self.engine.clear_cache()
+        serving_in = self.faults.restart(now, down)
+        self.started_at = now
+        self.counters.restarts += 1
+        self.counters.requests_killed += killed
+        log.warning(
+            "%s: restarted (simulated): %d requests killed, %d sequences aborted, cache emptied,"
+            " serving again in %.3g s",
+            self.name, killed, aborted, serving_in,
+        )
+        return {
+            "pod": self.name,
+            "requests_killed": killed,
+            "sequences_aborted": aborted,
+            "down_s": down,
+            "serving_in_s": serving_in,
+            "restarts": self.counters.restarts,
+        }
+
     def stats(self) -> dict[str, Any]:
         """The ``/stats`` document."""
         engine, counters, cache = self.engine, self.counters, self.engine.cache
@@ -250,6 +290,8 @@ class SimPod:
             "zone": self.config.zone,
             "client_zone_requests": counters.client_zone_requests,
             "cross_zone_requests": counters.cross_zone_requests,
+            "restarts": counters.restarts,
+            "requests_killed": counters.requests_killed,
             "prompt_tokens": window.prompt_tokens,
             "cached_tokens": window.prefix_cache_hits,
             "prefill_tokens": window.prefill_tokens,
@@ -732,6 +774,21 @@ async def set_faults(request: web.Request) -> web.Response:
         raise ApiError(400, str(e)) from e
 
 
+async def restart_pod(request: web.Request) -> web.Response:
+    """``POST /sim/restart``: kill and restart the pod; ``down`` (seconds, default 5) from a
+    JSON body or the query string. Answers what it did."""
+    pod = request.app[POD_KEY]
+    body = await _read_json(request) if await request.read() else {}
+    try:
+        down = parse_down(body, request.query)
+    except RestartError as e:
+        raise ApiError(400, str(e), param="down") from e
+    done = pod.restart(down)
+    if RESPONSES_KEY in request.app:  # stored responses lived in the process too
+        done["responses_lost"] = request.app[RESPONSES_KEY].clear()
+    return web.json_response(done)
+
+
 # -- application ------------------------------------------------------------------------------
 
 
@@ -751,8 +808,11 @@ def build_app(config: SimConfig) -> web.Application:
     Run it with ``handler_cancellation=True`` (as :func:`run_pods` does) so that a client that
     goes away aborts its sequences at once, even while they wait or prefill.
     """
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_api_errors])
-    app[POD_KEY] = SimPod(config)
+    pod = SimPod(config)
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[_api_errors, pod.in_flight]
+    )
+    app[POD_KEY] = pod
     app.cleanup_ctx.append(_run_engine)
     app.on_response_prepare.append(_pod_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -767,6 +827,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/stats/reset", reset_stats)
     app.router.add_get("/sim/faults", get_faults)
     app.router.add_post("/sim/faults", set_faults)
+    app.router.add_post("/sim/restart", restart_pod)
     return app
 
 

@@ -14,7 +14,8 @@ LAYERS: dict[str, int] = {
     "retry": 0, "ring": 0, "metrics": 0, "load": 0, "trace": 0,
     "memory": 0, "routes": 0,
     # pure logic over the core, and the aiohttp server adapter
-    "health": 1, "affinity": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1, "paths": 1,
+    "health": 1, "affinity": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1,
+    "paths": 1,
     "outbound": 1,
     "state": 2, "tune": 2, "summary": 2,
     "router": 3,
