@@ -374,8 +374,11 @@ class RoutingSettings:
     the zone (the rest of the ring, as without a preference). Cuts cross-zone traffic (cloud
     providers charge for it, about $0.01/GB each way) and a network round trip per request,
     at the price of one cached copy of a hot prefix per zone instead of one per pool. Off by
-    default: it changes where keys live, and a zone with few endpoints concentrates load
-    (within the bound) on them. Pass-through requests and the other strategies ignore it."""
+    default, by measurement (README, "Zones in the simulator"): with clients spread over the
+    zones like the pods and headroom it cut the cross-zone share from 0.50 to 0.00 for 12%
+    more TTFT p99; with clients skewed 80/20, or at the knee, the local pods take up to the
+    bound before anything leaves the zone, and TTFT doubled. Pass-through requests and the
+    other strategies ignore it."""
     # -- Responses API affinity (balancer.affinity) --
     response_affinity_entries: int = 100_000
     """Response ids remembered with the endpoint that stored them, so that a request naming
@@ -550,8 +553,10 @@ class HealthSettings:
     full share of the CHWBL bound, linearly (HAProxy's ``slowstart``). Its keys' requests
     that do not fit go on along the ring, which for a new pod is the pod that served those
     keys before it joined, so they keep their cache while the new one fills. 0: off (the
-    default, by measurement: README, "Slow start"). Endpoints present when balancer starts
-    and a pool's first endpoints after having none never ramp."""
+    default, by measurement: README, "Slow start": after a pod restart, 30 s of ramp raised
+    TTFT p50 by 38% and cut the hit rate by 6 points, as conversations moved back a few at a
+    time instead of at once). Endpoints present when balancer starts and a pool's first
+    endpoints after having none never ramp."""
     max_ejection_percent: float = 10.0
     """Passive: percent of a pool's serving endpoints that passive ejection may hold out at
     once (Envoy's ``max_ejection_percent``, same default), rounded down but never below one

@@ -408,6 +408,7 @@ class Proxy:
                 # request sent to the pool holding its stored response).
                 self.metrics.fallback(route.model, decision.chain[0].pool, decision.pool.name,
                                       decision.reason)
+                record.fallback_reason = decision.reason
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -532,6 +533,7 @@ class Proxy:
             self.metrics.retry(decision.pool.name, reason, "budget")
             return None
         record.fallbacks += 1
+        record.fallback_reason = reason
         route = decision.route
         assert route is not None
         self.metrics.fallback(route.model, decision.pool.name, following.pool.name, reason)

@@ -27,10 +27,10 @@ class RequestRecord:
     """What happened to one forwarded request."""
 
     __slots__ = (
-        "attempts", "chunks", "fallbacks", "first_byte", "key_hash", "learns", "method",
-        "model", "outcome", "path", "pool", "rename", "request_id", "response_ref",
-        "served_model", "size", "started", "state", "status",
-        "total_at", "usage",
+        "attempts", "chunks", "fallback_reason", "fallbacks", "first_byte", "key_hash",
+        "learns", "method", "model", "outcome", "path", "pool", "rename", "request_id",
+        "response_ref", "served_model", "size", "started", "state", "status", "total_at",
+        "usage",
     )
 
     def __init__(self, request_id: str, method: str, path: str, model: str,
@@ -54,6 +54,9 @@ class RequestRecord:
         self.attempts = 0
         self.fallbacks = 0
         """Pools after its first that a routed request went on to."""
+        self.fallback_reason = ""
+        """Why a routed request is not on its chain's first pool (no_endpoints, panic,
+        overloaded, rate_limited, failed; the latest move); "" when it is."""
         self.pool = ""
         self.state: EndpointState | None = None
         """The endpoint of the latest attempt."""
@@ -96,6 +99,7 @@ class RequestRecord:
             "cached_tokens": None if usage is None else usage[1],
             "stream_chunks": self.chunks,
             "stream_bytes": self.size,
+            **({"fallback_reason": self.fallback_reason} if self.fallback_reason else {}),
         }
 
 
@@ -118,7 +122,9 @@ class RequestRecord:
             f'"status": {self.status:d}, "attempts": {self.attempts:d}, '
             f'"ttfb_ms": {first_byte}, "duration_ms": {round(duration * 1000, 3)!r}, '
             f'"prompt_tokens": {prompt}, "cached_tokens": {cached}, '
-            f'"stream_chunks": {self.chunks:d}, "stream_bytes": {self.size:d}}}'
+            f'"stream_chunks": {self.chunks:d}, "stream_bytes": {self.size:d}'
+            + (f', "fallback_reason": {enc(self.fallback_reason)}}}' if self.fallback_reason
+               else "}")
         )
 
 

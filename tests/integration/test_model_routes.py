@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -103,15 +104,20 @@ async def test_streams_are_renamed_back_unless_the_route_exposes_the_backend(
 
 
 async def test_a_failing_pool_falls_back_before_the_first_byte(start_balancer: Start,
-                                                               upstreams: Ups):
+                                                               upstreams: Ups, caplog):
     big, small = await upstreams(2), await upstreams(1)
     for up in big:
         up.status = 503
     run = await start_balancer(settings(
         {"big": ("llama-70b", big), "small": ("llama-8b", small)},
         RouteSettings("chat", (BackendSettings("big"),), (BackendSettings("small"),))))
-    status, headers, body = await post(run, chat("please answer"))
+    with caplog.at_level(logging.INFO, logger="balancer.access"):
+        status, headers, body = await post(run, chat("please answer"))
     assert status == 200, body
+    (line,) = [r.access for r in caplog.records  # type: ignore[attr-defined]
+               if r.name == "balancer.access" and r.access["status"] == 200]
+    assert (line["pool"], line["route"], line["fallback_reason"]) == (
+        "small", "fallback:small", "failed")
     assert headers["x-balancer-route"] == "fallback:small"
     assert json.loads(body)["model"] == "chat"
     assert served_models(small) == Counter({"llama-8b": 1})
