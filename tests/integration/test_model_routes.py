@@ -179,8 +179,9 @@ async def test_the_per_request_cap_and_a_full_pool(start_balancer: Start, upstre
                    limits=LimitsSettings(max_in_flight_per_endpoint=1, queue_size=0))
     run = await start_balancer(full)
     holding = asyncio.create_task(post(run, chat("hold the only slot", stream=True)))
-    while not big[0].active:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        while not big[0].active:
+            await asyncio.sleep(0.01)
     status, headers, _ = await post(run, chat("hold the only slot", stream=True))
     assert status == 200 and headers["x-balancer-route"] == "fallback:small"
     gate.set()
