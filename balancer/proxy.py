@@ -76,7 +76,7 @@ from balancer.route import (
     redecide,
     summarized_view,
 )
-from balancer.router import Router
+from balancer.router import Pool, Router
 from balancer.routes import ModelRename, rename_model
 from balancer.summary import KeyRule, passthrough_model, read_keyed
 
@@ -429,13 +429,14 @@ class Proxy:
         tried: frozenset[str] = frozenset()
         in_pool = 0
         sent = body
-        bodies: dict[str, bytes] = {}
+        entered: Pool | None = None  # the pool `sent` was made for (routed requests)
         probes = 0
         while True:
             record.attempts += 1
             in_pool += 1
-            if decision.route is not None:
-                sent = await self._enter_hop(decision, body, record, bodies)
+            if decision.route is not None and decision.pool is not entered:
+                sent = await self._enter_hop(decision, body, record)
+                entered = decision.pool
             # acquire/release, which ``async with admission.lease(...)`` wraps, without the
             # two coroutines of an async context manager on every attempt.
             try:
@@ -481,11 +482,11 @@ class Proxy:
                 tried, in_pool = frozenset(), 0
             decision = following
 
-    async def _enter_hop(self, decision: Decision, body: bytes, record: RequestRecord,
-                         bodies: dict[str, bytes]) -> bytes:
+    async def _enter_hop(self, decision: Decision, body: bytes,
+                         record: RequestRecord) -> bytes:
         """A routed request's body for the decision's pool, with ``model`` set to the name
-        that pool serves it under (made once per name), and the record told how to rename
-        the model back in the answer."""
+        that pool serves it under, and the record told how to rename the model back in the
+        answer."""
         requested = decision.requested or record.model
         served = decision.model or requested
         record.served_model = served
@@ -495,17 +496,12 @@ class Proxy:
             return body
         assert route is not None
         record.rename = None if route.expose_backend_model else ModelRename(served, requested)
-        renamed = bodies.get(served)
-        if renamed is None:
-            try:
-                if self.parsers.on_loop(len(body)):
-                    renamed = rename_model(body, served)
-                else:
-                    renamed = await self.parsers.run(rename_model, body, served)
-            except (ValueError, TypeError):  # not a JSON object: sent as it is
-                renamed = body
-            bodies[served] = renamed
-        return renamed
+        try:
+            if self.parsers.on_loop(len(body)):
+                return rename_model(body, served)
+            return await self.parsers.run(rename_model, body, served)
+        except (ValueError, TypeError):  # not a JSON object: sent as it is
+            return body
 
     def _attempt_limit(self, decision: Decision, record: RequestRecord) -> int:
         """Tries in the decision's pool: ``retries.max_attempts``, or for a request naming

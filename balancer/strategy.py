@@ -115,12 +115,11 @@ def chwbl_bound(total_load: float, endpoints: int, load_factor: float, min_bound
     return max(min_bound, math.ceil(load_factor * (total_load + 1) / endpoints))
 
 
-def _limit(endpoint: str, bound: int, ramp: Mapping[str, float] | None) -> int:
-    """The load ``endpoint`` may hold with this request: the bound, or for an endpoint in
-    slow start its share of it, at least one request."""
-    if ramp and endpoint in ramp:
-        return max(1, math.floor(ramp[endpoint] * bound))
-    return bound
+def _ramped(share: float, bound: int) -> int:
+    """The load an endpoint in slow start may hold: its share of the bound, at least one
+    request. (Called only for such endpoints: the common probe compares with the bound
+    itself, no call.)"""
+    return max(1, math.floor(share * bound))
 
 
 def _outcome(probes: list[Probe], session: bool) -> Outcome:
@@ -173,7 +172,8 @@ class BoundedLoad:
                 continue  # probed above, over the bound
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
-            if current + 1 <= _limit(endpoint, bound, ramp):
+            limit = bound if not ramp or endpoint not in ramp else _ramped(ramp[endpoint], bound)
+            if current + 1 <= limit:
                 return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
                               self.signal, False if prefer else None)
         if not probes:
@@ -197,7 +197,9 @@ class BoundedLoad:
             if not (exclude and endpoint in exclude):
                 current = load.get(endpoint, 0)
                 probes.append(Probe(endpoint, current))
-                if current + 1 <= _limit(endpoint, bound, ramp):
+                limit = (bound if not ramp or endpoint not in ramp
+                         else _ramped(ramp[endpoint], bound))
+                if current + 1 <= limit:
                     return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
                                   self.signal, True)
             if not left:
