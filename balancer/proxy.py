@@ -402,9 +402,7 @@ class Proxy:
         total = self.forwarder.outbound[decision.pool.name].total_timeout  # 0: none
         record = RequestRecord(request_id, request.method, request.path, model,
                                decision.key_hash if decision.keyed else None, started,
-                               started + total if total > 0 else math.inf)
-        record.response_ref = response_ref
-        record.learns = learns
+                               started + total if total > 0 else math.inf, response_ref, learns)
         self.budget.request(started)
         route = decision.route
         if route is not None:
