@@ -140,11 +140,35 @@ def filter_response_headers(headers: list[tuple[bytes, bytes]], *,
     """The model server's response headers minus hop-by-hop ones, for the client, and its
     load report (``endpoint-load-metrics``), which the client gets only with ``keep_load``."""
     drop = _NOT_FORWARDED_RESPONSE
+    out: CIMultiDict[str] = CIMultiDict()
+    out.add(hdrs.SERVER, SERVER_NAME)  # the model server's own is dropped with the hop's
+    report = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == _LOAD_HEADER:
+            report = value
+            if not keep_load:
+                continue
+        if lower not in drop:
+            out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+        elif lower == b"connection" and not {t.strip().lower()
+                                              for t in value.split(b",")} <= drop:
+            # It names more headers to drop, some perhaps already added: once more with
+            # them (rare: a model server's Connection names hop-by-hop ones, if any).
+            return _filter_named(headers, keep_load)
+    return out, report
+
+
+def _filter_named(headers: list[tuple[bytes, bytes]],
+                  keep_load: bool) -> tuple[CIMultiDict[str], bytes | None]:
+    """:func:`filter_response_headers` for an answer whose ``Connection`` header names
+    headers: those are dropped too."""
+    drop = _NOT_FORWARDED_RESPONSE
     for name, value in headers:
         if name.lower() == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",")}
     out: CIMultiDict[str] = CIMultiDict()
-    out.add(hdrs.SERVER, SERVER_NAME)  # the model server's own is dropped with the hop's
+    out.add(hdrs.SERVER, SERVER_NAME)
     report = None
     for name, value in headers:
         lower = name.lower()
@@ -210,9 +234,11 @@ def body_usage(payload: bytes) -> tuple[int, int] | None:
     if b'"usage"' not in payload:
         return None
     try:
-        return usage_of(json.loads(payload))
+        data = json.loads(payload)
     except (ValueError, RecursionError):
         return None
+    # usage_of(data), without the call
+    return _usage_counts(data.get("usage")) if isinstance(data, dict) else None
 
 
 def tail_usage(payload: bytes, window: int = _USAGE_WINDOW) -> tuple[int, int] | None:

@@ -318,7 +318,8 @@ class _JsonErrorHandler(web.RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        # The base class named, not super(): no super object per read of every request.
+        web.RequestHandler.data_received(self, data)
         # Between requests ``start`` awaits ``_waiter`` until the parser has a whole head.
         # Still waiting after bytes arrived: a head has begun and is not complete; time it
         # from its first bytes. Not waiting (a head completed, or a request is running and

@@ -427,6 +427,9 @@ class Metrics:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._route_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        """:meth:`route`'s three children by (pool, outcome): one lookup per request
+        rather than three."""
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -460,11 +463,17 @@ class Metrics:
               signal: str = "in-flight") -> None:
         """A routing decision; ``walk`` endpoints examined on the ring (0: not a ring walk),
         ``bound`` the CHWBL bound it was taken under (None: no bound) on load ``signal``."""
-        self._child(self.route_decisions, pool, outcome).inc()
+        children = self._route_children.get((pool, outcome))
+        if children is None:
+            children = self._route_children[pool, outcome] = (
+                self._child(self.route_decisions, pool, outcome),
+                self._child(self.ring_walk, pool), self._child(self.bound, pool))
+        decisions, walks, bounds = children
+        decisions.inc()
         if walk:
-            self._child(self.ring_walk, pool).observe(walk)
+            walks.observe(walk)
         if bound is not None:
-            self._child(self.bound, pool).set(bound)
+            bounds.set(bound)
             if signal == "queue":
                 self._child(self.route_queue_decisions, pool, outcome).inc()
 

@@ -253,13 +253,21 @@ def validate(kind: Kind, body: Mapping[str, Any]) -> None:
     if kind is Kind.CHAT:
         messages = _messages(body)
         checked = range(min(len(messages), CHECKED_ITEMS))
+        # The checks of _message and _check_content inline for what JSON gives (a dict with
+        # a str role, str or null content): a call each per message cost more than the test.
         for i in checked:
-            _message(messages, i)
+            message = messages[i]
+            if type(message) is not dict or type(message.get("role")) is not str:
+                _message(messages, i)  # raises, or passes another Mapping or a str subclass
         budget = CHECKED_ITEMS
         for i in checked:
             if budget <= 0:
                 break
-            budget = _check_content(messages[i].get("content"), i, budget - 1)
+            content = messages[i].get("content")
+            if content is None or type(content) is str:
+                budget -= 1
+            else:
+                budget = _check_content(content, i, budget - 1)
     elif kind is Kind.COMPLETIONS:
         _check_prompt(body.get("prompt"), "prompt")
     elif kind is Kind.RESPONSES:
@@ -287,7 +295,8 @@ def key_text(kind: Kind, body: Mapping[str, Any], mode: KeyMode, prefix_chars: i
         found = _first_user(messages, prefix_chars)
         if found is not None:
             i, text = found
-            if _keys_alone(len(text), prefix_chars, min_key_chars):
+            # A first turn has no message after the first user message to extend through.
+            if i + 1 == len(messages) or _keys_alone(len(text), prefix_chars, min_key_chars):
                 return text[:prefix_chars]
             return _extended(messages, i, text, prefix_chars)[:prefix_chars]
         # No user message (a system-only prompt): fall back to the rendered prompt.
@@ -314,9 +323,14 @@ def _first_user(messages: list[Any], limit: int) -> tuple[int, str] | None:
     """Index and text (at least its first ``limit`` characters) of the first user message, if
     any."""
     for i in range(len(messages)):
-        message = _message(messages, i)
+        message = messages[i]
+        if type(message) is not dict or type(message.get("role")) is not str:
+            message = _message(messages, i)  # the checks, and the error, outside JSON's types
         if message["role"] == "user":
-            return i, _content_text(message.get("content"), f"messages[{i}].content", limit)
+            content = message.get("content")
+            if type(content) is str:
+                return i, content[:limit]  # what _content_text gives a string, without a call
+            return i, _content_text(content, f"messages[{i}].content", limit)
     return None
 
 

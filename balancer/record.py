@@ -34,7 +34,8 @@ class RequestRecord:
     )
 
     def __init__(self, request_id: str, method: str, path: str, model: str,
-                 key_hash: int | None, started: float, total_at: float) -> None:
+                 key_hash: int | None, started: float, total_at: float,
+                 response_ref: str | None = None, learns: bool = False) -> None:
         self.request_id = request_id
         self.method = method
         self.path = path
@@ -71,10 +72,10 @@ class RequestRecord:
         """(prompt tokens, cached prompt tokens) the endpoint reported."""
         self.chunks = 0
         self.size = 0
-        self.response_ref: str | None = None
+        self.response_ref = response_ref
         """The stored response the request names (Responses API): a 404 for it is retried on
         another endpoint, and the endpoint that answers it is remembered."""
-        self.learns = False
+        self.learns = learns
         """A ``POST /v1/responses`` whose answer is stored: its response id is remembered
         with the endpoint (``balancer.affinity``)."""
 

@@ -33,10 +33,11 @@ from balancer.config import KeyMode, RoutingSettings
 from balancer.errors import BadRequestError, BalancerError, InvalidJSONError
 from balancer.prefix import (
     CHECKED_ITEMS,
+    SEPARATOR,
     Kind,
     _is_object,
+    key_text,
     model_of,
-    routing_key,
     session_key,
     validate,
 )
@@ -120,25 +121,28 @@ def summarize(kind: Kind, body: Mapping[str, Any], session: str | None, rule: Ke
 
     ``session``: the session header's value. ``first_turn``: whether to tell a chat's first
     turn (a walk over all its messages, done only for pools that route first turns apart)."""
+    model = model_of(body)
     explicit = session_key(session, body)
     error: BadRequestError | None = None
     if explicit is not None:
         key = explicit
     else:
         try:
-            key = routing_key(kind, body, rule.mode, rule.prefix_chars, rule.min_key_chars)
+            # routing_key's key (model plus prefix text) without reading the model again
+            text = key_text(kind, body, rule.mode, rule.prefix_chars, rule.min_key_chars)
+            key = f"{model}{SEPARATOR}{text}"
         except BadRequestError as exc:
             key, error = "", exc
     if kind is Kind.RESPONSES:
         ref = body.get("previous_response_id")
         return Summary(
-            model_of(body), body.get("stream") is True, key, explicit is not None,
+            model, body.get("stream") is True, key, explicit is not None,
             first_turn and is_first_response_turn(body),
             None if error is None else error.message, None if error is None else error.param,
             ref if isinstance(ref, str) and ref else None, body.get("store") is not False,
         )
     return Summary(
-        model_of(body), body.get("stream") is True, key, explicit is not None,
+        model, body.get("stream") is True, key, explicit is not None,
         first_turn and kind is Kind.CHAT and is_first_turn(body),
         None if error is None else error.message, None if error is None else error.param,
     )
@@ -181,7 +185,8 @@ def is_first_turn(body: Mapping[str, Any]) -> bool:
     else:
         whole = True
     for message in messages:
-        if _is_object(message) and message.get("role") == "assistant":
+        # type() first: _is_object's own test, without a call for each message
+        if (type(message) is dict or _is_object(message)) and message.get("role") == "assistant":
             return False
     return whole
 

@@ -408,7 +408,8 @@ class _Connection(asyncio.Protocol):
 
     def release(self, reusable: bool) -> None:
         self._response = None
-        if reusable and not self.closed and not self._unsent_bytes:
+        # not self._unsent_bytes, without the property's call
+        if reusable and not self.closed and not self._write_pending and self._rest is None:
             self._pool._put_idle(self)
         else:
             self.close()
@@ -757,7 +758,7 @@ def serialize_head(method: str, target: str, host: str,
     """The request line and headers. aiohttp decodes header bytes as UTF-8 with
     surrogateescape, so encoding the same way gives the client's bytes back."""
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    lines += [f"{name}: {value}\r\n" for name, value in headers]  # no generator to resume
     if body_length or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {body_length}\r\n")
     lines.append("\r\n")
