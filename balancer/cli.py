@@ -214,6 +214,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     if zone is not None:
         where = "local" if zone["local"] else "remote"
         print(f"zone:      {zone['zone']} ({where}): {zone['reason']}")
+        if "work_bound" in zone:
+            work = ", ".join(f"{i} {w:g}" for i, w in zone["work"].items())
+            print(f"           zone endpoints' work (bound {zone['work_bound']}): {work}")
     return 0
 
 

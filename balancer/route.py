@@ -371,25 +371,34 @@ def explain(decision: Decision, walk_limit: int = 8,
 
 def explain_zone(pool: Pool, choice: Choice, subset: Subset | None) -> dict[str, Any]:
     """The zone preference a keyed decision was taken under: the balancer's zone, the
-    endpoints it preferred and whether the request stayed in the zone."""
+    endpoints it preferred, their work against the zone's own bound (``routing.zone_factor``)
+    and whether the request stayed in the zone."""
     prefer = pool.prefer if subset is None else subset.prefer
+    local = pool.local_bound(pool.routable if subset is None else subset.members,
+                             pool.queues()) if prefer else None
+    zone_bound = "" if local is None else " and the zone's work bound"
     if choice.preferred is True:
-        why = "stayed in the zone: the first zone endpoint on the walk within the bound"
+        why = f"stayed in the zone: a zone endpoint within the load bound{zone_bound}"
     elif choice.preferred is False:
-        why = "left the zone: every zone endpoint was at the load bound (or excluded)"
+        why = (f"left the zone: every zone endpoint was over the load bound{zone_bound} "
+               "(or excluded), so the key took the walk over the whole ring")
     elif not pool.routing.prefer_zone:
         why = "no preference (routing.prefer_zone is off)"
     elif not pool.local:
         why = "no preference: no routable endpoint is in the zone"
     else:
         why = "no preference: every endpoint that can serve the request is in the zone"
-    return {
+    out: dict[str, Any] = {
         "zone": pool.routing.zone,
         "prefer_zone": pool.routing.prefer_zone,
         "preferred": sorted(prefer),
         "local": choice.endpoint in pool.local,
         "reason": why,
     }
+    if local is not None:
+        out["work_bound"] = local.bound
+        out["work"] = {i: local.load.get(i, 0) for i in sorted(prefer)}
+    return out
 
 
 def endpoint_load(pool: Pool, endpoint_id: str, now: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -40,7 +40,16 @@ from balancer.metrics import EndpointMetrics, Metrics, PoolState
 from balancer.ring import HashRing, RingCache
 from balancer.routes import Hop, Route
 from balancer.state import EndpointState
-from balancer.strategy import BoundedLoad, Choice, Chooser, LeastRequest, Random, RoundRobin
+from balancer.strategy import (
+    BoundedLoad,
+    Choice,
+    Chooser,
+    LeastRequest,
+    LocalBound,
+    Random,
+    RoundRobin,
+    chwbl_bound,
+)
 
 
 def make_strategy(routing: RoutingSettings, ring: HashRing, rng: random.Random) -> Chooser:
@@ -391,7 +400,9 @@ class Pool:
         if exclude or ramp or prefer:
             choice = strategy.choose(key_hash, self.routable, load, total,
                                      session=session, exclude=exclude or (), ramp=ramp,
-                                     prefer=prefer or ())
+                                     prefer=prefer or (),
+                                     local=self.local_bound(self.routable, queues)
+                                     if prefer else None)
         else:
             choice = strategy.choose(key_hash, self.routable, load, total, session=session)
         if choice is None:
@@ -425,13 +436,35 @@ class Pool:
         load: Mapping[str, float] = self.load if queues is None else queues
         total = sum(load.get(i, 0) for i in members)
         ramp = self.ramp(time.monotonic()) if self.ramping else None
+        prefer = subset.prefer if keyed else frozenset()
         choice = strategy.choose(key_hash, members, load, total, session=session,
-                                 exclude=exclude or (), ramp=ramp,
-                                 prefer=subset.prefer if keyed else ())
+                                 exclude=exclude or (), ramp=ramp, prefer=prefer,
+                                 local=self.local_bound(members, queues) if prefer else None)
         if choice is None:
             raise NoEndpointsError(
                 f"no endpoint available in pool {self.name!r} serves model {model!r}")
         return choice
+
+    def local_bound(self, members: Sequence[str],
+                     queues: Mapping[str, float] | None) -> LocalBound | None:
+        """The work bound a local endpoint must be within to keep a key in the zone
+        (``routing.zone_factor``; None when 0): on queues, each endpoint's reported running
+        requests plus its queue estimate, floored at ``load.min_queue``; else this replica's
+        in-flight requests, floored at ``routing.min_bound``. Built only for keyed requests
+        of a balancer that prefers its zone."""
+        factor = self.routing.zone_factor
+        if not factor:
+            return None
+        work: Mapping[str, float]
+        if queues is None:
+            work, floor = self.load, self.routing.min_bound
+        else:
+            states = self.states
+            work = {i: queued + (states[i].queue.report_.running or 0.0)
+                    for i, queued in queues.items()}
+            floor = self.load_settings.min_queue
+        total = sum(work.get(i, 0) for i in members)
+        return LocalBound(work, chwbl_bound(total, len(members), factor, floor))
 
     def model_for(self, hop: Hop, requested: str) -> str:
         """The model name to ask this pool for on a route's ``hop``: the hop's own, else the

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from balancer.config import LoadSettings, LoadSource, PoolSettings, RoutingSettings
 from balancer.endpoints import Endpoint
+from balancer.load import LoadReport
 from balancer.metrics import Metrics
 from balancer.ring import hash_key
 from balancer.route import explain_zone
@@ -163,5 +164,49 @@ def test_the_explanation_says_whether_the_request_stayed_in_the_zone() -> None:
     assert shown["zone"] == "zone-a" and shown["local"] is True
     assert shown["preferred"] == ["vllm-0", "vllm-2"]
     assert shown["reason"].startswith("stayed in the zone")
+    assert shown["work_bound"] == 2 and shown["work"] == {"vllm-0": 0, "vllm-2": 0}
     off = zoned_pool(4, prefer=False)
     assert "prefer_zone is off" in explain_zone(off, off.choose(KEYS[0]), None)["reason"]
+
+
+def _report_running(pool: Pool, running: dict[str, float]) -> None:
+    for endpoint_id in pool.routable:
+        pool.assume_report(endpoint_id, LoadReport(waiting=0.0,
+                                                   running=running.get(endpoint_id, 0.0)))
+
+
+def test_a_zone_running_more_than_its_share_sends_some_keys_to_the_other_zone() -> None:
+    """On queues all empty, the local pods running 20 requests each against the others' 2:
+    the pool-wide queue bound keeps every key local, the zone's bound on work (running plus
+    queued, factor 1.25: ceil(1.25 * 45 / 4) = 15) sends the keys whose own endpoint is
+    remote back there, as with no preference; keys whose own endpoint is local stay."""
+    load = LoadSettings(source=LoadSource.REPORTS)
+    busy = {"vllm-0": 20.0, "vllm-2": 20.0, "vllm-1": 2.0, "vllm-3": 2.0}
+    zoned = zoned_pool(4, load=load)
+    off = zoned_pool(4, load=load, zone_factor=0)
+    plain = zoned_pool(4, load=load, prefer=False)
+    for pool in (zoned, off, plain):
+        _report_running(pool, busy)
+    assert {off.choose(k).endpoint for k in KEYS} <= off.local
+    chosen = [zoned.choose(k).endpoint for k in KEYS]
+    assert chosen == [plain.choose(k).endpoint for k in KEYS]
+    assert set(chosen) - zoned.local and set(chosen) & zoned.local
+
+
+def test_a_zone_within_its_share_keeps_its_keys() -> None:
+    """The same with the work even (10 running everywhere): every key stays in the zone."""
+    pool = zoned_pool(4, load=LoadSettings(source=LoadSource.REPORTS))
+    _report_running(pool, dict.fromkeys(("vllm-0", "vllm-1", "vllm-2", "vllm-3"), 10.0))
+    assert {pool.choose(k).endpoint for k in KEYS} <= pool.local
+
+
+def test_on_in_flight_counts_the_zones_bound_counts_this_replicas_requests() -> None:
+    """Without reports the work is this replica's in-flight requests: with the zone's pods
+    holding 6 each and the others none, the bound ceil(1.25 * 13 / 4) = 5 sends keys out."""
+    pool = zoned_pool(4, load_factor=4.0, min_bound=1)
+    for endpoint_id in ("vllm-0", "vllm-2"):
+        others = frozenset({"vllm-0", "vllm-1", "vllm-2", "vllm-3"} - {endpoint_id})
+        for _ in range(6):
+            pool.acquire(pool.choose(0, keyed=False, exclude=others))
+    chosen = {pool.choose(k).endpoint for k in KEYS}
+    assert chosen - pool.local
