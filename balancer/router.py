@@ -460,8 +460,7 @@ class Pool:
             work, floor = self.load, self.routing.min_bound
         else:
             states = self.states
-            work = {i: queued + (states[i].queue.report_.running or 0.0)
-                    for i, queued in queues.items()}
+            work = {i: queued + states[i].queue.running for i, queued in queues.items()}
             floor = self.load_settings.min_queue
         total = sum(work.get(i, 0) for i in members)
         return LocalBound(work, chwbl_bound(total, len(members), factor, floor))
