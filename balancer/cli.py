@@ -214,9 +214,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     if zone is not None:
         where = "local" if zone["local"] else "remote"
         print(f"zone:      {zone['zone']} ({where}): {zone['reason']}")
-        if "work_bound" in zone:
-            work = ", ".join(f"{i} {w:g}" for i, w in zone["work"].items())
-            print(f"           zone endpoints' work (bound {zone['work_bound']}): {work}")
+        spill = zone.get("spill")
+        if spill is not None:
+            print(f"           zone spill: {spill['share']:.0%} of the zone's keys leave it "
+                  f"(zone's share of the work {spill['work_share']:.0%})")
     return 0
 
 

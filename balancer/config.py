@@ -379,13 +379,15 @@ class RoutingSettings:
     more TTFT p99; with clients skewed 80/20, or at the knee, the local pods take up to the
     bound before anything leaves the zone, and TTFT doubled. Pass-through requests and the
     other strategies ignore it."""
-    zone_factor: float = 1.25
-    """With ``prefer_zone``: a local endpoint keeps a key only while its *work* (running plus
-    queued requests as the pods report them; on in-flight counts, this replica's requests)
-    stays within ceil(zone_factor * (the pool's total work + 1) / endpoints), besides the
-    usual bound; over it, the key takes the plain walk over the whole ring. Keeps a zone whose
-    clients send more than its share of the traffic from holding all of it. 0: no such bound
-    (the zone keeps its keys up to the usual bound)."""
+    zone_factor: float = 1.1
+    """With ``prefer_zone``: the most of the pool's *work* (running plus queued requests as
+    the pods report them; on in-flight counts, this replica's requests) the zone may carry,
+    as a multiple of its share of the endpoints (two equal zones, 1.1: 55%). While it carries
+    more, a growing share of its keys (chosen by hash, so each key's fate is stable) skip the
+    preference and take the plain walk over the whole ring; while it carries less, the share
+    shrinks back (``balancer.zonespill``). Keeps a zone whose clients send more than its
+    share of the traffic from holding all of it. 0: never (the zone keeps its keys up to the
+    usual bound alone)."""
     # -- Responses API affinity (balancer.affinity) --
     response_affinity_entries: int = 100_000
     """Response ids remembered with the endpoint that stored them, so that a request naming

@@ -37,16 +37,6 @@ points depend only on its id), so every replica in a zone sends a key to the sam
 and replicas in different zones each keep it on their own zone's endpoint (one cache copy per
 zone). No preference, or every candidate preferred, decides exactly as without one.
 
-That bound alone keeps too much in a zone whose clients send more than its share: its pods
-may each hold c times the pool's average *queue*, and at moderate load queues sit under their
-floor while those pods run twice the batch of the others' and decode slower. So a preferred
-endpoint must also be within a second bound (``local``, from ``routing.zone_factor``): the
-same formula on the endpoints' *work* (running plus queued requests, as the pods report
-them; else this process's in-flight requests) with its own factor. A zone keeps its keys
-while its pods carry no more than about that factor times the pool's mean work; beyond, the
-keys whose local endpoint is over it take the plain walk over the whole ring (where half of
-them, in two zones, land on the other zone's endpoints), until the zone is back within it.
-
 Cost: O(log V) to find the key's position and O(k) for the k endpoints probed (with a
 preference, the endpoints of other zones met before the zone's first are walked past too).
 """
@@ -94,15 +84,6 @@ class Choice(NamedTuple):
     request spilled to another zone (False); None: no preference was given."""
 
 
-class LocalBound(NamedTuple):
-    """The second bound a preferred (local) endpoint must be within: ``load`` per endpoint
-    (work: running plus queued requests) and the most an endpoint may hold once the request
-    is placed."""
-
-    load: Mapping[str, float]
-    bound: int
-
-
 class Chooser(Protocol):
     """A routing strategy (``config.Strategy`` names which one a pool uses)."""
 
@@ -117,13 +98,12 @@ class Chooser(Protocol):
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
         prefer: Collection[str] = (),
-        local: LocalBound | None = None,
     ) -> Choice | None:
         """Pick one of ``candidates`` (all routable) but none of ``exclude`` (endpoints a
         retry already tried), or None if there are none. ``ramp``: endpoints in slow start,
         each with the share of the bound it may take now (0..1); ``prefer``: endpoints to
-        favour (the balancer's zone), each only while within ``local`` too (if given). Only
-        CHWBL reads these; the keyless strategies ignore them."""
+        favour (the balancer's zone). Only CHWBL reads either; the keyless strategies ignore
+        them."""
         ...
 
 
@@ -172,28 +152,23 @@ class BoundedLoad:
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
         prefer: Collection[str] = (),
-        local: LocalBound | None = None,
     ) -> Choice | None:
         """See :class:`Chooser`; ``prefer``: endpoints (on the ring) to try first, within
-        the same bound and ``local`` (the balancer's zone; see the module's docstring)."""
+        the same bound (the balancer's zone; see the module's docstring)."""
         n = len(candidates)
         if n == 0:
             return None
         bound = chwbl_bound(total_load, n, self.load_factor, self.min_bound)
         probes: list[Probe] = []
-        probed: dict[str, bool] | None = None
         if prefer:
-            choice, probed = self._walk_preferred(key_hash, load, bound, probes, session,
-                                                  exclude, prefer, ramp, local)
+            choice = self._walk_preferred(key_hash, load, bound, probes, session, exclude,
+                                          prefer, ramp)
             if choice is not None:
                 return choice
         for endpoint in self.ring.walk(key_hash):
             if exclude and endpoint in exclude:
                 continue
-            if probed and endpoint in probed:
-                if probed[endpoint]:  # within the bound, over only the zone's own
-                    return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
-                                  self.signal, True)
+            if prefer and endpoint in prefer:
                 continue  # probed above, over the bound
             current = load.get(endpoint, 0)
             probes.append(Probe(endpoint, current))
@@ -209,16 +184,12 @@ class BoundedLoad:
 
     def _walk_preferred(self, key_hash: int, load: Mapping[str, float], bound: int,
                         probes: list[Probe], session: bool, exclude: Collection[str],
-                        prefer: Collection[str], ramp: Mapping[str, float] | None,
-                        local: LocalBound | None) -> tuple[Choice | None, dict[str, bool]]:
-        """The first preferred endpoint on the walk within ``bound`` and ``local``, or None,
-        and each preferred endpoint probed: whether it was within ``bound`` (so only over
-        ``local``: the plain walk that follows may still take it, as it would with no
-        preference) or not (it skips it). Stops once every preferred endpoint was met, so
-        a zone whose endpoints are all busy costs one walk over them, not the whole ring
-        twice."""
+                        prefer: Collection[str],
+                        ramp: Mapping[str, float] | None) -> Choice | None:
+        """The first preferred endpoint on the walk within ``bound``, or None (every one
+        probed is in ``probes``). Stops once every preferred endpoint was met, so a zone
+        whose endpoints are all busy costs one walk over them, not the whole ring twice."""
         left = len(prefer)
-        probed: dict[str, bool] = {}
         for endpoint in self.ring.walk(key_hash):
             if endpoint not in prefer:
                 continue
@@ -228,14 +199,12 @@ class BoundedLoad:
                 probes.append(Probe(endpoint, current))
                 limit = (bound if not ramp or endpoint not in ramp
                          else _ramped(ramp[endpoint], bound))
-                room = current + 1 <= limit
-                if room and (local is None or local.load.get(endpoint, 0) + 1 <= local.bound):
+                if current + 1 <= limit:
                     return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
-                                  self.signal, True), probed
-                probed[endpoint] = room
+                                  self.signal, True)
             if not left:
                 break
-        return None, probed
+        return None
 
 
 class LeastRequest:
@@ -259,7 +228,6 @@ class LeastRequest:
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
         prefer: Collection[str] = (),
-        local: LocalBound | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -291,7 +259,6 @@ class RoundRobin:
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
         prefer: Collection[str] = (),
-        local: LocalBound | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]
@@ -317,7 +284,6 @@ class Random:
         exclude: Collection[str] = (),
         ramp: Mapping[str, float] | None = None,
         prefer: Collection[str] = (),
-        local: LocalBound | None = None,
     ) -> Choice | None:
         if exclude:
             candidates = [c for c in candidates if c not in exclude]

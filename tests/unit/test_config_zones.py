@@ -127,7 +127,7 @@ def test_balancer_route_says_whether_the_request_stays_in_the_zone(
     assert result["endpoint"] in result["zone"]["preferred"]
     assert main(["route", "--config", str(config_path), str(request)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "zone:      zone-a (local): stayed in the zone: a zone endpoint within the load " \
-           "bound and the zone's work bound" in lines
-    assert ("           zone endpoints' work (bound 2): 10.0.0.1:8000 0, 10.0.0.3:8000 0"
+    assert "zone:      zone-a (local): stayed in the zone: the first zone endpoint on the " \
+           "walk within the bound" in lines
+    assert ("           zone spill: 0% of the zone's keys leave it (zone's share of the work 0%)"
             in lines)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.ring import HashRing, hash_key
-from balancer.strategy import BoundedLoad, Choice, LocalBound, Probe, chwbl_bound
+from balancer.strategy import BoundedLoad, Choice, Probe, chwbl_bound
 
 ENDPOINTS = tuple(f"vllm-{i}" for i in range(8))
 KEY = hash_key("llama-3-8b\x00You are a helpful assistant. Summarise this contract.")
@@ -204,76 +204,3 @@ def test_replicas_in_one_zone_agree_whatever_else_their_rings_hold(
     b = chwbl(theirs).choose(key_hash, theirs, {}, 0, prefer=prefer)
     assert a is not None and b is not None
     assert a.endpoint == b.endpoint == zone_walk(set(prefer), key_hash)[0]
-
-
-# -- the zone's own bound on work (routing.zone_factor) -------------------------------------
-
-
-def test_a_zone_endpoint_over_the_zones_own_bound_lets_the_key_take_the_plain_walk() -> None:
-    """Within the pool-wide bound but over ``local`` (its work), the preferred endpoint
-    passes the key to the walk over the whole ring, which takes the key's own endpoint in
-    the other zone, as with no preference."""
-    strategy = chwbl(min_bound=4)
-    walk = list(strategy.ring.walk(KEY))
-    prefer = frozenset(walk[1::2])  # the key's own endpoint, walk[0], is remote
-    work = {e: 10.0 if e in prefer else 1.0 for e in ENDPOINTS}
-    local = LocalBound(work, 6)
-    choice = strategy.choose(KEY, ENDPOINTS, {}, 0, prefer=prefer, local=local)
-    assert choice is not None
-    assert (choice.endpoint, choice.preferred) == (walk[0], False)
-    zone_first = zone_walk(set(prefer), KEY)
-    assert [p.endpoint for p in choice.probes] == [*zone_first, walk[0]]
-    # Without the zone's bound the same loads keep the key in the zone.
-    kept = strategy.choose(KEY, ENDPOINTS, {}, 0, prefer=prefer)
-    assert kept is not None and kept.endpoint == zone_first[0] and kept.preferred
-
-
-def test_a_key_whose_own_endpoint_is_local_stays_there_over_the_zones_bound() -> None:
-    """The plain walk meets the local endpoint first: it is within the pool-wide bound, so
-    it takes the key as it would with no preference, counted once among the probes."""
-    strategy = chwbl(min_bound=4)
-    walk = list(strategy.ring.walk(KEY))
-    prefer = frozenset(walk[0::2])  # the key's own endpoint is local
-    local = LocalBound(dict.fromkeys(ENDPOINTS, 10.0), 6)
-    choice = strategy.choose(KEY, ENDPOINTS, {}, 0, prefer=prefer, local=local)
-    assert choice is not None
-    assert choice.endpoint == walk[0] and choice.preferred is True
-    assert len({p.endpoint for p in choice.probes}) == len(choice.probes)
-
-
-@settings(max_examples=300, deadline=None)
-@given(key_hash=st.integers(0, 2**64 - 1),
-       loads=st.lists(st.integers(0, 6), min_size=8, max_size=8),
-       work=st.lists(st.integers(0, 30), min_size=8, max_size=8),
-       zone=st.sets(st.integers(0, 7), min_size=1, max_size=7),
-       local_bound=st.integers(1, 30), excluded=st.sets(st.integers(0, 7), max_size=3))
-def test_the_zones_bound_keeps_a_key_local_or_decides_as_without_a_preference(
-    key_hash: int, loads: list[int], work: list[int], zone: set[int], local_bound: int,
-    excluded: set[int],
-) -> None:
-    """Whatever the loads: the key goes to the first preferred endpoint on the zone's walk
-    within both bounds; when there is none, to the endpoint the plain walk (no preference)
-    picks, unless every endpoint is over the bound (a fallback). No endpoint is probed twice."""
-    strategy = chwbl(min_bound=2)
-    load = {e: float(n) for e, n in zip(ENDPOINTS, loads, strict=True)}
-    local = LocalBound({e: float(n) for e, n in zip(ENDPOINTS, work, strict=True)},
-                       local_bound)
-    prefer = frozenset(ENDPOINTS[i] for i in zone)
-    exclude = frozenset(ENDPOINTS[i] for i in excluded)
-    total = sum(load.values())
-    choice = strategy.choose(key_hash, ENDPOINTS, load, total, prefer=prefer, local=local,
-                             exclude=exclude)
-    plain = strategy.choose(key_hash, ENDPOINTS, load, total, exclude=exclude)
-    assert choice is not None and plain is not None
-    bound = choice.bound
-    assert bound is not None
-    kept = [e for e in zone_walk(set(prefer), key_hash)
-            if e not in exclude and load[e] + 1 <= bound and local.load[e] + 1 <= local_bound]
-    if kept:
-        assert (choice.endpoint, choice.preferred) == (kept[0], True)
-    elif plain.outcome != "fallback":
-        assert choice.endpoint == plain.endpoint
-        assert choice.preferred == (choice.endpoint in prefer)
-    else:
-        assert choice.outcome == "fallback"
-    assert len({p.endpoint for p in choice.probes}) == len(choice.probes)
