@@ -231,6 +231,10 @@ class Balancer:
                 "zone": pool.routing.zone or None,
                 "prefer_zone": pool.routing.prefer_zone,
                 "local_endpoints": sorted(pool.local),
+                # Share of the zone's keys that skip the preference now (routing.zone_factor).
+                "zone_spill": None if pool.spill is None else {
+                    "share": round(pool.spill.share, 4),
+                    "work_share": round(pool.spill.work_share, 4)},
                 "endpoints": [
                     {
                         "id": endpoint.id,

@@ -214,6 +214,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     if zone is not None:
         where = "local" if zone["local"] else "remote"
         print(f"zone:      {zone['zone']} ({where}): {zone['reason']}")
+        spill = zone.get("spill")
+        if spill is not None:
+            print(f"           zone spill: {spill['share']:.0%} of the zone's keys leave it "
+                  f"(zone's share of the work {spill['work_share']:.0%})")
     return 0
 
 

@@ -379,6 +379,15 @@ class RoutingSettings:
     more TTFT p99; with clients skewed 80/20, or at the knee, the local pods take up to the
     bound before anything leaves the zone, and TTFT doubled. Pass-through requests and the
     other strategies ignore it."""
+    zone_factor: float = 1.1
+    """With ``prefer_zone``: the most of the pool's *work* (running plus queued requests as
+    the pods report them; on in-flight counts, this replica's requests) the zone may carry,
+    as a multiple of its share of the endpoints (two equal zones, 1.1: 55%). While it carries
+    more, a growing share of its keys (chosen by hash, so each key's fate is stable) skip the
+    preference and take the plain walk over the whole ring; while it carries less, the share
+    shrinks back (``balancer.zonespill``). Keeps a zone whose clients send more than its
+    share of the traffic from holding all of it. 0: never (the zone keeps its keys up to the
+    usual bound alone)."""
     # -- Responses API affinity (balancer.affinity) --
     response_affinity_entries: int = 100_000
     """Response ids remembered with the endpoint that stored them, so that a request naming
@@ -1116,6 +1125,9 @@ def _validate_zone(r: RoutingSettings) -> None:
     if r.zone and not _ZONE.fullmatch(r.zone):
         raise ConfigError(f"routing.zone: {r.zone!r} is not a zone name (up to 63 letters, "
                           "digits, '-', '_' or '.', as a topology.kubernetes.io/zone label)")
+    if not (r.zone_factor == 0 or (math.isfinite(r.zone_factor) and r.zone_factor >= 1.0)):
+        raise ConfigError(f"routing.zone_factor: {r.zone_factor} must be 0 (off) or a number "
+                          ">= 1.0")
     if r.prefer_zone and not r.zone:
         raise ConfigError("routing.prefer_zone: true needs routing.zone, the zone this "
                           "balancer runs in (in Kubernetes: BALANCER_ROUTING_ZONE from the "

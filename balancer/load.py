@@ -158,7 +158,7 @@ class QueueEstimate:
     """
 
     __slots__ = ("at", "base", "generation", "kv_usage", "mine", "queue_at", "report_",
-                 "source")
+                 "running", "source")
 
     def __init__(self) -> None:
         self.report_: LoadReport = EMPTY
@@ -175,6 +175,10 @@ class QueueEstimate:
         self.mine = 0
         """This replica's requests sent after the report that have not started."""
         self.kv_usage: float | None = None
+        self.running = 0.0
+        """Requests the endpoint last said it was running (0 until one says): kept across
+        reports that leave it out, since vLLM's in-band reports carry it only when asked
+        to while its polled metrics always do."""
 
     def sent(self) -> int:
         self.mine += 1
@@ -194,6 +198,8 @@ class QueueEstimate:
         self.source = source
         if report.kv_usage is not None:
             self.kv_usage = report.kv_usage
+        if report.running is not None:
+            self.running = report.running
         if report.waiting is not None:
             self.queue_at = now
             self.generation += 1

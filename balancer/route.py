@@ -366,31 +366,43 @@ def explain(decision: Decision, walk_limit: int = 8,
                    for p in choice.probes],
     }
     if pool.routing.zone:
-        result["zone"] = explain_zone(pool, choice, subset)
+        result["zone"] = explain_zone(pool, choice, subset, decision.key_hash)
     return result
 
 
-def explain_zone(pool: Pool, choice: Choice, subset: Subset | None) -> dict[str, Any]:
+def explain_zone(pool: Pool, choice: Choice, subset: Subset | None,
+                 key_hash: int) -> dict[str, Any]:
     """The zone preference a keyed decision was taken under: the balancer's zone, the
-    endpoints it preferred and whether the request stayed in the zone."""
+    endpoints it preferred, the share of the zone's keys that skip it now (and this key's
+    fate) and whether the request stayed in the zone."""
     prefer = pool.prefer if subset is None else subset.prefer
+    spill = pool.spill if prefer else None
+    spilled = spill is not None and spill.spills(key_hash)
     if choice.preferred is True:
         why = "stayed in the zone: the first zone endpoint on the walk within the bound"
     elif choice.preferred is False:
         why = "left the zone: every zone endpoint was at the load bound (or excluded)"
+    elif spilled and spill is not None:
+        why = (f"spilled: the zone carries {spill.work_share:.0%} of the pool's work, over "
+               f"routing.zone_factor times its share of the endpoints, so {spill.share:.0%} "
+               "of its keys, this one among them, take the walk over the whole ring")
     elif not pool.routing.prefer_zone:
         why = "no preference (routing.prefer_zone is off)"
     elif not pool.local:
         why = "no preference: no routable endpoint is in the zone"
     else:
         why = "no preference: every endpoint that can serve the request is in the zone"
-    return {
+    out: dict[str, Any] = {
         "zone": pool.routing.zone,
         "prefer_zone": pool.routing.prefer_zone,
         "preferred": sorted(prefer),
         "local": choice.endpoint in pool.local,
         "reason": why,
     }
+    if spill is not None:
+        out["spill"] = {"share": round(spill.share, 4), "work_share": round(spill.work_share, 4),
+                        "allowed_work": round(spill.allowed, 2), "this_key": spilled}
+    return out
 
 
 def endpoint_load(pool: Pool, endpoint_id: str, now: float) -> dict[str, Any]:

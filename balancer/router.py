@@ -41,6 +41,7 @@ from balancer.ring import HashRing, RingCache
 from balancer.routes import Hop, Route
 from balancer.state import EndpointState
 from balancer.strategy import BoundedLoad, Choice, Chooser, LeastRequest, Random, RoundRobin
+from balancer.zonespill import ZoneSpill
 
 
 def make_strategy(routing: RoutingSettings, ring: HashRing, rng: random.Random) -> Chooser:
@@ -131,6 +132,27 @@ class InFlight(Mapping[str, int]):
         return f"InFlight({dict(self)!r})"
 
 
+def queue_strategies(ring: HashRing, routing: RoutingSettings,
+                     load: LoadSettings) -> tuple[Chooser | None, Chooser | None]:
+    """CHWBL on queues for a pool's ring, and its first-turn variant (see :class:`Pool`)."""
+    if routing.strategy is not Strategy.CHWBL or load.source is LoadSource.LOCAL:
+        return None, None
+    queue = BoundedLoad(ring, load.queue_factor, load.min_queue, signal="queue")
+    if load.first_turn_factor == load.queue_factor:
+        return queue, None
+    return queue, BoundedLoad(ring, load.first_turn_factor, load.min_queue, signal="queue")
+
+
+def zone_spill(routing: RoutingSettings, load: LoadSettings) -> ZoneSpill | None:
+    """The pool's zone spill, if it prefers its zone and ``routing.zone_factor`` is set; its
+    floor is the bound's: ``load.min_queue`` on queues, ``routing.min_bound`` on in-flight
+    counts."""
+    if not (routing.prefer_zone and routing.zone_factor):
+        return None
+    floor = routing.min_bound if load.source is LoadSource.LOCAL else load.min_queue
+    return ZoneSpill(routing.zone_factor, floor)
+
+
 class Subset:
     """The routable endpoints of a pool that serve one model, when not all of them do (a
     LoRA adapter loaded on some pods), with the strategies that route over just them.
@@ -203,17 +225,16 @@ class Pool:
         self.passthrough: Chooser = LeastRequest(rng)
         load = load or LoadSettings()
         self.load_settings = load
-        self.queue_strategy: Chooser | None = None
+        self.queue_strategy: Chooser | None
         """CHWBL on the pods' queues (None: the pool routes on in-flight counts only)."""
-        self.first_turn_strategy: Chooser | None = None
+        self.first_turn_strategy: Chooser | None
         """The same for conversations' first turns, with ``load.first_turn_factor``; None
         when that equals ``queue_factor``, so requests are not told apart for nothing."""
-        if routing.strategy is Strategy.CHWBL and load.source is not LoadSource.LOCAL:
-            self.queue_strategy = BoundedLoad(self.ring, load.queue_factor, load.min_queue,
-                                              signal="queue")
-            if load.first_turn_factor != load.queue_factor:
-                self.first_turn_strategy = BoundedLoad(self.ring, load.first_turn_factor,
-                                                       load.min_queue, signal="queue")
+        self.queue_strategy, self.first_turn_strategy = queue_strategies(self.ring, routing,
+                                                                         load)
+        self.spill = zone_spill(routing, load)
+        """How many of the zone's keys skip the preference (``routing.zone_factor``); None
+        without a preference or with the factor 0."""
         self.keyed_at = time.monotonic()
         """When a keyed request last asked for queues (the poller rests an idle pool)."""
         self._metrics = metrics
@@ -399,6 +420,8 @@ class Pool:
             load, total = queues, sum(queues.values())
         ramp = self.ramp(time.monotonic()) if self.ramping else None
         prefer = self.prefer if keyed else None
+        if prefer and self.spill is not None and self.spills(key_hash, queues):
+            prefer = None
         if exclude or ramp or prefer:
             choice = strategy.choose(key_hash, self.routable, load, total,
                                      session=session, exclude=exclude or (), ramp=ramp,
@@ -436,13 +459,39 @@ class Pool:
         load: Mapping[str, float] = self.load if queues is None else queues
         total = sum(load.get(i, 0) for i in members)
         ramp = self.ramp(time.monotonic()) if self.ramping else None
+        prefer = subset.prefer if keyed else frozenset()
+        if prefer and self.spill is not None and self.spills(key_hash, queues):
+            prefer = frozenset()
         choice = strategy.choose(key_hash, members, load, total, session=session,
-                                 exclude=exclude or (), ramp=ramp,
-                                 prefer=subset.prefer if keyed else ())
+                                 exclude=exclude or (), ramp=ramp, prefer=prefer)
         if choice is None:
             raise NoEndpointsError(
                 f"no endpoint available in pool {self.name!r} serves model {model!r}")
         return choice
+
+    def spills(self, key_hash: int, queues: Mapping[str, float] | None) -> bool:
+        """Whether this key skips the zone preference (``routing.zone_factor``; see
+        :mod:`balancer.zonespill`), updating the zone's spill share when it is due: the
+        zone's work (running plus queued requests per endpoint on queues, this replica's
+        in-flight requests otherwise) against the pool's."""
+        spill = self.spill
+        if spill is None:
+            return False
+        now = time.monotonic()
+        if spill.due(now):
+            work = self.work(queues)
+            spill.update(now, sum(work.get(i, 0) for i in self.local),
+                         sum(work.get(i, 0) for i in self.routable), len(self.local),
+                         len(self.routable))
+        return spill.spills(key_hash)
+
+    def work(self, queues: Mapping[str, float] | None) -> Mapping[str, float]:
+        """Each endpoint's work as the zone spill weighs it: on queues, the requests it last
+        reported running plus its queue estimate; else this replica's in-flight requests."""
+        if queues is None:
+            return self.load
+        states = self.states
+        return {i: queued + states[i].queue.running for i, queued in queues.items()}
 
     def model_for(self, hop: Hop, requested: str) -> str:
         """The model name to ask this pool for on a route's ``hop``: the hop's own, else the

@@ -71,12 +71,14 @@ async def test_keyed_requests_stay_in_the_balancers_zone(upstreams, start_balanc
                                                      if z == "zone-a")
     assert {e["id"]: (e["zone"], e["local"]) for e in pool["endpoints"]} == {
         e: (z, z == "zone-a") for e, z in zone_of.items()}
+    assert pool["zone_spill"]["share"] == 0.0  # an idle pool keeps its keys
 
     async with in_a.http.post(in_a.admin_url + "/debug/route", json=BODIES[0]) as r:
         explained = await r.json()
     assert explained["endpoint"] == from_a[0]
     assert explained["zone"]["local"] is True
     assert explained["zone"]["reason"].startswith("stayed in the zone")
+    assert explained["zone"]["spill"]["this_key"] is False
 
 
 async def test_a_zone_over_the_bound_spills_to_the_other_zone(upstreams,

@@ -74,6 +74,14 @@ def test_prefer_zone_without_a_zone_is_refused() -> None:
         settings_of(["http://10.0.0.1:8000"], prefer_zone=True)
 
 
+@pytest.mark.parametrize("factor", [0.5, -1, float("nan"), float("inf")])
+def test_a_zone_factor_below_one_or_not_finite_is_refused(factor: float) -> None:
+    """Below 1 no zone could hold its share of the pool's work; 0 turns the bound off."""
+    with pytest.raises(ConfigError, match=r"routing\.zone_factor: .* must be 0 \(off\)"):
+        settings_of(["http://10.0.0.1:8000"], zone_factor=factor)
+    assert settings_of(["http://10.0.0.1:8000"], zone_factor=0).routing.zone_factor == 0
+
+
 def test_a_zone_that_is_no_label_value_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"routing\.zone: 'us east' is not a zone name"):
         settings_of(["http://10.0.0.1:8000"], zone="us east")
@@ -121,3 +129,5 @@ def test_balancer_route_says_whether_the_request_stays_in_the_zone(
     lines = capsys.readouterr().out.splitlines()
     assert "zone:      zone-a (local): stayed in the zone: the first zone endpoint on the " \
            "walk within the bound" in lines
+    assert ("           zone spill: 0% of the zone's keys leave it (zone's share of the work 0%)"
+            in lines)

@@ -12,7 +12,7 @@ LAYERS: dict[str, int] = {
     # the core: no balancer imports, or only each other's types
     "balancer": 0, "config": 0, "errors": 0, "endpoints": 0, "upstream": 0, "logs": 0,
     "retry": 0, "ring": 0, "metrics": 0, "load": 0, "trace": 0,
-    "memory": 0, "routes": 0,
+    "memory": 0, "routes": 0, "zonespill": 0,
     # pure logic over the core, and the aiohttp server adapter
     "health": 1, "affinity": 1, "prefix": 1, "strategy": 1, "httpserver": 1, "discovery": 1,
     "paths": 1,

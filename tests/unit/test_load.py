@@ -124,6 +124,17 @@ def test_a_report_without_a_queue_figure_keeps_the_estimate() -> None:
     assert (queue.queued, queue.kv_usage, queue.at) == (3, 0.7, 2.0)
 
 
+def test_the_running_count_is_kept_across_reports_that_leave_it_out() -> None:
+    """vLLM's in-band report carries no running count unless asked; the polled one does."""
+    queue = QueueEstimate()
+    assert queue.running == 0.0
+    queue.report(LoadReport(waiting=1.0, running=12.0), 1.0, "poll")
+    queue.report(LoadReport(waiting=2.0), 2.0, "inband")
+    assert (queue.running, queue.queued) == (12.0, 2.0)
+    queue.report(LoadReport(running=3.0), 3.0, "poll")
+    assert queue.running == 3.0
+
+
 def test_freshness_and_age() -> None:
     queue = QueueEstimate()
     assert queue.age(5.0) is None and not queue.fresh(5.0, 3.0)

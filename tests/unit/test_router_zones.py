@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from balancer.config import LoadSettings, LoadSource, PoolSettings, RoutingSettings
 from balancer.endpoints import Endpoint
+from balancer.load import LoadReport
 from balancer.metrics import Metrics
 from balancer.ring import hash_key
 from balancer.route import explain_zone
@@ -159,9 +160,80 @@ def test_locality_is_counted_per_keyed_request() -> None:
 def test_the_explanation_says_whether_the_request_stayed_in_the_zone() -> None:
     pool = zoned_pool(4)
     choice = pool.choose(KEYS[0])
-    shown = explain_zone(pool, choice, None)
+    shown = explain_zone(pool, choice, None, KEYS[0])
     assert shown["zone"] == "zone-a" and shown["local"] is True
     assert shown["preferred"] == ["vllm-0", "vllm-2"]
     assert shown["reason"].startswith("stayed in the zone")
+    assert shown["spill"]["this_key"] is False
     off = zoned_pool(4, prefer=False)
-    assert "prefer_zone is off" in explain_zone(off, off.choose(KEYS[0]), None)["reason"]
+    assert "prefer_zone is off" in explain_zone(off, off.choose(KEYS[0]), None,
+                                                KEYS[0])["reason"]
+
+
+def _report_running(pool: Pool, running: dict[str, float]) -> None:
+    for endpoint_id in pool.routable:
+        pool.assume_report(endpoint_id, LoadReport(waiting=0.0,
+                                                   running=running.get(endpoint_id, 0.0)))
+
+
+BUSY_ZONE = {"vllm-0": 20.0, "vllm-2": 20.0, "vllm-1": 2.0, "vllm-3": 2.0}
+
+
+def test_a_zone_running_more_than_its_share_raises_its_spill_share() -> None:
+    """On queues all empty, the local pods running 20 requests each against the others' 2:
+    the zone carries 91% of the work against 55% allowed (1.1 x half), so the first update
+    sends (0.5 s x 0.5 x 0.65 excess) 16% of its keys over the whole ring, and these go where
+    a pool with no preference sends them."""
+    load = LoadSettings(source=LoadSource.REPORTS)
+    zoned, plain = zoned_pool(4, load=load), zoned_pool(4, load=load, prefer=False)
+    for pool in (zoned, plain):
+        _report_running(pool, BUSY_ZONE)
+    queues = zoned.queues()
+    assert zoned.spill is not None and queues is not None
+    zoned.spills(KEYS[0], queues)
+    assert zoned.spill.work_share == 40 / 44
+    assert 0.15 < zoned.spill.share < 0.17
+    spilled = [k for k in KEYS if zoned.spill.spills(k)]
+    assert 0.05 < len(spilled) / len(KEYS) < 0.3
+    for k in KEYS:
+        choice = zoned.choose(k)
+        if k in spilled:
+            assert choice.endpoint == plain.choose(k).endpoint and choice.preferred is None
+        else:
+            assert choice.endpoint in zoned.local and choice.preferred is True
+
+
+def test_a_zone_within_its_share_keeps_its_keys() -> None:
+    """The same with the work even (10 running everywhere): no key leaves the zone."""
+    pool = zoned_pool(4, load=LoadSettings(source=LoadSource.REPORTS))
+    _report_running(pool, dict.fromkeys(("vllm-0", "vllm-1", "vllm-2", "vllm-3"), 10.0))
+    assert {pool.choose(k).endpoint for k in KEYS} <= pool.local
+    assert pool.spill is not None and pool.spill.share == 0.0
+
+
+def test_on_in_flight_counts_the_spill_weighs_this_replicas_requests() -> None:
+    """Without reports the work is this replica's in-flight requests: the zone's pods
+    holding 6 each and the others none is over any allowance."""
+    pool = zoned_pool(4, load_factor=4.0, min_bound=1)
+    for endpoint_id in ("vllm-0", "vllm-2"):
+        others = frozenset({"vllm-0", "vllm-1", "vllm-2", "vllm-3"} - {endpoint_id})
+        for _ in range(6):
+            pool.acquire(pool.choose(0, keyed=False, exclude=others))
+    assert pool.spills(KEYS[0], None) in {True, False}
+    assert pool.spill is not None and pool.spill.share > 0
+
+
+def test_no_spill_without_a_factor_or_a_preference() -> None:
+    assert zoned_pool(4, zone_factor=0).spill is None
+    assert zoned_pool(4, prefer=False).spill is None
+
+
+def test_the_explanation_says_when_a_key_spilled() -> None:
+    pool = zoned_pool(4)
+    assert pool.spill is not None
+    pool.spill.share = 1.0
+    pool.spill.updated = float("inf")  # no update: keep the share set here
+    choice = pool.choose(KEYS[0])
+    shown = explain_zone(pool, choice, None, KEYS[0])
+    assert shown["reason"].startswith("spilled:")
+    assert shown["spill"]["this_key"] is True and shown["spill"]["share"] == 1.0
