@@ -11,16 +11,23 @@ steady state should not carry the peak of its largest burst for ever.
 
 :class:`Reclaimer` does two things, on glibc only (elsewhere, musl or macOS, nothing):
 
-* At start it fixes the mmap threshold at :data:`MMAP_THRESHOLD` (``mallopt``), so buffers
-  of a megabyte and more are mapped on their own and unmapped the moment they are freed, and
-  the trim threshold stays at its 128 KiB default: with the dynamic thresholds, a freed 10 MiB
-  buffer raised both, and a thread's arena then kept a body's worth of pages at its top for
-  good (``malloc_trim`` does not shrink a thread arena's top).
-* It calls ``malloc_trim(0)``, which hands the free pages inside every arena back to the
-  kernel, once the bodies are likely freed: :data:`TRIM_DELAY` seconds after the proxy last
-  had nothing in flight, or at the latest :data:`TRIM_WITHIN` seconds after the first large
-  body since the last trim (a gateway that is never idle). The call runs in a thread: it
-  takes ~10 ms for 200 MiB freed, holds the arenas' locks meanwhile and releases the GIL.
+* At start it limits the allocator to one arena (``mallopt(M_ARENA_MAX, 1)``), so the
+  threads that touch bodies (the join of a large body's chunks, the executor's feeder that
+  pickles a body for a parse worker) allocate from the main arena instead of arenas of their
+  own: ``malloc_trim`` hands back a thread arena's free chunks but never its top, where a
+  body's buffer freed last stays for good. The mmap threshold stays dynamic: after the first
+  large buffer it rises above a body's size, so bodies come from the heap and reuse pages
+  already mapped. (Fixing the threshold at a megabyte instead, so that every body buffer is
+  mapped and unmapped on its own, returned the memory too, but every buffer then faulted in
+  its pages anew, some with the GIL held, the feeder's pickling for one: a 10 MiB body held
+  the event loop ~6 ms instead of ~2.5.) The threads are few and allocate rarely, so sharing
+  one arena's lock costs nothing measurable.
+* It calls ``malloc_trim(0)``, which hands the free pages of the arena (its top and the free
+  chunks inside) back to the kernel, once the bodies are likely freed: :data:`TRIM_DELAY`
+  seconds after the proxy last had nothing in flight, or at the latest :data:`TRIM_WITHIN`
+  seconds after the first large body since the last trim (a gateway that is never idle). The
+  call runs in a thread: it takes ~10 ms for 200 MiB freed, holds the arena's lock meanwhile
+  and releases the GIL.
 """
 
 from __future__ import annotations
@@ -35,12 +42,10 @@ from typing import Final
 
 log = logging.getLogger(__name__)
 
-MMAP_THRESHOLD: Final = 1 << 20
-"""Bytes from which glibc maps an allocation on its own (the default starts at 128 KiB and
-rises to the largest buffer freed, up to 32 MiB). A megabyte keeps the socket's chunks (up to
-256 KiB) in the arenas, where reusing them is cheap, and maps the bodies' joins and copies."""
-M_MMAP_THRESHOLD: Final = -3
-"""``mallopt``'s parameter number for the mmap threshold (glibc's ``malloc.h``)."""
+ARENAS: Final = 1
+"""Arenas glibc may create: the main one only (see the module's docstring)."""
+M_ARENA_MAX: Final = -8
+"""``mallopt``'s parameter number for the arena limit (glibc's ``malloc.h``)."""
 TRIM_DELAY: Final = 1.0
 """Seconds from the proxy going idle to the trim: a burst that pauses for less is still one
 burst (one trim)."""
@@ -55,8 +60,8 @@ class Allocator:
 
     trim: Callable[[], object]
     """``malloc_trim(0)``."""
-    set_mmap_threshold: Callable[[int], object]
-    """``mallopt(M_MMAP_THRESHOLD, bytes)``."""
+    set_arena_max: Callable[[int], object]
+    """``mallopt(M_ARENA_MAX, arenas)``."""
 
 
 def glibc() -> Allocator | None:
@@ -71,7 +76,7 @@ def glibc() -> Allocator | None:
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return Allocator(trim=lambda: trim(0),
-                     set_mmap_threshold=lambda size: mallopt(M_MMAP_THRESHOLD, size))
+                     set_arena_max=lambda arenas: mallopt(M_ARENA_MAX, arenas))
 
 
 class Reclaimer:
@@ -93,9 +98,10 @@ class Reclaimer:
         """Trims done so far (for tests)."""
 
     def start(self) -> None:
-        """Fix the allocator's mmap threshold (process-wide; once, as the server starts)."""
+        """Limit the allocator to one arena (process-wide; once, as the server starts,
+        before the threads that read bodies exist)."""
         if self.allocator is not None:
-            self.allocator.set_mmap_threshold(MMAP_THRESHOLD)
+            self.allocator.set_arena_max(ARENAS)
 
     def large_body(self) -> None:
         """A large body was read: trim within :attr:`within` seconds at the latest."""

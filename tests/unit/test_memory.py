@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from balancer.memory import MMAP_THRESHOLD, Allocator, Reclaimer, glibc
+from balancer.memory import ARENAS, Allocator, Reclaimer, glibc
 
 
 class FakeAllocator:
@@ -13,10 +13,10 @@ class FakeAllocator:
 
     def __init__(self) -> None:
         self.trims = 0
-        self.thresholds: list[int] = []
+        self.arena_limits: list[int] = []
 
     def allocator(self) -> Allocator:
-        return Allocator(trim=self._trim, set_mmap_threshold=self.thresholds.append)
+        return Allocator(trim=self._trim, set_arena_max=self.arena_limits.append)
 
     def _trim(self) -> int:
         self.trims += 1
@@ -37,10 +37,10 @@ def reclaimer(delay: float = 0.05, within: float = 0.5) -> tuple[Reclaimer, Fake
     return Reclaimer(delay=delay, within=within, allocator=fake.allocator()), fake
 
 
-async def test_start_fixes_the_mmap_threshold():
+async def test_start_limits_the_allocator_to_one_arena():
     r, fake = reclaimer()
     r.start()
-    assert fake.thresholds == [MMAP_THRESHOLD]
+    assert fake.arena_limits == [ARENAS] == [1]
 
 
 async def test_a_quiet_proxy_without_large_bodies_is_never_trimmed():
