@@ -139,7 +139,22 @@ def filter_response_headers(headers: list[tuple[bytes, bytes]], *,
                             keep_load: bool = False) -> tuple[CIMultiDict[str], bytes | None]:
     """The model server's response headers minus hop-by-hop ones, for the client, and its
     load report (``endpoint-load-metrics``), which the client gets only with ``keep_load``."""
-    drop = _NOT_FORWARDED_RESPONSE
+    filtered = _filtered(headers, keep_load, _NOT_FORWARDED_RESPONSE)
+    if filtered is None:
+        # A Connection header names more headers to drop, some perhaps already added: once
+        # more with them (rare: a model server's Connection names hop-by-hop ones, if any).
+        drop = _NOT_FORWARDED_RESPONSE.union(*(
+            {t.strip().lower() for t in value.split(b",")}
+            for name, value in headers if name.lower() == b"connection"))
+        filtered = _filtered(headers, keep_load, drop)
+        assert filtered is not None  # every header Connection names is in drop now
+    return filtered
+
+
+def _filtered(headers: list[tuple[bytes, bytes]], keep_load: bool, drop: frozenset[bytes]
+              ) -> tuple[CIMultiDict[str], bytes | None] | None:
+    """One pass of :func:`filter_response_headers` dropping ``drop``; None when a
+    ``Connection`` header names a header outside it."""
     out: CIMultiDict[str] = CIMultiDict()
     out.add(hdrs.SERVER, SERVER_NAME)  # the model server's own is dropped with the hop's
     report = None
@@ -153,31 +168,7 @@ def filter_response_headers(headers: list[tuple[bytes, bytes]], *,
             out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
         elif lower == b"connection" and not {t.strip().lower()
                                               for t in value.split(b",")} <= drop:
-            # It names more headers to drop, some perhaps already added: once more with
-            # them (rare: a model server's Connection names hop-by-hop ones, if any).
-            return _filter_named(headers, keep_load)
-    return out, report
-
-
-def _filter_named(headers: list[tuple[bytes, bytes]],
-                  keep_load: bool) -> tuple[CIMultiDict[str], bytes | None]:
-    """:func:`filter_response_headers` for an answer whose ``Connection`` header names
-    headers: those are dropped too."""
-    drop = _NOT_FORWARDED_RESPONSE
-    for name, value in headers:
-        if name.lower() == b"connection":
-            drop = drop | {t.strip().lower() for t in value.split(b",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    out.add(hdrs.SERVER, SERVER_NAME)
-    report = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == _LOAD_HEADER:
-            report = value
-            if not keep_load:
-                continue
-        if lower not in drop:
-            out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+            return None
     return out, report
 
 
