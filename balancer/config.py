@@ -588,7 +588,8 @@ class RetrySettings:
     """Tries per request, the first included (1 turns retries off)."""
     budget_ratio: float = 0.2
     """Retries may be at most this fraction of requests over ``budget_window``, so retries
-    cannot multiply the load of an outage."""
+    cannot multiply the load of an outage. Probes for a stored response (a pod's 404 for a
+    ``previous_response_id`` it does not hold) are not counted: the pod did no work."""
     budget_window: float = 10.0
     """Seconds of the sliding window the budget counts over."""
     budget_min_retries: int = 10

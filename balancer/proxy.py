@@ -586,7 +586,10 @@ class Proxy:
             if result.retry_after or excluded != tried:
                 raise self.admission.rate_limited(pool) from None
             return self._give_up(result, "no_endpoint", record, now)
-        if not self.budget.spend(now):
+        # A stored-response probe is exempt: the pod refused before doing anything, and in a
+        # fleet most follow-ups reach a replica that did not relay their response, so the
+        # budget would turn probes into 404s for responses that exist.
+        if not result.response_missing and not self.budget.spend(now):
             return self._give_up(result, "budget", record, now)
         self.metrics.retry(pool.name, result.reason, "retried")
         log.info("retrying %s %s on %s after %s (request %s, attempt %d)", request.method,

@@ -122,6 +122,20 @@ async def test_a_replica_that_never_saw_the_response_finds_it_by_probing(
             assert r.headers["x-sim-pod"] == stored_on
 
 
+async def test_probes_for_a_stored_response_spend_no_retry_budget(pods, start_balancer):
+    """With the retry budget spent (none allowed), a replica that never saw the response
+    still probes every pod for it: the probes are not retries of work."""
+    settings = make_settings([p.url for p in pods], models=(DEFAULT_MODEL,))
+    a = await start_balancer(settings)
+    b = await start_balancer(replace(settings, retries=replace(
+        settings.retries, budget_ratio=0.0, budget_min_retries=0)))
+    answer, stored_on = await create(a, body("Summarise the history of Carthage."))
+    _, pod = await create(b, elsewhere(b, pods, stored_on, answer["id"]))
+    assert pod == stored_on
+    assert await b.metric("balancer_retries_total", reason="response_not_found",
+                          result="budget") == 0
+
+
 async def test_a_response_no_pod_holds_is_a_404_after_one_try_per_pod(pods, start_balancer):
     """An id no pod stores (a restarted pod lost it) is asked of each pod once, then vLLM's
     404 reaches the client as the pod sent it."""
