@@ -20,12 +20,12 @@ Pure and synchronous: no I/O, time passed in, no metrics (the proxy counts outco
 
 from __future__ import annotations
 
-import json
 import re
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
 from balancer.errors import upstream_error_message
+from balancer.jsondoc import json_object
 
 
 class Pin(NamedTuple):
@@ -123,11 +123,8 @@ def body_response_id(payload: bytes) -> str | None:
         return found.group(1).decode("ascii")
     if len(payload) > WHOLE_PARSE_MAX or b'"id"' not in payload:
         return None
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    return _valid(data.get("id")) if isinstance(data, dict) else None
+    data = json_object(payload)
+    return None if data is None else _valid(data.get("id"))
 
 
 SNIFF_BYTES: Final = 64 << 10
@@ -187,11 +184,8 @@ class CreatedSniffer:
 
 
 def _event_id(data: bytes) -> str | None:
-    try:
-        event = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(event, dict):
+    event = json_object(data)
+    if event is None:
         return None
     response = event.get("response")
     return _valid(response.get("id")) if isinstance(response, dict) else None

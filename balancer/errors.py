@@ -3,8 +3,9 @@ one that stops balancer at start (:class:`StartupError`)."""
 
 from __future__ import annotations
 
-import json
 from typing import ClassVar
+
+from balancer.jsondoc import json_object
 
 
 class BalancerError(Exception):
@@ -183,11 +184,8 @@ def upstream_error_message(payload: bytes, limit: int) -> str | None:
     versions and puts it at the top level in older ones; both are read."""
     if len(payload) > limit:
         return None
-    try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(body, dict):
+    body = json_object(payload)
+    if body is None:
         return None
     error = body.get("error")
     if isinstance(error, dict):

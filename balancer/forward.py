@@ -71,6 +71,7 @@ from balancer.httpserver import (
     peer_trusted,
     request_client,
 )
+from balancer.jsondoc import json_object
 from balancer.load import FORMAT_HEADER, LOAD_HEADER, parse_orca
 from balancer.metrics import Metrics
 from balancer.outbound import Outbound, outbounds
@@ -224,12 +225,7 @@ def body_usage(payload: bytes) -> tuple[int, int] | None:
         return tail_usage(payload)
     if b'"usage"' not in payload:
         return None
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    # usage_of(data), without the call
-    return _usage_counts(data.get("usage")) if isinstance(data, dict) else None
+    return usage_of(json_object(payload))
 
 
 def tail_usage(payload: bytes, window: int = _USAGE_WINDOW) -> tuple[int, int] | None:
@@ -320,10 +316,7 @@ def stream_usage(tail: bytes) -> tuple[int, int] | None:
         if start < 0:
             return None
         stop = tail.find(b"\n", at)
-        try:
-            found = usage_of(json.loads(tail[start + 5:stop if stop >= 0 else len(tail)]))
-        except (ValueError, RecursionError):
-            found = None
+        found = usage_of(json_object(tail[start + 5:stop if stop >= 0 else len(tail)]))
         if found is not None:
             return found
         end = start
@@ -490,6 +483,10 @@ class Forwarder:
     def total_timeout(self, pool: str) -> float:
         """The pool's ``total_timeout`` in seconds (0: none)."""
         return self.outbound[pool].total_timeout
+
+    def _over_total(self, pool: str) -> str:
+        """What a request that ran out of the pool's ``total_timeout`` is told."""
+        return f"request exceeded the total timeout of {self.total_timeout(pool):g} s"
 
     async def attempt(self, request: web.Request, lease: Lease, body: bytes,
                       record: RequestRecord, *, stream: bool, retry_possible: bool,
@@ -672,12 +669,10 @@ class Forwarder:
             await response.prepare(request)
             tail = await self._relay_chunks(response, record, upstream, chunk, guard,
                                             self.outbound[lease.pool.name].idle_timeout,
-                                            lease if sniffer is not None else None, sniffer)
+                                            lease, sniffer)
             if tail is None:
                 await self._break_stream(request, response, lease, record,
-                                         f"request exceeded the total timeout of "
-                                         f"{self.total_timeout(lease.pool.name):g} s",
-                                         None, None)
+                                         self._over_total(lease.pool.name), None, None)
                 return response
             await response.write_eof()
             if upstream.status == 200 and _is_event_stream(upstream.header(b"content-type")):
@@ -699,7 +694,7 @@ class Forwarder:
 
     async def _relay_chunks(self, response: web.StreamResponse, record: RequestRecord,
                             upstream: Response, chunk: bytes, guard: _StallGuard | None,
-                            idle: float, lease: Lease | None = None,
+                            idle: float, lease: Lease,
                             sniffer: CreatedSniffer | None = None) -> bytes | None:
         """Write chunks until the body ends, waiting at most ``idle`` seconds for each
         (the pool's idle timeout); returns the last two chunks (where a usage event would
@@ -715,7 +710,7 @@ class Forwarder:
         while chunk:
             if rename is not None:
                 chunk = rename.feed(chunk)
-            if sniffer is not None and lease is not None:
+            if sniffer is not None:
                 found = sniffer.feed(chunk)
                 if sniffer.done:
                     self._learn(lease, found)
@@ -749,8 +744,7 @@ class Forwarder:
             record.status = 504
             out = self.outbound[lease.pool.name]
             if asyncio.get_running_loop().time() >= record.total_at:
-                detail = said = (f"request exceeded the total timeout of "
-                                 f"{out.total_timeout:g} s")
+                detail = said = self._over_total(lease.pool.name)
             else:
                 said = (f"the model server sent no response within "
                         f"{out.first_byte_timeout:g} s")
@@ -805,9 +799,7 @@ class Forwarder:
                 # was never idle for idle_timeout): a long generation, not the endpoint's
                 # fault, as when the budget runs out during a write.
                 await self._break_stream(request, response, lease, record,
-                                         f"request exceeded the total timeout of "
-                                         f"{self.total_timeout(lease.pool.name):g} s",
-                                         None, None)
+                                         self._over_total(lease.pool.name), None, None)
                 return
             await self._break_stream(request, response, lease, record,
                                      "upstream idle timeout after the response started",

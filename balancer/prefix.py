@@ -109,12 +109,13 @@ def _content_error(where: str) -> BadRequestError:
                            param=where)
 
 
-def _check_content(content: Any, message: int, budget: int) -> int:
-    """Raise if ``content`` (of ``messages[message]``) is no valid message content,
-    inspecting at most ``budget`` of its parts; returns the budget left."""
+def _check_content(content: Any, message: int, budget: int, items: str = "messages") -> int:
+    """Raise if ``content`` (of ``items[message]``: a chat message, or a Responses input
+    item) is no valid message content, inspecting at most ``budget`` of its parts; returns
+    the budget left."""
     if content is None or isinstance(content, str):
         return budget
-    where = f"messages[{message}].content"
+    where = f"{items}[{message}].content"
     if not isinstance(content, list):
         raise _content_error(where)
     for i, part in enumerate(content[:budget]):
@@ -452,18 +453,7 @@ def _check_responses(body: Mapping[str, Any]) -> None:
         for i in checked:
             if budget <= 0:
                 break
-            content = value[i].get("content")
-            if content is None or isinstance(content, str):
-                budget -= 1
-                continue
-            where = f"input[{i}].content"
-            if not isinstance(content, list):
-                raise _content_error(where)
-            for j, part in enumerate(content[:budget]):
-                if not _is_object(part):
-                    raise BadRequestError(f"{where}[{j}] must be an object",
-                                          param=f"{where}[{j}]")
-            budget -= 1 + len(content)
+            budget = _check_content(value[i].get("content"), i, budget, "input") - 1
     elif not isinstance(value, str):
         raise _input_error()
     instructions = body.get("instructions")

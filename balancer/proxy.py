@@ -68,13 +68,13 @@ from balancer.record import Reporter, RequestRecord
 from balancer.retry import RetryBudget
 from balancer.route import (
     KEYED_PATHS,
-    NO_BODY,
     Decision,
     RequestView,
     decide,
     next_hop,
     passthrough_view,
     redecide,
+    summarized_view,
 )
 from balancer.router import Pool, Router
 from balancer.routes import ModelRename, rename_model
@@ -133,8 +133,6 @@ class Proxy:
         self.reclaimer = Reclaimer(allocator=glibc())
         """Gives the memory of large bodies back to the system after a burst."""
         self._key_rule = KeyRule.of(settings.routing)
-        self._parse_threshold = parsers.threshold
-        """``limits.offload_parse_bytes``: a larger body is read in a worker process."""
         # Whether a body must be told a conversation's first turn: a walk over its messages,
         # needed only when some pool routes first turns apart (fixed at start).
         self._first_turns = any(pool.first_turn_strategy is not None
@@ -210,21 +208,17 @@ class Proxy:
             started = asyncio.get_running_loop().time()
             session = request.headers.get(self._session_header)
             # Parsed, validated and keyed on the loop when small, else in a worker process
-            # (the same function either way); the test is ParsePool.on_loop's, inline.
-            threshold = self._parse_threshold
-            if len(body) <= threshold or not threshold:
+            # (the same function either way).
+            if self.parsers.on_loop(len(body)):
                 summary = read_keyed(kind, body, session, self._key_rule, self._first_turns)
             else:
                 summary = await self.parsers.run(read_keyed, kind, body, session,
                                                  self._key_rule, self._first_turns)
             ref = summary.response_ref
             pinned = None if ref is None else self._pin(ref)
-            # route.summarized_view's view, built here without the call
-            view = RequestView(kind, NO_BODY, summary.model, session, "", summary, pinned)
-            try:
-                decision = decide(view, self.router)  # no coroutine in the common case
-            except (NoEndpointsError, ModelNotFoundError):
-                decision = await self.admission.decide(view, self.router)
+            view = summarized_view(kind, summary, session, pinned)
+            decision = (self._decide_now(view)
+                        or await self.admission.decide(view, self.router))
         except BalancerError as exc:
             return self._reject(request, exc, request_id)
         if ref is not None:
@@ -458,8 +452,7 @@ class Proxy:
                 record.status = -1
                 result = await self.forwarder.attempt(
                     request, lease, sent, record, stream=stream,
-                    retry_possible=(in_pool < (self._max_attempts if record.response_ref is None
-                                               else self._attempt_limit(decision, record))
+                    retry_possible=(in_pool < self._attempt_limit(decision, record)
                                     or self._may_fall_back(decision, record)),
                     target=target, replayable=replayable)
             finally:

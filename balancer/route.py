@@ -73,7 +73,7 @@ class RequestView(NamedTuple):
     when routable, in that pool and not excluded, whatever its load."""
 
 
-NO_BODY: Final[Mapping[str, Any]] = {}
+_NO_BODY: Final[Mapping[str, Any]] = {}
 """The body of a view that carries a summary or none (one shared empty mapping)."""
 
 
@@ -87,11 +87,11 @@ def summarized_view(kind: Kind, summary: Summary, session: str | None,
                     pinned: Pin | None = None) -> RequestView:
     """A keyed request's view from its body's summary (:func:`balancer.summary.read_keyed`,
     which has validated the body)."""
-    return RequestView(kind, NO_BODY, summary.model, session, "", summary, pinned)
+    return RequestView(kind, _NO_BODY, summary.model, session, "", summary, pinned)
 
 
 def passthrough_view(model: str | None, path: str, pinned: Pin | None = None) -> RequestView:
-    return RequestView(None, NO_BODY, model, None, path, None, pinned)
+    return RequestView(None, _NO_BODY, model, None, path, None, pinned)
 
 
 def kind_for(body: Mapping[str, Any], path: str | None = None) -> Kind:

@@ -367,14 +367,13 @@ class Pool:
         zone, endpoints = self.routing.zone, self.endpoints
         self.local = frozenset(i for i in self.routable
                                if (e := endpoints.get(i)) is not None and e.zone == zone)
-        prefer = self.local if self.routing.prefer_zone else frozenset()
-        self.prefer = prefer if len(prefer) < len(self.routable) else frozenset()
+        self.prefer = self._prefer_among(self.routable)
         for subset in self.subsets.values():
             subset.prefer = self._prefer_among(subset.members)
 
     def _prefer_among(self, members: tuple[str, ...]) -> frozenset[str]:
-        """The local endpoints among a subset's ``members`` that its keyed requests prefer
-        (empty: none of them is local, or all are)."""
+        """The local endpoints among ``members`` (the pool's routable ones, or a subset's)
+        that its keyed requests prefer (empty: none of them is local, or all are)."""
         if not self.routing.prefer_zone or not self.local:
             return frozenset()
         prefer = self.local.intersection(members)
@@ -401,18 +400,7 @@ class Pool:
             if subset is not None:
                 return self._choose_among(subset, model, key_hash, session=session,
                                           keyed=keyed, exclude=exclude, first_turn=first_turn)
-        # _strategy(self, keyed, first_turn), inline for the pool's own endpoints (one call
-        # less for every request)
-        strategy: Chooser = self.strategy if keyed else self.passthrough
-        queues = None
-        if keyed and self.queue_strategy is not None:
-            now = time.monotonic()
-            self.keyed_at = now
-            queues = self.queues(now)
-            if queues is not None:
-                strategy = (self.first_turn_strategy
-                            if first_turn and self.first_turn_strategy is not None
-                            else self.queue_strategy)
+        strategy, queues = self._strategy(self, keyed, first_turn)
         if queues is None:
             load: Mapping[str, float] = self.load
             total: float = self.total_load
@@ -420,7 +408,7 @@ class Pool:
             load, total = queues, sum(queues.values())
         ramp = self.ramp(time.monotonic()) if self.ramping else None
         prefer = self.prefer if keyed else None
-        if prefer and self.spill is not None and self.spills(key_hash, queues):
+        if prefer and self.spills(key_hash, queues):
             prefer = None
         if exclude or ramp or prefer:
             choice = strategy.choose(key_hash, self.routable, load, total,
@@ -460,7 +448,7 @@ class Pool:
         total = sum(load.get(i, 0) for i in members)
         ramp = self.ramp(time.monotonic()) if self.ramping else None
         prefer = subset.prefer if keyed else frozenset()
-        if prefer and self.spill is not None and self.spills(key_hash, queues):
+        if prefer and self.spills(key_hash, queues):
             prefer = frozenset()
         choice = strategy.choose(key_hash, members, load, total, session=session,
                                  exclude=exclude or (), ramp=ramp, prefer=prefer)
@@ -593,14 +581,7 @@ class Pool:
         if routing.strategy is not Strategy.CHWBL:
             return Subset(ordered, ring, self.strategy, None, None)
         strategy = BoundedLoad(ring, routing.load_factor, routing.min_bound)
-        queue_strategy = first_turn_strategy = None
-        if self.queue_strategy is not None:
-            queue_strategy = BoundedLoad(ring, load.queue_factor, load.min_queue,
-                                         signal="queue")
-            if self.first_turn_strategy is not None:
-                first_turn_strategy = BoundedLoad(ring, load.first_turn_factor,
-                                                  load.min_queue, signal="queue")
-        return Subset(ordered, ring, strategy, queue_strategy, first_turn_strategy,
+        return Subset(ordered, ring, strategy, *queue_strategies(ring, routing, load),
                       self._prefer_among(ordered))
 
     def queues(self, now: float | None = None) -> dict[str, float] | None:
@@ -614,7 +595,7 @@ class Pool:
         queues = {}
         for endpoint_id in self.routable:
             queue = states[endpoint_id].queue
-            if now - queue.queue_at <= max_age:  # queue.fresh(), without a call per endpoint
+            if queue.fresh(now, max_age):
                 queues[endpoint_id] = queue.queued
             elif auto:
                 return None

@@ -174,11 +174,8 @@ class BoundedLoad:
             probes.append(Probe(endpoint, current))
             limit = bound if not ramp or endpoint not in ramp else _ramped(ramp[endpoint], bound)
             if current + 1 <= limit:
-                # _outcome(probes, session), inline: this is every keyed request's return
-                outcome: Outcome = ("overflow" if len(probes) > 1
-                                    else "session" if session else "primary")
-                return Choice(endpoint, outcome, tuple(probes), bound, self.signal,
-                              False if prefer else None)
+                return Choice(endpoint, _outcome(probes, session), tuple(probes), bound,
+                              self.signal, False if prefer else None)
         if not probes:
             return None
         least = min(probes, key=lambda p: p.load)

@@ -31,6 +31,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from balancer.config import KeyMode, RoutingSettings
 from balancer.errors import BadRequestError, BalancerError, InvalidJSONError
+from balancer.jsondoc import json_object
 from balancer.prefix import (
     CHECKED_ITEMS,
     SEPARATOR,
@@ -160,11 +161,8 @@ def read_keyed(kind: Kind, raw: bytes, session: str | None, rule: KeyRule,
 def passthrough_model(raw: bytes) -> str | None:
     """The ``model`` a pass-through request's JSON body names, if it is a JSON object with a
     string ``model`` (anything else, unreadable JSON included, names none)."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("model"), str):
+    data = json_object(raw)
+    if data is not None and isinstance(data.get("model"), str):
         return str(data["model"])
     return None
 
